@@ -1,0 +1,27 @@
+"""vlora: many LoRA adapters of one base model as one shared subspace plus a few numbers per task.
+
+See DESIGN.md for the mathematics. The public API::
+
+    from vlora import load_adapter, save_adapter, SharedSubspace
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from vlora.adapter import LoRAWeights
+from vlora.errors import (AdapterError, IncompatibleAdaptersError, SubspaceError,
+                          TaskNotFoundError, UnsupportedAdapterError, VLoRAError)
+from vlora.io import load_adapter, load_adapter_from_hub, save_adapter
+from vlora.subspace import AbsorbReport, SharedSubspace
+from vlora.task import TaskProjection
+
+try:
+    __version__ = version("vlora")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "AbsorbReport", "AdapterError", "IncompatibleAdaptersError", "LoRAWeights", "SharedSubspace",
+    "SubspaceError", "TaskProjection",
+    "TaskNotFoundError", "UnsupportedAdapterError", "VLoRAError", "__version__",
+    "load_adapter", "load_adapter_from_hub", "save_adapter",
+]

@@ -1,0 +1,290 @@
+"""Reading and writing PEFT LoRA adapter folders.
+
+``load_adapter`` reads everything PEFT writes (safetensors or legacy ``.bin``,
+keys with or without ``base_model.model.`` and adapter names, named
+subfolders, rank/alpha patterns, rslora); ``save_adapter`` writes a folder that
+``peft.PeftModel.from_pretrained`` loads, and reproduces an unchanged adapter's
+tensors bit for bit. Untrusted files are never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlora.adapter import DEFAULT_KEY_PREFIX, LoRAWeights, check_config, module_rank_and_alpha, \
+    peft_scale
+from vlora.atomic import atomic_dir, fsync_write
+from vlora.errors import AdapterError, UnsupportedAdapterError
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_REFUSED_KEYS = {
+    "lora_embedding_A": "embedding LoRA", "lora_embedding_B": "embedding LoRA",
+    "lora_magnitude_vector": "DoRA", "lora_bias": "LoRA bias",
+}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file()
+
+
+def resolve_adapter_dir(path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """The folder holding ``adapter_config.json``: ``path``, ``path/adapter_name``, or the
+    single named subfolder PEFT wrote for a non-default adapter."""
+    p = Path(path)
+    if not p.exists():
+        raise AdapterError(p, "no such file or directory")
+    if p.is_file():
+        p = p.parent
+    if adapter_name is not None:
+        if any(c in adapter_name for c in "/\\") or adapter_name in ("", ".", ".."):
+            raise AdapterError(p, f"invalid adapter name {adapter_name!r}")
+        if _is_adapter_dir(p / adapter_name):
+            return p / adapter_name
+    if _is_adapter_dir(p):
+        return p
+    subs = sorted(d.name for d in p.iterdir() if d.is_dir() and _is_adapter_dir(d))
+    if adapter_name is not None:
+        raise AdapterError(p, f"no adapter named {adapter_name!r} (found: {subs or 'none'})")
+    if len(subs) == 1:
+        return p / subs[0]
+    if subs:
+        raise AdapterError(p, f"holds several adapters {subs}; pass adapter_name=")
+    raise AdapterError(p, f"not a LoRA adapter folder (no {CONFIG_NAME})")
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(path, f"cannot read adapter config: {e}") from None
+    check_config(config, path)
+    return config
+
+
+def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    st, binf = folder / SAFETENSORS_NAME, folder / BIN_NAME
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return st, load_file(str(st))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterError(st, f"corrupt or truncated safetensors file ({e})") from None
+    if binf.is_file():
+        try:
+            # weights_only: a .bin from anywhere must never run pickled code.
+            state = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise AdapterError(binf, f"cannot read as a weights-only torch file ({e})") from None
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise AdapterError(binf, "not a dict of tensors")
+        return binf, state
+    raise AdapterError(folder, f"no {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
+def parse_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any],
+                     path: Any = None, adapter_name: str | None = None) -> LoRAWeights:
+    """Split a PEFT state dict into LoRA factors and other tensors, validating both."""
+    factors: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}}
+    names_seen: set[str] = set()
+    extra: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    for key, tensor in state.items():
+        short = key[len(DEFAULT_KEY_PREFIX):] if key.startswith(DEFAULT_KEY_PREFIX) else key
+        for marker, what in _REFUSED_KEYS.items():
+            if f".{marker}" in short:
+                raise UnsupportedAdapterError(path, f"tensor {key} is a {what}, not a plain LoRA")
+        m = _LORA_KEY.match(short)
+        if m is None:
+            # modules_to_save are saved by PEFT without their wrapper prefix; strip it if present.
+            extra[re.sub(r"\.modules_to_save\.[^.]+\.", ".", short)] = tensor
+            continue
+        if m["adapter"] is not None:
+            names_seen.add(m["adapter"])
+            if adapter_name is not None and m["adapter"] != adapter_name:
+                continue
+        module = m["module"]
+        if module in factors[m["side"]]:
+            raise AdapterError(path, f"module {module}: lora_{m['side']} appears twice "
+                               f"(several adapters in one file? pass adapter_name=)")
+        factors[m["side"]][module] = tensor
+        if module not in order:
+            order.append(module)
+    if len(names_seen) > 1 and adapter_name is None:
+        raise AdapterError(path, f"file holds adapters {sorted(names_seen)}; pass adapter_name=")
+    if not order:
+        raise AdapterError(path, "no lora_A/lora_B tensors found")
+    for module in order:
+        a, b = factors["A"].get(module), factors["B"].get(module)
+        if a is None or b is None:
+            raise AdapterError(path, f"module {module}: lora_{'A' if a is None else 'B'} missing")
+        for side, t in (("A", a), ("B", b)):
+            if t.ndim != 2:
+                raise UnsupportedAdapterError(
+                    path, f"module {module}: lora_{side} has shape {tuple(t.shape)}; "
+                    "only Linear/Conv1D LoRAs (2-D factors) are supported")
+            if not t.is_floating_point():
+                raise AdapterError(path, f"module {module}: lora_{side} has dtype {t.dtype}")
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise AdapterError(path, f"module {module}: lora_{side} contains NaN or Inf")
+        r_config, _ = module_rank_and_alpha(config, module)
+        if a.shape[0] != b.shape[1] or a.shape[0] != r_config:
+            raise AdapterError(
+                path, f"module {module}: config says r={r_config} but lora_A is "
+                f"{tuple(a.shape)} and lora_B is {tuple(b.shape)}")
+    scales = {m: peft_scale(config, m) for m in order}
+    return LoRAWeights(order, factors["A"], factors["B"], scales, extra, config,
+                       None if path is None else str(path))
+
+
+def load_adapter(path: str | os.PathLike, adapter_name: str | None = None) -> LoRAWeights:
+    """Read a PEFT LoRA adapter folder (or a named adapter inside one).
+
+    Args:
+        path: the folder ``save_pretrained`` wrote, a folder holding one named
+            adapter subfolder, or the weights file itself.
+        adapter_name: the subfolder / in-key name of the adapter to read.
+
+    Returns:
+        LoRAWeights with factors in their stored dtype and PEFT's scales.
+
+    Raises:
+        AdapterError: naming the file and the problem (missing, corrupt, NaN,
+            shapes that contradict the config, A without B, ...).
+        UnsupportedAdapterError: DoRA, LoRA bias, embedding LoRA and other
+            variants whose weights are not ``s * B @ A``.
+    """
+    folder = resolve_adapter_dir(path, adapter_name)
+    config = _read_config(folder)
+    weights_file, state = _read_tensors(folder)
+    adapter = parse_state_dict(state, config, weights_file, adapter_name)
+    adapter.source = str(folder)
+    adapter.sha256 = file_sha256(weights_file)
+    return adapter
+
+
+def load_adapter_from_hub(repo_id: str, revision: str | None = None,
+                          adapter_name: str | None = None, **kwargs: Any) -> LoRAWeights:
+    """Download (or find in the local cache) a LoRA adapter from the Hugging Face Hub.
+
+    With ``HF_HUB_OFFLINE=1`` only the local cache is used. Extra keyword arguments
+    go to ``huggingface_hub.snapshot_download`` (``cache_dir``, ``token``, ...).
+    """
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise AdapterError(repo_id, "loading from the Hub needs: pip install 'vlora[hub]'") from None
+    patterns = [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "*/" + CONFIG_NAME,
+                "*/" + SAFETENSORS_NAME, "*/" + BIN_NAME]
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **kwargs)
+    except Exception as e:  # hub errors come in many types: offline, not found, auth
+        raise AdapterError(repo_id, f"cannot fetch from the Hub: {e}") from None
+    return load_adapter(folder, adapter_name)
+
+
+def config_for(weights: LoRAWeights, for_vllm: bool = False) -> dict[str, Any]:
+    """An adapter_config.json that makes PEFT compute exactly ``weights.scales``.
+
+    The stored config is kept as is when it already gives every module's rank and
+    scale; otherwise ``r``/``lora_alpha`` take the most common values and
+    ``rank_pattern``/``alpha_pattern`` name the exceptions.
+    """
+    config = dict(weights.config)
+    config.setdefault("peft_type", "LORA")
+    config.setdefault("bias", "none")
+    config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in weights.layer_names})
+    ranks = weights.ranks()
+    if not for_vllm and all(
+        module_rank_and_alpha(config, m)[0] == ranks[m]
+        and math.isclose(peft_scale(config, m), weights.scales[m], rel_tol=1e-12)
+        for m in weights.layer_names
+    ):
+        return config
+    rslora = bool(config.get("use_rslora")) and not for_vllm
+    norm = (lambda r: math.sqrt(r)) if rslora else (lambda r: r)
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    alphas = {m: weights.scales[m] * norm(ranks[m]) for m in weights.layer_names}
+    a0 = Counter(alphas.values()).most_common(1)[0][0]
+    config.update(r=r0, lora_alpha=a0, use_rslora=rslora,
+                  rank_pattern={m: r for m, r in ranks.items() if r != r0},
+                  alpha_pattern={m: a for m, a in alphas.items() if a != a0})
+    return config
+
+
+def _for_vllm(weights: LoRAWeights) -> tuple[LoRAWeights, list[str]]:
+    # vLLM applies one rank and alpha to every module and refuses modules_to_save:
+    # fold each scale into B and zero-pad to the common rank, both exact.
+    r = weights.rank
+    a, b = {}, {}
+    for m in weights.layer_names:
+        am, bm = weights.lora_a[m], weights.lora_b[m]
+        pad = r - am.shape[0]
+        a[m] = torch.cat([am, am.new_zeros(pad, am.shape[1])]) if pad else am
+        bs = (bm.double() * weights.scales[m]).to(bm.dtype)
+        b[m] = torch.cat([bs, bs.new_zeros(bs.shape[0], pad)], 1) if pad else bs
+    config = {k: v for k, v in weights.config.items() if k != "modules_to_save"}
+    config.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern={}, alpha_pattern={})
+    left_out = [f"{k} (modules_to_save; vLLM refuses them)" for k in weights.extra]
+    return LoRAWeights(list(weights.layer_names), a, b, {m: 1.0 for m in a}, {}, config,
+                       weights.source), left_out
+
+
+def save_adapter(weights: LoRAWeights, path: str | os.PathLike, *, for_vllm: bool = False,
+                 dtype: torch.dtype | None = None, overwrite: bool = True) -> list[str]:
+    """Write ``weights`` as a PEFT adapter folder, atomically.
+
+    Args:
+        weights: the adapter.
+        path: the folder to create (replaced whole if it exists and ``overwrite``).
+        for_vllm: write what vLLM accepts: one rank and alpha for all modules
+            (scales folded into B, exact zero padding), no ``modules_to_save``.
+        dtype: cast the factors to this dtype (default: keep each tensor's dtype).
+        overwrite: refuse to replace an existing folder when False.
+
+    Returns:
+        What was left out of the file (non-empty only with ``for_vllm``).
+    """
+    left_out: list[str] = []
+    if for_vllm:
+        weights, left_out = _for_vllm(weights)
+    config = config_for(weights, for_vllm=for_vllm)
+    if not for_vllm and weights.extra:
+        heads = sorted({k.rsplit(".", 1)[0] for k in weights.extra})
+        config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(heads))
+    state: dict[str, torch.Tensor] = {}
+    for m in weights.layer_names:
+        for side, t in (("A", weights.lora_a[m]), ("B", weights.lora_b[m])):
+            t = t if dtype is None else t.to(dtype)
+            state[f"{DEFAULT_KEY_PREFIX}{m}.lora_{side}.weight"] = t.detach().cpu().contiguous()
+    for k, t in weights.extra.items():
+        state[DEFAULT_KEY_PREFIX + k] = t.detach().cpu().contiguous()
+    from safetensors.torch import save as st_save
+    blob = st_save(state, metadata={"format": "pt"})
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        fsync_write(tmp / SAFETENSORS_NAME, blob)
+        fsync_write(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+    return left_out

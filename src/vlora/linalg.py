@@ -1,0 +1,244 @@
+"""Pure tensor mathematics of vlora (DESIGN.md sections 2-3). No I/O, no model code.
+
+Conventions: a LoRA module is ``dW = s * B @ A`` with ``B: (d_out, r)`` and
+``A: (r, d_in)``. Everything here computes in float64 and never forms ``dW``:
+an adapter enters as its canonical form ``dW = U_t diag(S_t) V_t^T``, and
+stacks of such factors are decomposed through small matrices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+from collections.abc import Iterator, Sequence
+
+import torch
+
+F64 = torch.float64
+RANK_RTOL = 1e-6  # singular values below this fraction of the largest count as zero
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int = 1) -> Iterator[None]:
+    """Run decompositions at a fixed thread count: LAPACK and BLAS results differ in
+    the last bits between thread counts, and saved files must be byte-identical."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def canonical(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gauge-free form of ``dW = scale * b @ a``: ``(U, S, V)`` with ``dW = U diag(S) V^T``.
+
+    Shapes: b ``(d_out, r)``, a ``(r, d_in)`` -> U ``(d_out, q)``, S ``(q,)``,
+    V ``(d_in, q)`` with ``q = min(r, d_out, d_in)``, U and V orthonormal, S descending.
+    Cost ``O((d_in + d_out) r^2)``.
+    """
+    qb, rb = torch.linalg.qr(b.to(F64))
+    qa, ra = torch.linalg.qr(a.to(F64).T)
+    p, s, qt = torch.linalg.svd(scale * rb @ ra.T)
+    q = min(qb.shape[1], qa.shape[1])
+    return qb @ p[:, :q], s[:q], qa @ qt.T[:, :q]
+
+
+def frobenius_sq(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> float:
+    """``||scale * b @ a||_F^2`` from ``r x r`` Gram matrices."""
+    b, a = b.to(F64), a.to(F64)
+    return float(scale * scale * torch.sum((b.T @ b) * (a @ a.T)))
+
+
+def inner(b1: torch.Tensor, a1: torch.Tensor, s1: float,
+          b2: torch.Tensor, a2: torch.Tensor, s2: float) -> float:
+    """``<dW_1, dW_2>_F = trace((s1 B1)^T (s2 B2) (A2 A1^T))``, gauge-invariant, small."""
+    bb = b1.to(F64).T @ b2.to(F64)
+    aa = a2.to(F64) @ a1.to(F64).T
+    return float(s1 * s2 * torch.sum(bb * aa.T))
+
+
+def fix_signs(basis: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its largest-magnitude entry is positive."""
+    if basis.numel() == 0:
+        return basis
+    idx = basis.abs().argmax(dim=0)
+    signs = torch.sign(basis[idx, torch.arange(basis.shape[1])])
+    signs[signs == 0] = 1
+    return basis * signs
+
+
+def numerical_rank(s: torch.Tensor, rtol: float = RANK_RTOL) -> int:
+    if s.numel() == 0 or float(s[0]) <= 0:
+        return 0
+    return int((s > rtol * s[0]).sum())
+
+
+def top_left_singular(blocks: Sequence[torch.Tensor], k: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top left singular vectors and values of the stack ``[X_1, ..., X_N]`` (each ``(d, m_i)``).
+
+    Returns ``(U, S)``: U ``(d, q)`` orthonormal with fixed signs, S ``(q,)`` descending,
+    with ``q = min(k, numerical rank)``. A wide stack (``sum m_i > d``) goes through the
+    ``d x d`` Gram accumulated block by block, so it is never held whole.
+    """
+    if not blocks:
+        raise ValueError("top_left_singular needs at least one block")
+    d = blocks[0].shape[0]
+    m = sum(x.shape[1] for x in blocks)
+    if m <= d:
+        u, s, _ = torch.linalg.svd(torch.cat([x.to(F64) for x in blocks], 1), full_matrices=False)
+    else:
+        gram = torch.zeros(d, d, dtype=F64)
+        for x in blocks:
+            x = x.to(F64)
+            gram.addmm_(x, x.T)
+        evals, evecs = torch.linalg.eigh(gram)
+        s = evals.flip(0).clamp_min(0).sqrt()
+        u = evecs.flip(1)
+    q = numerical_rank(s)
+    if k is not None:
+        q = min(q, k)
+    return fix_signs(u[:, :q]).contiguous(), s[:q].contiguous()
+
+
+def residual_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+    """``||dW - U U^T dW V V^T||_F^2`` for ``dW = us @ v_t^T``, without subtracting norms.
+
+    ``us = U_t diag(S_t)`` ``(d_out, q)``, ``v_t`` ``(d_in, q)`` orthonormal; ``u``, ``v``
+    orthonormal bases. Uses the orthogonal split
+    ``||(I - UU^T) U_t S_t||^2 + ||U^T U_t S_t ((I - VV^T) V_t)^T||^2``.
+    """
+    us, v_t, u, v = us.to(F64), v_t.to(F64), u.to(F64), v.to(F64)
+    m = u.T @ us
+    out_part = us - u @ m
+    v_perp = v_t - v @ (v.T @ v_t)
+    # ||M P^T||^2 = sum((M^T M) * (P^T P)): two q x q Grams instead of a k x d_in product.
+    return float(out_part.square().sum() + torch.sum((m.T @ m) * (v_perp.T @ v_perp)))
+
+
+def captured_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+    """``||U^T dW V||_F^2``, the energy the bases keep of ``dW = us @ v_t^T``."""
+    return float((u.T.to(F64) @ us.to(F64) @ (v_t.T.to(F64) @ v.to(F64))).square().sum())
+
+
+def shrink(left: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """A ``(d, min(r, c))`` block ``X`` with ``X X^T = (left @ small)(left @ small)^T``.
+
+    ``left`` ``(d, r)`` orthonormal, ``small`` ``(r, c)``: the QR of ``small^T`` lets a
+    refinement block keep r columns instead of c.
+    """
+    if small.shape[1] <= small.shape[0]:
+        return left @ small
+    _, r = torch.linalg.qr(small.T)
+    return left @ r.T
+
+
+Factor = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # canonical (U_t, S_t, V_t)
+
+
+def objective(factors: Sequence[Factor], weights: Sequence[float],
+              u: torch.Tensor, v: torch.Tensor) -> float:
+    """``sum_t w_t ||U^T dW_t V||^2``: the weighted energy kept (maximised by the fit)."""
+    return sum(w * captured_sq(ut * st, vt, u, v) for (ut, st, vt), w in zip(factors, weights))
+
+
+def refine_bases(factors: Sequence[Factor], weights: Sequence[float], u: torch.Tensor,
+                 v: torch.Tensor, iters: int = 10, tol: float = 1e-7
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternating refinement of orthonormal ``U (d_out, k_out)``, ``V (d_in, k_in)`` for
+    ``min sum_t w_t ||dW_t - U U^T dW_t V V^T||^2``, from a start (the stacked SVD).
+
+    U becomes the top of ``[sqrt(w_t) dW_t V]``, then V the top of ``[sqrt(w_t) dW_t^T U]``;
+    no round lowers the kept energy. Stops when a round gains less than ``tol`` (relative).
+    """
+    if not factors or u.shape[1] == 0 or v.shape[1] == 0:
+        return u, v
+    sw = [w ** 0.5 for w in weights]
+    best = objective(factors, weights, u, v)
+    for _ in range(iters):
+        u2, _ = top_left_singular(
+            [shrink(ut, (st * c)[:, None] * (vt.T @ v)) for (ut, st, vt), c in zip(factors, sw)],
+            u.shape[1])
+        v2, _ = top_left_singular(
+            [shrink(vt, (st * c)[:, None] * (ut.T @ u2)) for (ut, st, vt), c in zip(factors, sw)],
+            v.shape[1])
+        new = objective(factors, weights, u2, v2)
+        if u2.shape[1] < u.shape[1] or v2.shape[1] < v.shape[1] or new <= best:
+            break  # a round that would shrink k or lose energy is not taken
+        u, v, gained, best = u2, v2, new - best, new
+        if gained <= tol * best:
+            break
+    return u, v
+
+
+def gram_in_basis(blocks: Sequence[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:
+    """``G = basis^T (sum_i X_i X_i^T) basis`` ``(k, k)``: what incremental updates keep."""
+    g = torch.zeros(basis.shape[1], basis.shape[1], dtype=F64)
+    for x in blocks:
+        m = basis.T.to(F64) @ x.to(F64)
+        g.addmm_(m, m.T)
+    return g
+
+
+def psd_sqrt(g: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(g.to(F64))
+    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+
+
+def incremental_basis(basis: torch.Tensor, g: torch.Tensor, new_blocks: Sequence[torch.Tensor],
+                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update a basis and its Gram ``G`` with new stack blocks, cost independent of N.
+
+    The thin SVD of ``[basis G^(1/2), X_new...]`` gives the new basis (at most ``k``
+    columns) and its new Gram ``diag(S^2)``.
+    """
+    blocks = [basis.to(F64) @ psd_sqrt(g), *new_blocks] if basis.shape[1] else list(new_blocks)
+    u, s = top_left_singular(blocks, k)
+    return u, torch.diag(s * s)
+
+
+def choose_k(spectrum: torch.Tensor, k: int | None = None, threshold: float | None = None) -> int:
+    """k from a stack spectrum (singular values): fixed, or the smallest k keeping
+    ``threshold`` of the energy; never above the numerical rank."""
+    cap = numerical_rank(spectrum)
+    if threshold is not None:
+        energy = spectrum[:cap].square()
+        if cap == 0:
+            return 0
+        cum = torch.cumsum(energy, 0) / energy.sum()
+        k_t = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype))) + 1
+        return min(k_t, cap, k if k is not None else cap)
+    return cap if k is None else min(k, cap)
+
+
+def allocate_budget(gains: dict[object, torch.Tensor], costs: dict[object, float],
+                    budget: float, minimum: int = 1) -> dict[object, int]:
+    """Share a byte budget over keys greedily by the largest objective drop per byte.
+
+    ``gains[key]`` is the decreasing sequence of objective drops of adding each next
+    direction (the stack spectrum squared), ``costs[key]`` the bytes one direction
+    costs. Every key with any energy gets at least ``minimum`` directions.
+    """
+    ks = {key: min(minimum, len(g)) for key, g in gains.items()}
+    spent = sum(ks[key] * costs[key] for key in gains)
+    heap = [(-float(g[ks[key]]) / costs[key], i, key) for i, (key, g) in enumerate(gains.items())
+            if ks[key] < len(g)]
+    heapq.heapify(heap)
+    while heap:
+        _, i, key = heapq.heappop(heap)
+        if spent + costs[key] > budget:
+            continue
+        spent += costs[key]
+        ks[key] += 1
+        if ks[key] < len(gains[key]):
+            heapq.heappush(heap, (-float(gains[key][ks[key]]) / costs[key], i, key))
+    return ks
+
+
+def truncate_core(lb: torch.Tensor, la: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``p`` coordinates of the core ``C = lb @ la^T`` (Share's pseudo-rank)."""
+    u, s, v = canonical(lb, la.T)
+    p = min(p, s.numel())
+    return (u[:, :p] * s[:p]).to(lb.dtype), v[:, :p].to(la.dtype)

@@ -1,0 +1,68 @@
+"""Bytes and errors of a subspace, beside the baseline of no sharing (DESIGN.md section 6).
+
+The baseline is per-adapter truncated SVD at the same total bytes: each adapter
+gets ``total bytes / N`` and spends them on its own largest singular triplets
+(greedily over modules), computed exactly from each task's stored spectrum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlora import linalg
+
+if TYPE_CHECKING:
+    from vlora.subspace import SharedSubspace
+
+BYTES = 4  # everything is counted as float32, the storage dtype of bases and coordinates
+
+
+def svd_baseline_error(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                       numbers: float) -> float:
+    """Relative dW error of one adapter truncated per module by SVD, with ``numbers``
+    floats to spend: a rank-1 term of a module costs ``d_out + d_in``."""
+    gains = {m: s.square() for m, s in spectra.items() if s.numel()}
+    costs = {m: float(sum(shapes[m])) for m in gains}
+    ks = linalg.allocate_budget(gains, costs, numbers, minimum=0)
+    total = sum(float(g.sum()) for g in gains.values())
+    lost = sum(float(g[ks[m]:].sum()) for m, g in gains.items())
+    return math.sqrt(lost / total) if total > 0 else 0.0
+
+
+def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
+    """Bytes per module and in total, the compression ratio, and the mean / max relative
+    dW error over tasks next to per-adapter truncated SVD at equal bytes."""
+    tasks = [sub.get_task(t) for t in sub.tasks]
+    modules, shapes = {}, {}
+    for m, b in sub.modules.items():
+        shapes[m] = (b.d_out, b.d_in)
+        ranks = [t.coords_b[m].shape[1] for t in tasks]
+        modules[m] = {
+            "d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out, "k_in": b.k_in,
+            "basis_bytes": BYTES * (b.d_out * b.k_out + b.d_in * b.k_in),
+            "task_bytes": BYTES * sum(r * (b.k_out + b.k_in) for r in ranks),
+            "original_bytes": BYTES * sum(r * (b.d_out + b.d_in) for r in ranks),
+            "mean_error": (sum(t.module_errors()[m] for t in tasks) / len(tasks)) if tasks else 0.0,
+        }
+    total = {k: sum(v[k] for v in modules.values())
+             for k in ("basis_bytes", "task_bytes", "original_bytes")}
+    stored = total["basis_bytes"] + total["task_bytes"]
+    errors = [t.error for t in tasks]
+    per_task_numbers = stored / BYTES / len(tasks) if tasks else 0.0
+    svd = [svd_baseline_error(t.spectrum, shapes, per_task_numbers) for t in tasks]
+    return {
+        "num_tasks": len(tasks), "num_modules": len(modules), "modules": modules,
+        **total, "stored_bytes": stored,
+        "extra_bytes": sum(x.numel() * x.element_size() for t in tasks for x in t.extra.values()),
+        "compression_ratio": total["original_bytes"] / stored if stored else float("inf"),
+        "mean_error": sum(errors) / len(errors) if errors else 0.0,
+        "max_error": max(errors, default=0.0),
+        "errors_are_bounds": any(t.error_is_bound for t in tasks),
+        "svd_mean_error": sum(svd) / len(svd) if svd else 0.0,
+        "svd_max_error": max(svd, default=0.0),
+        "task_errors": {t.task_id: e for t, e in zip(tasks, errors)},
+        "svd_task_errors": {t.task_id: e for t, e in zip(tasks, svd)},
+    }

@@ -1,0 +1,203 @@
+"""The subspace directory format (DESIGN.md section 7).
+
+::
+
+    SUB/
+      manifest.json                   format version, modules, k, tasks, file names, checksums
+      bases-<gen>.safetensors         U, V, G_u, G_v per module
+      coords-<gen>.safetensors        every task's L_B, L_A and spectra, packed
+      extras-<gen>.safetensors        every task's non-LoRA tensors (heads), packed
+      .vlora.lock                     serialises writers
+
+A save writes new generation-named data files (fsynced), then the manifest by an
+atomic rename, then removes files no manifest names: a crash at any point leaves
+the old subspace whole. Tensor keys use task *indices*, never task ids, and task
+ids are validated: they are data, never paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from filelock import FileLock, Timeout
+
+from vlora.atomic import atomic_write, fsync_dir, fsync_write
+from vlora.errors import SubspaceError
+from vlora.task import ModuleBasis, TaskProjection
+
+if TYPE_CHECKING:
+    from vlora.subspace import SharedSubspace
+
+FORMAT = "vlora-subspace"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = ".vlora.lock"
+_BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\]")
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DATA_FILE = re.compile(r"^(bases|coords|extras)-\d{6}\.safetensors$")
+
+
+def validate_task_id(task_id: object) -> str:
+    """A task id is a non-empty string of at most 256 characters, without path separators
+    or control characters, and not ``.`` or ``..``."""
+    if not isinstance(task_id, str) or not task_id or len(task_id) > 256 \
+            or _BAD_ID.search(task_id) or task_id in (".", ".."):
+        raise SubspaceError(f"invalid task id {task_id!r}: use 1-256 printable characters "
+                            "without '/', '\\' or control characters")
+    return task_id
+
+
+def lock(path: str | os.PathLike, timeout: float = 60.0) -> FileLock:
+    """The writers' lock of a subspace directory (use as a context manager)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return FileLock(str(Path(path) / LOCK), timeout=timeout)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _task_meta(t: TaskProjection) -> dict[str, Any]:
+    return {"id": t.task_id, "ranks": t.ranks(), "weight": t.weight,
+            "norm_sq": t.norm_sq, "residual_sq": t.residual_sq,
+            "error_is_bound": t.error_is_bound, "dtype": t.dtype, "config": t.config,
+            "source": t.source, "sha256": t.sha256, "extra_keys": sorted(t.extra)}
+
+
+def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
+    """Write ``sub`` to the directory ``path`` atomically, under its lock."""
+    from safetensors.torch import save as st_save
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SubspaceError(f"{path}: exists and is not a directory")
+    try:
+        with lock(path):
+            old = _read_manifest(path) if (path / MANIFEST).exists() else None
+            gen = (old or {}).get("generation", 0) + 1
+            bases, coords, extras = {}, {}, {}
+            for m, b in sub.modules.items():
+                for name, t in (("U", b.U), ("V", b.V), ("G_u", b.G_u), ("G_v", b.G_v)):
+                    bases[f"{m}::{name}"] = t.detach().cpu().contiguous()
+            tasks = [sub.get_task(t) for t in sub.tasks]
+            for i, t in enumerate(tasks):
+                for m in t.modules:
+                    coords[f"{i}::{m}::B"] = t.coords_b[m].detach().cpu().contiguous()
+                    coords[f"{i}::{m}::A"] = t.coords_a[m].detach().cpu().contiguous()
+                    coords[f"{i}::{m}::S"] = t.spectrum[m].detach().cpu().contiguous()
+                for k, x in t.extra.items():
+                    extras[f"{i}::{k}"] = x.detach().cpu().contiguous()
+            files = {}
+            for kind, tensors in (("bases", bases), ("coords", coords), ("extras", extras)):
+                blob = st_save(tensors, metadata={"format": "pt"})
+                name = f"{kind}-{gen:06d}.safetensors"
+                fsync_write(path / name, blob)
+                files[kind] = {"name": name, "sha256": _sha(blob), "bytes": len(blob)}
+            fsync_dir(path)
+            manifest = {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "generation": gen,
+                "base_model": sub.base_model, "weighting": sub.weighting,
+                "zero_missing": sub.zero_missing,
+                "fingerprint": fingerprint(sub), "target_modules": sorted(
+                    {m.rsplit(".", 1)[-1] for m in sub.modules}),
+                "modules": {m: {"d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out,
+                                "k_in": b.k_in} for m, b in sub.modules.items()},
+                "files": files, "tasks": [_task_meta(t) for t in tasks],
+            }
+            atomic_write(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+            for f in path.iterdir():  # old generations: no manifest names them any more
+                if _DATA_FILE.match(f.name) and f.name not in {v["name"] for v in files.values()}:
+                    f.unlink(missing_ok=True)
+    except Timeout:
+        raise SubspaceError(f"{path}: locked by another writer ({path / LOCK})") from None
+
+
+def fingerprint(sub: SharedSubspace) -> str:
+    """Digest of module names and shapes: the base model as far as the adapters see it."""
+    desc = ";".join(f"{m}:{b.d_out}x{b.d_in}" for m, b in sorted(sub.modules.items()))
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SubspaceError(f"{path}: not a vlora subspace (no {MANIFEST})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SubspaceError(f"{path / MANIFEST}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SubspaceError(f"{path / MANIFEST}: not a vlora subspace manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SubspaceError(f"{path / MANIFEST}: format version {manifest.get('format_version')}"
+                            f" is not supported (this vlora reads {FORMAT_VERSION})")
+    return manifest
+
+
+def _read_data(path: Path, entry: Any, verify: bool = True) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    if not isinstance(entry, dict) or not _DATA_FILE.match(str(entry.get("name", ""))):
+        raise SubspaceError(f"{path / MANIFEST}: bad file entry {entry!r}")
+    file = path / entry["name"]
+    try:
+        blob = file.read_bytes()
+    except OSError as e:
+        raise SubspaceError(f"{file}: cannot read ({e.strerror})") from None
+    if verify and _sha(blob) != entry.get("sha256"):
+        raise SubspaceError(f"{file}: checksum mismatch (file corrupt or edited)")
+    try:
+        return load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise SubspaceError(f"{file}: corrupt safetensors data ({e})") from None
+
+
+def load_subspace(path: str | os.PathLike, verify: bool = True) -> SharedSubspace:
+    """Read a subspace directory, checking checksums and that tensors match the manifest."""
+    from vlora.subspace import SharedSubspace
+    path = Path(path)
+    if not path.is_dir():
+        raise SubspaceError(f"{path}: no such subspace directory")
+    manifest = _read_manifest(path)
+    try:
+        files = manifest["files"]
+        bases = _read_data(path, files["bases"], verify)
+        coords = _read_data(path, files["coords"], verify)
+        extras = _read_data(path, files["extras"], verify)
+        modules = {}
+        for m, meta in manifest["modules"].items():
+            b = ModuleBasis(*(bases[f"{m}::{n}"] for n in ("U", "V", "G_u", "G_v")))
+            if (b.d_out, b.d_in, b.k_out, b.k_in) != (meta["d_out"], meta["d_in"], meta["k_out"],
+                                                      meta["k_in"]):
+                raise SubspaceError(f"{path}: module {m} tensors disagree with the manifest")
+            modules[m] = b
+        sub = SharedSubspace(modules, weighting=manifest.get("weighting", "task"),
+                             base_model=manifest.get("base_model"),
+                             zero_missing=bool(manifest.get("zero_missing")))
+        for i, meta in enumerate(manifest["tasks"]):
+            tid = validate_task_id(meta["id"])
+            if meta.get("dtype", "float32") not in _DTYPES:
+                raise SubspaceError(f"{path}: task {tid!r} has dtype {meta.get('dtype')!r}")
+            cb = {m: coords[f"{i}::{m}::B"] for m in modules}
+            ca = {m: coords[f"{i}::{m}::A"] for m in modules}
+            for m in modules:
+                if cb[m].shape[1] != meta["ranks"][m] or ca[m].shape[1] != meta["ranks"][m]:
+                    raise SubspaceError(f"{path}: task {tid!r} module {m}: rank disagrees "
+                                        "with the manifest")
+            sub.add_task(TaskProjection(
+                tid, cb, ca, {m: float(meta["norm_sq"][m]) for m in modules},
+                {m: float(meta["residual_sq"][m]) for m in modules},
+                {m: coords[f"{i}::{m}::S"] for m in modules}, float(meta["weight"]),
+                bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
+                dict(meta.get("config") or {}), str(meta.get("dtype", "float32")),
+                meta.get("source"), meta.get("sha256")))
+    except SubspaceError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise SubspaceError(f"{path}: manifest and data files disagree ({type(e).__name__}: "
+                            f"{e})") from None
+    return sub

@@ -1,0 +1,454 @@
+"""``SharedSubspace``: one pair of orthonormal bases per module, shared by all tasks.
+
+DESIGN.md section 3 is the specification. Every fit works on ``dW`` through its
+canonical form, so results do not depend on the LoRA gauge.
+
+Example::
+
+    sub = SharedSubspace.from_adapters(["ad/a", "ad/b", "ad/c"], variance_threshold=0.9)
+    sub.save("sub")                      # one directory, atomic
+    lora = sub.reconstruct("a")          # a LoRAWeights PEFT can load via save_adapter
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlora import linalg
+from vlora.adapter import LoRAWeights
+from vlora.errors import IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
+from vlora.io import config_for, load_adapter
+from vlora.progress import track
+from vlora.task import ModuleBasis, TaskProjection, adapter_weight, core_error_sq, project_adapter
+
+F64 = torch.float64
+AdapterLike = LoRAWeights | str | os.PathLike
+
+
+@dataclass(frozen=True)
+class AbsorbReport:
+    """What an absorb did to one old task: its error against the original before,
+    the drift of its reconstruction ``||dW^_old - dW^_new|| / ||dW^_old||``, and its
+    error after (exact when the original file was at hand, else the bound
+    ``before + drift``, flagged by ``after_is_bound``)."""
+
+    error_before: float
+    drift: float
+    error_after: float
+    after_is_bound: bool
+
+
+def _as_adapter(item: AdapterLike) -> LoRAWeights:
+    return item if isinstance(item, LoRAWeights) else load_adapter(item)
+
+
+def default_task_id(adapter: LoRAWeights, index: int) -> str:
+    return Path(adapter.source).name if adapter.source else f"task_{index}"
+
+
+def check_modules(adapters: Sequence[LoRAWeights], ids: Sequence[str],
+                  missing_modules: str = "error") -> dict[str, tuple[int, int]]:
+    """The modules a subspace over ``adapters`` covers, with their ``(d_out, d_in)``.
+
+    ``missing_modules``: ``"error"`` (a module in only some adapters is an error naming
+    it), ``"skip"`` (keep modules every adapter has) or ``"zero"`` (missing means dW = 0).
+    """
+    if missing_modules not in ("error", "skip", "zero"):
+        raise ValueError(f"missing_modules must be error, skip or zero, not {missing_modules!r}")
+    shapes: dict[str, tuple[int, int]] = {}
+    for adapter, tid in zip(adapters, ids):
+        for m, shape in adapter.shapes().items():
+            if shapes.setdefault(m, shape) != shape:
+                raise IncompatibleAdaptersError(
+                    f"module {m}: task {tid!r} has shape {shape}, others {shapes[m]} "
+                    "(adapters of different base models?)")
+    partial = {m for m in shapes if any(m not in a.lora_a for a in adapters)}
+    if partial and missing_modules == "error":
+        where = {m: [t for a, t in zip(adapters, ids) if m not in a.lora_a] for m in sorted(partial)}
+        detail = "; ".join(f"{m} missing in {v[:5]}" for m, v in list(where.items())[:5])
+        raise IncompatibleAdaptersError(
+            f"{len(partial)} module(s) are in only some adapters: {detail}. "
+            "Pass missing_modules='skip' or 'zero'.")
+    return {m: s for m, s in shapes.items() if not (partial and missing_modules == "skip"
+                                                     and m in partial)}
+
+
+def _factors(adapter: LoRAWeights, module: str) -> linalg.Factor:
+    return linalg.canonical(adapter.lora_b[module], adapter.lora_a[module], adapter.scales[module])
+
+
+class SharedSubspace:
+    """Shared bases per module plus per-task coordinates (DESIGN.md section 3).
+
+    Build one with :meth:`from_adapters` (or :meth:`from_adapters_streaming`), or
+    read one with :meth:`load`. ``modules`` maps module name to :class:`ModuleBasis`;
+    ``tasks`` lists task ids.
+    """
+
+    def __init__(self, modules: dict[str, ModuleBasis], tasks: Iterable[TaskProjection] = (),
+                 *, weighting: str = "task", base_model: str | None = None,
+                 zero_missing: bool = False):
+        if weighting not in ("task", "energy"):
+            raise ValueError(f"weighting must be 'task' or 'energy', not {weighting!r}")
+        self.modules = dict(modules)
+        self._tasks: dict[str, TaskProjection] = {}
+        self.weighting = weighting
+        self.base_model = base_model
+        self.zero_missing = zero_missing
+        for t in tasks:
+            self.add_task(t)
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def from_adapters(cls, adapters: Sequence[AdapterLike], task_ids: Sequence[str] | None = None,
+                      num_components: int | tuple[int, int] | None = None,
+                      variance_threshold: float | None = None, budget: float | None = None,
+                      adaptive_k: bool = True, weighting: str = "task", refine_iters: int = 10,
+                      missing_modules: str = "error", pseudo_rank: int | None = None,
+                      progress: bool = False) -> SharedSubspace:
+        """Fit shared bases on ``adapters`` and store every one as a task.
+
+        Args:
+            adapters: LoRAWeights or adapter folders, all of one base model.
+            task_ids: one unique id per adapter (default: folder names).
+            num_components: k for every module, or ``(k_out, k_in)``.
+            variance_threshold: keep the smallest k holding this share of the
+                (weighted) stack energy, per module and side.
+            budget: total bytes for bases plus coordinates (float32), shared out
+                greedily over modules and sides by energy kept per byte.
+            adaptive_k: with ``variance_threshold``, choose k per module (True) or
+                use the largest of those for every module (False).
+            weighting: ``"task"`` (every adapter counts equally) or ``"energy"``.
+            refine_iters: alternating refinement rounds after the stacked-SVD start.
+            missing_modules: ``"error"``, ``"skip"`` or ``"zero"`` (see check_modules).
+            pseudo_rank: store each task's core at this rank (Share's p).
+            progress: draw progress bars.
+
+        With no k option, k is the full numerical rank of each stack (every task exact).
+        k never exceeds that rank.
+        """
+        items = [_as_adapter(a) for a in track(adapters, "Reading adapters", len(adapters),
+                                                 progress and not all(isinstance(a, LoRAWeights)
+                                                                      for a in adapters))]
+        if not items:
+            raise ValueError("from_adapters needs at least one adapter")
+        ids = list(task_ids) if task_ids is not None else [default_task_id(a, i)
+                                                          for i, a in enumerate(items)]
+        if len(ids) != len(items):
+            raise ValueError(f"{len(ids)} task ids for {len(items)} adapters")
+        dupes = sorted({t for t in ids if ids.count(t) > 1})
+        if dupes:
+            raise ValueError(f"duplicate task ids: {dupes}")
+        shapes = check_modules(items, ids, missing_modules)
+        norms = [sum(linalg.frobenius_sq(a.lora_b[m], a.lora_a[m], a.scales[m])
+                     for m in shapes if m in a.lora_a) for a in items]
+        weights = [adapter_weight(n, weighting) for n in norms]
+        spectra, starts = {}, {}
+        with linalg.fixed_threads():
+            for m in track(list(shapes), "Stack spectra", len(shapes), progress):
+                present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
+                facs = [_factors(a, m) for a, _ in present]
+                (u, su), (v, sv) = _stacks(facs, [w for _, w in present], shapes[m])
+                spectra[m], starts[m] = (su, sv), (u, v)
+            ks = _choose_ks(spectra, shapes, sum(a.rank for a in items), num_components,
+                            variance_threshold, budget, adaptive_k)
+            modules = {}
+            for m in track(list(shapes), "Fitting bases", len(shapes), progress):
+                present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
+                facs = [_factors(a, m) for a, _ in present]
+                u0, v0 = starts[m][0][:, :ks[m][0]], starts[m][1][:, :ks[m][1]]
+                u, v = linalg.refine_bases(facs, [w for _, w in present], u0, v0, refine_iters)
+                modules[m] = _basis(u, v, facs, [w for _, w in present])
+        sub = cls(modules, weighting=weighting, base_model=items[0].base_model,
+                  zero_missing=missing_modules == "zero")
+        for a, tid in zip(track(items, "Projecting tasks", len(items), progress), ids):
+            sub.add_task(sub.project(a, tid, pseudo_rank=pseudo_rank))
+        return sub
+
+    # --------------------------------------------------------------- tasks
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._tasks
+
+    def get_task(self, task_id: str) -> TaskProjection:
+        try:
+            return self._tasks[task_id]
+        except KeyError:
+            raise TaskNotFoundError(f"no task {task_id!r} in the subspace "
+                                    f"({len(self._tasks)} tasks)") from None
+
+    def project(self, adapter: AdapterLike, task_id: str,
+                pseudo_rank: int | None = None) -> TaskProjection:
+        """Coordinates of an adapter in the current bases, with error and coverage.
+        Changes nothing; pass the result to :meth:`add_task` to keep it."""
+        from vlora.storage import validate_task_id
+        validate_task_id(task_id)
+        adapter = _as_adapter(adapter)
+        self._check_adapter(adapter, task_id)
+        with linalg.fixed_threads():
+            return project_adapter(adapter, task_id, self.modules, self.weighting, pseudo_rank,
+                                   self.zero_missing)
+
+    def _check_adapter(self, adapter: LoRAWeights, task_id: str) -> None:
+        for m, basis in self.modules.items():
+            if m not in adapter.lora_a:
+                if not self.zero_missing:
+                    raise IncompatibleAdaptersError(
+                        f"task {task_id!r}: module {m} of the subspace is missing from "
+                        f"{adapter.source or 'the adapter'}")
+            elif adapter.shapes()[m] != (basis.d_out, basis.d_in):
+                raise IncompatibleAdaptersError(
+                    f"task {task_id!r}: module {m} has shape {adapter.shapes()[m]}, "
+                    f"the subspace {(basis.d_out, basis.d_in)}")
+        extra = sorted(set(adapter.layer_names) - set(self.modules))
+        if extra:
+            raise IncompatibleAdaptersError(
+                f"task {task_id!r}: modules not in the subspace: {extra[:5]}")
+
+    def add_task(self, projection: TaskProjection, replace: bool = False) -> None:
+        """Store a projection (from :meth:`project`) as a task."""
+        from vlora.storage import validate_task_id
+        validate_task_id(projection.task_id)
+        if projection.task_id in self._tasks and not replace:
+            raise SubspaceError(f"task {projection.task_id!r} already exists")
+        for m, basis in self.modules.items():
+            cb, ca = projection.coords_b.get(m), projection.coords_a.get(m)
+            if cb is None or ca is None or cb.shape[0] != basis.k_out or ca.shape[0] != basis.k_in:
+                raise SubspaceError(f"task {projection.task_id!r}: coordinates of module {m} "
+                                    "do not match the subspace (projected on other bases?)")
+        self._tasks[projection.task_id] = projection
+
+    def remove_task(self, task_id: str) -> TaskProjection:
+        self.get_task(task_id)
+        return self._tasks.pop(task_id)
+
+    def task_error(self, task_id: str) -> float:
+        """Relative dW error of a task against its original (float64, subtraction-free)."""
+        return self.get_task(task_id).error
+
+    def core(self, task_id: str, module: str) -> torch.Tensor:
+        """The gauge-invariant core ``C = L_B L_A^T`` ``(k_out, k_in)`` of a task."""
+        t = self.get_task(task_id)
+        return t.coords_b[module].to(F64) @ t.coords_a[module].to(F64).T
+
+    def reconstruct(self, task_id: str, dtype: torch.dtype | None = None) -> LoRAWeights:
+        """The task as a LoRA: ``B^ = U L_B``, ``A^ = L_A^T V^T``, scale 1, in ``dtype``
+        (default: the original adapter's), with its non-LoRA tensors."""
+        t = self.get_task(task_id)
+        dtype = dtype or getattr(torch, t.dtype)
+        a, b = {}, {}
+        for m, basis in self.modules.items():
+            if t.coords_b[m].shape[1] == 0:
+                continue  # a module the adapter never had: dW = 0, as PEFT initialises it
+            b[m] = (basis.U.to(F64) @ t.coords_b[m].to(F64)).to(dtype)
+            a[m] = (t.coords_a[m].to(F64).T @ basis.V.to(F64).T).to(dtype)
+        keep = ("base_model_name_or_path", "task_type", "modules_to_save", "peft_type",
+                "fan_in_fan_out", "target_modules", "inference_mode")
+        config = {k: v for k, v in t.config.items() if k in keep}
+        lora = LoRAWeights(list(a), a, b, {m: 1.0 for m in a}, dict(t.extra), config, None)
+        lora.config = config_for(lora)
+        return lora
+
+    # ---------------------------------------------------------------- absorb
+    def absorb(self, adapter: AdapterLike, task_id: str, refine_iters: int = 10,
+               exact_errors: bool = True) -> dict[str, AbsorbReport]:
+        """Refit the bases on every task (old ones from their stored dW^) plus ``adapter``,
+        re-express old tasks, add the new one. Returns each old task's report."""
+        adapter = _as_adapter(adapter)
+        proj = self.project(adapter, task_id)  # validates before anything moves
+        if task_id in self._tasks:
+            raise SubspaceError(f"task {task_id!r} already exists")
+        new_modules = {}
+        with linalg.fixed_threads():
+            for m, basis in self.modules.items():
+                facs, ws = self._stored_factors(m)
+                if m in adapter.lora_a and proj.weight > 0:
+                    facs.append(_factors(adapter, m))
+                    ws.append(proj.weight)
+                (u0, _), (v0, _) = _stacks(facs, ws, (basis.d_out, basis.d_in),
+                                           basis.k_out, basis.k_in)
+                u, v = linalg.refine_bases(facs, ws, u0, v0, refine_iters)
+                new_modules[m] = _basis(u, v, facs, ws)
+        report = self._move_bases(new_modules, exact_errors)
+        self.add_task(self.project(adapter, task_id))
+        return report
+
+    def absorb_incremental(self, adapter: AdapterLike, task_id: str, grow: bool = False,
+                           exact_errors: bool = False) -> dict[str, AbsorbReport]:
+        """Update the bases with ``adapter`` at a cost independent of the number of tasks
+        (DESIGN.md "Absorbing"), re-express old tasks, add the new one.
+
+        ``grow`` lets k grow by the new adapter's rank instead of truncating back to k.
+        """
+        adapter = _as_adapter(adapter)
+        proj = self.project(adapter, task_id)
+        if task_id in self._tasks:
+            raise SubspaceError(f"task {task_id!r} already exists")
+        c = proj.weight ** 0.5
+        new_modules = {}
+        with linalg.fixed_threads():
+            for m, basis in self.modules.items():
+                if m not in adapter.lora_a or c == 0:
+                    new_modules[m] = basis
+                    continue
+                ut, st, vt = _factors(adapter, m)
+                r = st.numel() if grow else 0
+                u, gu = linalg.incremental_basis(basis.U, basis.G_u, [ut * (st * c)], basis.k_out + r)
+                v, gv = linalg.incremental_basis(basis.V, basis.G_v, [vt * (st * c)], basis.k_in + r)
+                new_modules[m] = ModuleBasis(u.float(), v.float(), gu, gv)
+        report = self._move_bases(new_modules, exact_errors)
+        self.add_task(self.project(adapter, task_id))
+        return report
+
+    def _stored_factors(self, module: str) -> tuple[list[linalg.Factor], list[float]]:
+        basis, facs, ws = self.modules[module], [], []
+        for t in self._tasks.values():
+            if t.weight > 0 and t.coords_b[module].shape[1]:
+                facs.append(_stored_factor(basis, t, module))
+                ws.append(t.weight)
+        return facs, ws
+
+    def _move_bases(self, new_modules: dict[str, ModuleBasis],
+                    exact_errors: bool) -> dict[str, AbsorbReport]:
+        """Re-express every task in ``new_modules`` and report drift and error."""
+        report = {}
+        for tid, t in self._tasks.items():
+            original = _original_if_at_hand(t) if exact_errors else None
+            moved_sq, before = 0.0, t.error
+            nb, na, res = {}, {}, {}
+            for m, old in self.modules.items():
+                new = new_modules[m]
+                ou, nu = old.U.to(F64), new.U.to(F64)
+                cb = (nu.T @ ou) @ t.coords_b[m].to(F64)
+                ca = (new.V.to(F64).T @ old.V.to(F64)) @ t.coords_a[m].to(F64)
+                nb[m], na[m] = cb.to(old.U.dtype), ca.to(old.V.dtype)
+                if t.coords_b[m].shape[1] == 0:
+                    res[m] = 0.0
+                    continue
+                uo, so, vo = _stored_factor(old, t, m)
+                moved = core_error_sq(uo * so, vo, nu, new.V, nb[m].to(F64) @ na[m].to(F64).T)
+                moved_sq += moved
+                if original is not None:
+                    ut, st, vt0 = _factors(original, m)
+                    res[m] = core_error_sq(ut * st, vt0, nu, new.V, nb[m].to(F64) @ na[m].to(F64).T)
+                else:
+                    res[m] = (math.sqrt(t.residual_sq[m]) + math.sqrt(moved)) ** 2
+            kept_sq = sum(linalg.frobenius_sq(t.coords_b[m], t.coords_a[m].T) for m in nb)
+            drift = math.sqrt(moved_sq / kept_sq) if kept_sq > 0 else 0.0
+            t.coords_b, t.coords_a, t.residual_sq = nb, na, res
+            t.error_is_bound = original is None and (t.error_is_bound or drift > 0)
+            report[tid] = AbsorbReport(before, drift, t.error, t.error_is_bound)
+        self.modules = new_modules
+        return report
+
+    # ---------------------------------------------------------------- misc
+    def to(self, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> SharedSubspace:
+        """Move bases and coordinates (in place); Grams stay float64 on the CPU."""
+        for b in self.modules.values():
+            b.U, b.V = b.U.to(device=device, dtype=dtype), b.V.to(device=device, dtype=dtype)
+        for t in self._tasks.values():
+            t.coords_b = {m: x.to(device=device, dtype=dtype) for m, x in t.coords_b.items()}
+            t.coords_a = {m: x.to(device=device, dtype=dtype) for m, x in t.coords_a.items()}
+        return self
+
+    def compression_stats(self) -> dict[str, Any]:
+        from vlora.stats import compression_stats
+        return compression_stats(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from vlora.storage import save_subspace
+        save_subspace(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SharedSubspace:
+        from vlora.storage import load_subspace
+        return load_subspace(path)
+
+    @classmethod
+    def from_adapters_streaming(cls, paths: Sequence[str | os.PathLike], **kwargs: Any
+                                ) -> SharedSubspace:
+        """Build from many adapter folders with peak memory of the bases plus one chunk."""
+        from vlora.streaming import from_adapters_streaming
+        return from_adapters_streaming(cls, paths, **kwargs)
+
+    def __repr__(self) -> str:
+        ks = [(b.k_out, b.k_in) for b in self.modules.values()]
+        return (f"SharedSubspace({len(self.modules)} modules, {len(self._tasks)} tasks, "
+                f"k_out/k_in {min(ks, default=(0, 0))}..{max(ks, default=(0, 0))})")
+
+
+def _stored_factor(basis: ModuleBasis, t: TaskProjection, m: str) -> linalg.Factor:
+    """Canonical form of a stored task's ``dW^ = U L_B L_A^T V^T`` (small SVD, then lift)."""
+    u, s, v = linalg.canonical(t.coords_b[m], t.coords_a[m].T)
+    return basis.U.to(F64) @ u, s, basis.V.to(F64) @ v
+
+
+def _original_if_at_hand(t: TaskProjection) -> LoRAWeights | None:
+    if not t.source or not t.sha256:
+        return None
+    try:
+        original = load_adapter(t.source)
+    except Exception:  # gone, moved or unreadable: the bound is reported instead
+        return None
+    return original if original.sha256 == t.sha256 else None
+
+
+def _stacks(facs: list[linalg.Factor], ws: list[float], shape: tuple[int, int],
+            k_out: int | None = None, k_in: int | None = None):
+    """Top singular pairs of the weighted stacks ``[sqrt(w_t) U_t S_t]`` and ``[sqrt(w_t) V_t S_t]``."""
+    if not facs:  # no task with energy in this module: empty bases
+        empty = torch.zeros(0, dtype=F64)
+        return (torch.zeros(shape[0], 0, dtype=F64), empty), (torch.zeros(shape[1], 0, dtype=F64), empty)
+    sw = [w ** 0.5 for w in ws]
+    return (linalg.top_left_singular([ut * (st * c) for (ut, st, _), c in zip(facs, sw)], k_out),
+            linalg.top_left_singular([vt * (st * c) for (_, st, vt), c in zip(facs, sw)], k_in))
+
+
+def _basis(u: torch.Tensor, v: torch.Tensor, facs: list[linalg.Factor],
+           ws: list[float]) -> ModuleBasis:
+    sw = [w ** 0.5 for w in ws]
+    gu = linalg.gram_in_basis([ut * (st * c) for (ut, st, _), c in zip(facs, sw)], u)
+    gv = linalg.gram_in_basis([vt * (st * c) for (_, st, vt), c in zip(facs, sw)], v)
+    return ModuleBasis(u.float().contiguous(), v.float().contiguous(), gu, gv)
+
+
+def _choose_ks(spectra, shapes, total_rank, num_components, variance_threshold, budget,
+               adaptive_k) -> dict[str, tuple[int, int]]:
+    """k per module and side from exactly one of: fixed k, energy threshold, byte budget."""
+    given = [x is not None for x in (num_components, variance_threshold, budget)]
+    if sum(given) > 1:
+        raise ValueError("pass at most one of num_components, variance_threshold, budget")
+    if budget is not None:
+        gains = {(m, side): spectra[m][side].square() for m in spectra for side in (0, 1)}
+        # one direction costs its basis column plus one coordinate row per task rank
+        costs = {(m, side): 4.0 * (shapes[m][side] + total_rank) for m, side in gains}
+        ks = linalg.allocate_budget(gains, costs, float(budget))
+        return {m: (ks[(m, 0)], ks[(m, 1)]) for m in spectra}
+    if variance_threshold is not None:
+        if not 0 < variance_threshold <= 1:
+            raise ValueError("variance_threshold must be in (0, 1]")
+        ks = {m: (linalg.choose_k(su, threshold=variance_threshold),
+                  linalg.choose_k(sv, threshold=variance_threshold)) for m, (su, sv) in spectra.items()}
+        if not adaptive_k:
+            k = max(max(pair) for pair in ks.values())
+            ks = {m: (linalg.choose_k(su, k), linalg.choose_k(sv, k))
+                  for m, (su, sv) in spectra.items()}
+        return ks
+    k_out, k_in = (num_components if isinstance(num_components, tuple)
+                   else (num_components, num_components))
+    return {m: (linalg.choose_k(su, k_out), linalg.choose_k(sv, k_in))
+            for m, (su, sv) in spectra.items()}

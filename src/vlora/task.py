@@ -1,0 +1,155 @@
+"""One task inside a subspace: its coordinates, and how far it is from its original.
+
+A task stores, per module, coordinates ``L_B = U^T (s B)`` ``(k_out, r)`` and
+``L_A = V^T A^T`` ``(k_in, r)``; its core ``C = L_B L_A^T`` is gauge-invariant
+(DESIGN.md section 3). Errors are kept as absolute squared residuals per module
+in float64, so that per-module and whole-adapter figures, and bounds after the
+basis moves, all follow exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlora import linalg
+from vlora.adapter import LoRAWeights
+
+F64 = torch.float64
+
+
+@dataclass
+class ModuleBasis:
+    """Shared bases of one module: ``U (d_out, k_out)``, ``V (d_in, k_in)`` and their Grams
+    ``G_u = U^T (sum_t w_t dW_t dW_t^T) U`` ``(k_out, k_out)`` (``G_v`` likewise)."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+    G_u: torch.Tensor
+    G_v: torch.Tensor
+
+    @property
+    def d_out(self) -> int:
+        return self.U.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.V.shape[0]
+
+    @property
+    def k_out(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def k_in(self) -> int:
+        return self.V.shape[1]
+
+
+@dataclass
+class TaskProjection:
+    """A task's coordinates in a subspace, with its error against the original adapter.
+
+    Attributes:
+        task_id: the task's name (data, never a path).
+        coords_b / coords_a: module -> ``L_B (k_out, r)`` / ``L_A (k_in, r)``, float32.
+        norm_sq: module -> ``||dW||_F^2`` of the original adapter.
+        residual_sq: module -> ``||dW - dW^||_F^2`` (exact, or an upper bound when
+            ``error_is_bound`` after the basis moved and the original was not at hand).
+        spectrum: module -> singular values of the original ``dW`` (for baselines).
+        weight: the task's weight in basis fits (``1 / ||dW||^2`` by default).
+        extra: non-LoRA tensors (``modules_to_save``), stored as they are.
+        config, dtype, source, sha256: what the original adapter was.
+    """
+
+    task_id: str
+    coords_b: dict[str, torch.Tensor]
+    coords_a: dict[str, torch.Tensor]
+    norm_sq: dict[str, float]
+    residual_sq: dict[str, float]
+    spectrum: dict[str, torch.Tensor]
+    weight: float = 0.0
+    error_is_bound: bool = False
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    source: str | None = None
+    sha256: str | None = None
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.coords_b)
+
+    @property
+    def error(self) -> float:
+        """Relative dW error of the whole adapter, ``||dW - dW^|| / ||dW||`` (0 for dW = 0)."""
+        total = sum(self.norm_sq.values())
+        return math.sqrt(sum(self.residual_sq.values()) / total) if total > 0 else 0.0
+
+    def module_errors(self) -> dict[str, float]:
+        return {m: math.sqrt(self.residual_sq[m] / n) if n > 0 else 0.0
+                for m, n in self.norm_sq.items()}
+
+    @property
+    def coverage(self) -> float:
+        """Share of the adapter's energy inside the subspace, ``||C||^2 / ||dW||^2``."""
+        total = sum(self.norm_sq.values())
+        kept = sum(linalg.frobenius_sq(self.coords_b[m], self.coords_a[m].T) for m in self.modules)
+        return kept / total if total > 0 else 1.0
+
+    def ranks(self) -> dict[str, int]:
+        return {m: t.shape[1] for m, t in self.coords_b.items()}
+
+    def num_params(self) -> int:
+        return sum(self.coords_b[m].numel() + self.coords_a[m].numel() for m in self.modules)
+
+
+def core_error_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                  core: torch.Tensor) -> float:
+    """``||dW - U core V^T||^2`` for ``dW = us v_t^T`` and orthonormal U, V, in two
+    orthogonal parts: what lies outside the bases, and ``||U^T dW V - core||^2``."""
+    inside = (u.T.to(F64) @ us.to(F64)) @ (v_t.T.to(F64) @ v.to(F64)) - core.to(F64)
+    return linalg.residual_sq(us, v_t, u, v) + float(inside.square().sum())
+
+
+def adapter_weight(norm_sq_total: float, weighting: str) -> float:
+    if weighting == "energy":
+        return 1.0
+    return 1.0 / norm_sq_total if norm_sq_total > 0 else 0.0
+
+
+def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleBasis],
+                    weighting: str = "task", pseudo_rank: int | None = None,
+                    zero_missing: bool = False) -> TaskProjection:
+    """Coordinates of ``adapter`` in ``bases`` and its exact error (float64, small matrices).
+
+    ``pseudo_rank`` stores each core at rank ``p`` by truncated SVD; ``zero_missing``
+    treats modules the adapter lacks as ``dW = 0`` (rank-0 coordinates).
+    """
+    cb, ca, norm, res, spec = {}, {}, {}, {}, {}
+    for m, basis in bases.items():
+        if m not in adapter.lora_a:
+            if not zero_missing:
+                raise KeyError(m)
+            cb[m], ca[m] = basis.U.new_zeros(basis.k_out, 0), basis.V.new_zeros(basis.k_in, 0)
+            norm[m], res[m], spec[m] = 0.0, 0.0, torch.zeros(0, dtype=F64)
+            continue
+        s = adapter.scales[m]
+        ut, st, vt = linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], s)
+        u, v = basis.U.to(F64), basis.V.to(F64)
+        lb = u.T @ (s * adapter.lora_b[m].to(F64))
+        la = v.T @ adapter.lora_a[m].to(F64).T
+        if pseudo_rank is not None and pseudo_rank < lb.shape[1]:
+            lb, la = linalg.truncate_core(lb, la, pseudo_rank)
+        lb, la = lb.to(basis.U.dtype), la.to(basis.V.dtype)
+        cb[m], ca[m] = lb, la
+        norm[m] = float(st.square().sum())
+        res[m] = core_error_sq(ut * st, vt, u, v, lb.to(F64) @ la.to(F64).T)
+        spec[m] = st
+    dtype = str(next(iter(adapter.lora_a.values())).dtype).removeprefix("torch.")
+    return TaskProjection(task_id, cb, ca, norm, res, spec,
+                          adapter_weight(sum(norm.values()), weighting), False,
+                          dict(adapter.extra), dict(adapter.config), dtype, adapter.source,
+                          adapter.sha256)
