@@ -145,7 +145,7 @@ def objective(factors: Sequence[Factor], weights: Sequence[float],
 
 
 def refine_bases(factors: Sequence[Factor], weights: Sequence[float], u: torch.Tensor,
-                 v: torch.Tensor, iters: int = 10, tol: float = 1e-7
+                 v: torch.Tensor, iters: int = 10, tol: float = 1e-10
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternating refinement of orthonormal ``U (d_out, k_out)``, ``V (d_in, k_in)`` for
     ``min sum_t w_t ||dW_t - U U^T dW_t V V^T||^2``, from a start (the stacked SVD).

@@ -102,7 +102,7 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "generation": gen,
                 "base_model": sub.base_model, "weighting": sub.weighting,
-                "zero_missing": sub.zero_missing,
+                "missing_modules": sub.missing_modules,
                 "fingerprint": fingerprint(sub), "target_modules": sorted(
                     {m.rsplit(".", 1)[-1] for m in sub.modules}),
                 "modules": {m: {"d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out,
@@ -177,7 +177,7 @@ def load_subspace(path: str | os.PathLike, verify: bool = True) -> SharedSubspac
             modules[m] = b
         sub = SharedSubspace(modules, weighting=manifest.get("weighting", "task"),
                              base_model=manifest.get("base_model"),
-                             zero_missing=bool(manifest.get("zero_missing")))
+                             missing_modules=str(manifest.get("missing_modules", "error")))
         for i, meta in enumerate(manifest["tasks"]):
             tid = validate_task_id(meta["id"])
             if meta.get("dtype", "float32") not in _DTYPES:

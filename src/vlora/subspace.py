@@ -94,14 +94,16 @@ class SharedSubspace:
 
     def __init__(self, modules: dict[str, ModuleBasis], tasks: Iterable[TaskProjection] = (),
                  *, weighting: str = "task", base_model: str | None = None,
-                 zero_missing: bool = False):
+                 missing_modules: str = "error"):
         if weighting not in ("task", "energy"):
             raise ValueError(f"weighting must be 'task' or 'energy', not {weighting!r}")
+        if missing_modules not in ("error", "skip", "zero"):
+            raise ValueError(f"missing_modules must be error, skip or zero, not {missing_modules!r}")
         self.modules = dict(modules)
         self._tasks: dict[str, TaskProjection] = {}
         self.weighting = weighting
         self.base_model = base_model
-        self.zero_missing = zero_missing
+        self.missing_modules = missing_modules  # policy of check_modules, kept for new tasks
         for t in tasks:
             self.add_task(t)
 
@@ -167,7 +169,7 @@ class SharedSubspace:
                 u, v = linalg.refine_bases(facs, [w for _, w in present], u0, v0, refine_iters)
                 modules[m] = _basis(u, v, facs, [w for _, w in present])
         sub = cls(modules, weighting=weighting, base_model=items[0].base_model,
-                  zero_missing=missing_modules == "zero")
+                  missing_modules=missing_modules)
         for a, tid in zip(track(items, "Projecting tasks", len(items), progress), ids):
             sub.add_task(sub.project(a, tid, pseudo_rank=pseudo_rank))
         return sub
@@ -200,12 +202,12 @@ class SharedSubspace:
         self._check_adapter(adapter, task_id)
         with linalg.fixed_threads():
             return project_adapter(adapter, task_id, self.modules, self.weighting, pseudo_rank,
-                                   self.zero_missing)
+                                   self.missing_modules == "zero")
 
     def _check_adapter(self, adapter: LoRAWeights, task_id: str) -> None:
         for m, basis in self.modules.items():
             if m not in adapter.lora_a:
-                if not self.zero_missing:
+                if self.missing_modules != "zero":
                     raise IncompatibleAdaptersError(
                         f"task {task_id!r}: module {m} of the subspace is missing from "
                         f"{adapter.source or 'the adapter'}")
@@ -214,7 +216,7 @@ class SharedSubspace:
                     f"task {task_id!r}: module {m} has shape {adapter.shapes()[m]}, "
                     f"the subspace {(basis.d_out, basis.d_in)}")
         extra = sorted(set(adapter.layer_names) - set(self.modules))
-        if extra:
+        if extra and self.missing_modules != "skip":
             raise IncompatibleAdaptersError(
                 f"task {task_id!r}: modules not in the subspace: {extra[:5]}")
 
