@@ -53,10 +53,20 @@ def validate_task_id(task_id: object) -> str:
     return task_id
 
 
+_LOCKS: dict[str, FileLock] = {}
+
+
 def lock(path: str | os.PathLike, timeout: float = 60.0) -> FileLock:
-    """The writers' lock of a subspace directory (use as a context manager)."""
+    """The writers' lock of a subspace directory (a context manager).
+
+    One FileLock object per directory and process, so that a command holding the lock
+    around read-modify-write can call ``save`` (which takes it again) without deadlock.
+    """
     Path(path).mkdir(parents=True, exist_ok=True)
-    return FileLock(str(Path(path) / LOCK), timeout=timeout)
+    key = str((Path(path) / LOCK).resolve())
+    if key not in _LOCKS:
+        _LOCKS[key] = FileLock(key, timeout=timeout)
+    return _LOCKS[key]
 
 
 def _sha(data: bytes) -> str:

@@ -246,17 +246,22 @@ class SharedSubspace:
         t = self.get_task(task_id)
         return t.coords_b[module].to(F64) @ t.coords_a[module].to(F64).T
 
-    def reconstruct(self, task_id: str, dtype: torch.dtype | None = None) -> LoRAWeights:
+    def reconstruct(self, task_id: str, dtype: torch.dtype | None = None,
+                    rank: int | None = None) -> LoRAWeights:
         """The task as a LoRA: ``B^ = U L_B``, ``A^ = L_A^T V^T``, scale 1, in ``dtype``
-        (default: the original adapter's), with its non-LoRA tensors."""
+        (default: the original adapter's), with its non-LoRA tensors. ``rank`` truncates
+        each module's core by SVD (the best LoRA of that rank inside the subspace)."""
         t = self.get_task(task_id)
         dtype = dtype or getattr(torch, t.dtype)
         a, b = {}, {}
         for m, basis in self.modules.items():
             if t.coords_b[m].shape[1] == 0:
                 continue  # a module the adapter never had: dW = 0, as PEFT initialises it
-            b[m] = (basis.U.to(F64) @ t.coords_b[m].to(F64)).to(dtype)
-            a[m] = (t.coords_a[m].to(F64).T @ basis.V.to(F64).T).to(dtype)
+            lb, la = t.coords_b[m].to(F64), t.coords_a[m].to(F64)
+            if rank is not None and rank < lb.shape[1]:
+                lb, la = linalg.truncate_core(lb, la, rank)
+            b[m] = (basis.U.to(F64) @ lb).to(dtype)
+            a[m] = (la.T @ basis.V.to(F64).T).to(dtype)
         keep = ("base_model_name_or_path", "task_type", "modules_to_save", "peft_type",
                 "fan_in_fan_out", "target_modules", "inference_mode")
         config = {k: v for k, v in t.config.items() if k in keep}

@@ -1,0 +1,62 @@
+"""What every vlora command shares: error handling, sizes, output helpers."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import traceback
+from typing import Any
+
+import click
+from rich.console import Console
+
+from vlora.errors import VLoRAError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+class VLoRAGroup(click.Group):
+    """Turns our exceptions into a one-line error and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (VLoRAError, ValueError, OSError) as e:
+            if (ctx.obj or {}).get("debug") or "--debug" in sys.argv:
+                traceback.print_exc()
+            click.echo(f"vlora: error: {e}", err=True)
+            ctx.exit(2)
+
+
+def parse_size(text: str) -> int:
+    """``20MB``, ``1.5GiB``, ``300000`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m[2].upper() not in _UNITS:
+        raise click.BadParameter(f"{text!r} is not a size like 20MB, 1.5GiB or 300000")
+    return int(float(m[1]) * _UNITS[m[2].upper()])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def split_ids(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def console(quiet: bool = False) -> Console:
+    return Console(quiet=quiet, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=float))
+
+
+def progress_enabled(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()

@@ -1,0 +1,307 @@
+"""Commands on subspaces: compress, info, export, add, remove, validate, diff."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+import torch
+from rich.table import Table
+
+from vlora.cli.common import console, human_bytes, parse_size, print_json, split_ids
+from vlora.errors import SubspaceError
+from vlora.io import load_adapter, save_adapter
+from vlora.storage import lock
+from vlora.subspace import SharedSubspace
+
+QUIET = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def summary(sub: SharedSubspace) -> dict:
+    """The figures ``compress`` and ``info`` print (also their ``--json``)."""
+    stats = sub.compression_stats()
+    ks = [(b.k_out, b.k_in) for b in sub.modules.values()]
+    return {
+        "tasks": sub.tasks, "num_modules": len(sub.modules),
+        "k_out": [min(k for k, _ in ks), max(k for k, _ in ks)],
+        "k_in": [min(k for _, k in ks), max(k for _, k in ks)],
+        **{k: stats[k] for k in ("basis_bytes", "task_bytes", "stored_bytes", "original_bytes",
+                                 "extra_bytes", "compression_ratio", "mean_error", "max_error",
+                                 "svd_mean_error", "svd_max_error", "errors_are_bounds")},
+        "per_task": {t: {"error": stats["task_errors"][t], "svd_error": stats["svd_task_errors"][t],
+                         "coverage": sub.get_task(t).coverage,
+                         "error_is_bound": sub.get_task(t).error_is_bound} for t in sub.tasks},
+        "modules": stats["modules"],
+    }
+
+
+def print_summary(sub: SharedSubspace, data: dict, quiet: bool) -> None:
+    out = console(quiet)
+    table = Table(title="Per-task relative dW error (lower is better)")
+    for col in ("task", "vlora error", "SVD at equal bytes", "coverage"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for t, row in data["per_task"].items():
+        err = f"{row['error']:.4f}" + (" (bound)" if row["error_is_bound"] else "")
+        table.add_row(t, err, f"{row['svd_error']:.4f}", f"{row['coverage']:.3f}")
+    table.add_row("mean", f"{data['mean_error']:.4f}", f"{data['svd_mean_error']:.4f}", "",
+                  style="bold")
+    out.print(table)
+    out.print(f"{len(data['tasks'])} tasks, {data['num_modules']} modules, "
+              f"k_out {data['k_out'][0]}..{data['k_out'][1]}, k_in {data['k_in'][0]}..{data['k_in'][1]}")
+    out.print(f"LoRA bytes: {human_bytes(data['original_bytes'])} -> {human_bytes(data['stored_bytes'])}"
+              f" (basis {human_bytes(data['basis_bytes'])} + tasks {human_bytes(data['task_bytes'])}),"
+              f" [bold]{data['compression_ratio']:.2f}x[/bold] smaller; non-LoRA tensors "
+              f"(heads) kept as they are: {human_bytes(data['extra_bytes'])}")
+
+
+def _load(path: str) -> SharedSubspace:
+    return SharedSubspace.load(path)
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Subspace directory to write.")
+@click.option("-k", "--num-components", type=int, help="k for every module and side.")
+@click.option("--k-out", type=int, help="k of the output side (use with --k-in).")
+@click.option("--k-in", type=int, help="k of the input side (use with --k-out).")
+@click.option("--variance-threshold", type=float, help="Keep this share of energy per module, e.g. 0.9.")
+@click.option("--budget", help="Total bytes for bases plus coordinates, e.g. 20MB.")
+@click.option("--ratio", type=float, help="Compression ratio of LoRA bytes to reach, e.g. 10.")
+@click.option("--task-ids", help="Comma-separated ids, one per adapter (default: folder names).")
+@click.option("--streaming", is_flag=True, help="Read adapters a chunk at a time (bounded memory).")
+@click.option("--missing-modules", type=click.Choice(["error", "skip", "zero"]), default="error",
+              show_default=True, help="What to do with modules only some adapters have.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is already a subspace.")
+@QUIET
+@JSON
+def compress(adapters, output, num_components, k_out, k_in, variance_threshold, budget, ratio,
+             task_ids, streaming, missing_modules, force, quiet, as_json):
+    """Compress LoRA adapter folders into one shared subspace.
+
+    \b
+    Examples:
+      vlora compress adapters/* -o sub -k 16
+      vlora compress adapters/* -o sub --ratio 10
+      vlora compress a/ b/ c/ -o sub --task-ids sales,legal,support --budget 2MB
+    """
+    chosen = [x is not None for x in (num_components, k_out or k_in, variance_threshold, budget, ratio)]
+    if sum(chosen) > 1:
+        raise click.UsageError("choose one of -k, --k-out/--k-in, --variance-threshold, --budget, --ratio")
+    if (k_out is None) != (k_in is None):
+        raise click.UsageError("--k-out and --k-in go together")
+    if Path(output).exists() and any(Path(output).iterdir()) and not force:
+        raise click.UsageError(f"{output} exists and is not empty (use --force to replace)")
+    ids = split_ids(task_ids)
+    k = (k_out, k_in) if k_out is not None else num_components
+    progress = not quiet
+    if streaming:
+        if budget or ratio:
+            raise click.UsageError("--streaming takes -k or --variance-threshold")
+        sub = SharedSubspace.from_adapters_streaming(
+            list(adapters), task_ids=ids, num_components=k or 16,
+            variance_threshold=variance_threshold, progress=progress)
+    else:
+        loaded = [load_adapter(p) for p in adapters]
+        if ratio is not None:
+            lora_bytes = sum(4 * a.lora_a[m].numel() + 4 * a.lora_b[m].numel()
+                             for a in loaded for m in a.layer_names)
+            budget = str(lora_bytes / ratio)
+        sub = SharedSubspace.from_adapters(
+            loaded, task_ids=ids, num_components=k, variance_threshold=variance_threshold,
+            budget=parse_size(budget) if budget else None, missing_modules=missing_modules,
+            progress=progress)
+    sub.save(output)
+    data = summary(sub)
+    if as_json:
+        print_json(data)
+    else:
+        print_summary(sub, data, quiet)
+        console(quiet).print(f"Wrote {output}")
+
+
+@click.command()
+@click.argument("subspace", type=click.Path(exists=True))
+@QUIET
+@JSON
+def info(subspace, quiet, as_json):
+    """Show modules, k, tasks, bytes and errors of a subspace (computed from what is stored)."""
+    sub = _load(subspace)
+    data = summary(sub)
+    if as_json:
+        print_json(data)
+        return
+    out = console(quiet)
+    table = Table(title=f"{subspace}: modules")
+    for col in ("module", "d_out x d_in", "k_out", "k_in", "mean error"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m, row in data["modules"].items():
+        table.add_row(m, f"{row['d_out']} x {row['d_in']}", str(row["k_out"]), str(row["k_in"]),
+                      f"{row['mean_error']:.4f}")
+    out.print(table)
+    out.print(f"base model: {sub.base_model or 'unknown'}")
+    print_summary(sub, data, quiet)
+
+
+@click.command()
+@click.argument("subspace", type=click.Path(exists=True))
+@click.argument("tasks", nargs=-1)
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Adapter folder (one task) or parent folder (several / --all).")
+@click.option("--all", "all_tasks", is_flag=True, help="Export every task.")
+@click.option("--rank", type=int, help="Truncate each module to this rank (best in the subspace).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Weights dtype (default: each original adapter's).")
+@click.option("--vllm", is_flag=True, help="Write what vLLM accepts (no modules_to_save, one rank).")
+@QUIET
+def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, quiet):
+    """Write tasks back as standard PEFT adapters.
+
+    \b
+    Examples:
+      vlora export sub sales -o sales-lora
+      vlora export sub --all -o exported/ --vllm
+    """
+    sub = _load(subspace)
+    names = sub.tasks if all_tasks else list(tasks)
+    if not names:
+        raise click.UsageError("name at least one task, or pass --all")
+    for t in names:
+        sub.get_task(t)  # fail before writing anything
+    out = console(quiet)
+    for t in names:
+        target = Path(output) / t if len(names) > 1 or all_tasks else Path(output)
+        left_out = save_adapter(sub.reconstruct(t, getattr(torch, dtype) if dtype else None, rank),
+                                target, for_vllm=vllm)
+        out.print(f"{t} -> {target}" + (f" (left out: {', '.join(left_out)})" if left_out else ""))
+
+
+@click.command()
+@click.argument("subspace", type=click.Path(exists=True))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--task-ids", help="Comma-separated ids (default: folder names).")
+@click.option("--incremental", "mode", flag_value="incremental",
+              help="Update the basis at a cost independent of the number of tasks.")
+@click.option("--project-only", "mode", flag_value="project",
+              help="Keep the basis; only store the new tasks' coordinates.")
+@QUIET
+@JSON
+def add(subspace, adapters, task_ids, mode, quiet, as_json):
+    """Add adapters to a subspace; by default the basis is refit on all tasks (absorb).
+
+    Prints each old task's error before and after, and the drift of its reconstruction.
+    """
+    ids = split_ids(task_ids) or [Path(p).name for p in adapters]
+    if len(ids) != len(adapters):
+        raise click.UsageError(f"{len(ids)} task ids for {len(adapters)} adapters")
+    with lock(subspace):
+        sub = _load(subspace)
+        reports = {}
+        for path, tid in zip(adapters, ids):
+            if mode == "project":
+                sub.add_task(sub.project(path, tid))
+            elif mode == "incremental":
+                reports[tid] = sub.absorb_incremental(path, tid)
+            else:
+                reports[tid] = sub.absorb(path, tid)
+        sub.save(subspace)  # re-takes the same (re-entrant) lock
+    rows = {new: {old: vars(r) for old, r in rep.items()} for new, rep in reports.items()}
+    if as_json:
+        print_json({"added": ids, "old_tasks": rows,
+                    "new_errors": {t: sub.task_error(t) for t in ids}})
+        return
+    out = console(quiet)
+    for new, rep in reports.items():
+        table = Table(title=f"after adding {new}")
+        for col in ("old task", "error before", "drift", "error after"):
+            table.add_column(col, justify="left" if col == "old task" else "right")
+        for old, r in rep.items():
+            table.add_row(old, f"{r.error_before:.4f}", f"{r.drift:.4f}",
+                          f"{r.error_after:.4f}" + (" (bound)" if r.after_is_bound else ""))
+        out.print(table)
+    for t in ids:
+        out.print(f"added {t}: error {sub.task_error(t):.4f}, coverage {sub.get_task(t).coverage:.3f}")
+
+
+@click.command()
+@click.argument("subspace", type=click.Path(exists=True))
+@click.argument("tasks", nargs=-1, required=True)
+@QUIET
+def remove(subspace, tasks, quiet):
+    """Remove tasks from a subspace (the basis is kept)."""
+    with lock(subspace):
+        sub = _load(subspace)
+        for t in tasks:
+            sub.remove_task(t)
+        sub.save(subspace)  # re-takes the same (re-entrant) lock
+    console(quiet).print(f"removed {', '.join(tasks)}; {len(sub)} tasks left")
+
+
+@click.command()
+@click.argument("subspace", type=click.Path(exists=True))
+@QUIET
+@JSON
+def validate(subspace, quiet, as_json):
+    """Check a subspace: checksums, manifest against tensors, NaN/Inf, orthonormal bases.
+
+    Exits 1 when anything is wrong.
+    """
+    problems = []
+    try:
+        sub = _load(subspace)
+    except SubspaceError as e:
+        sub, problems = None, [str(e)]
+    if sub is not None:
+        for m, b in sub.modules.items():
+            for name, x in (("U", b.U), ("V", b.V)):
+                if not bool(torch.isfinite(x).all()):
+                    problems.append(f"module {m}: {name} has NaN or Inf")
+                    continue
+                dev = float((x.T.double() @ x.double() - torch.eye(x.shape[1], dtype=torch.float64)).abs().max()) if x.shape[1] else 0.0
+                if dev > 1e-4:
+                    problems.append(f"module {m}: {name} is not orthonormal (max |U^T U - I| = {dev:.2e})")
+        for t in sub.tasks:
+            task = sub.get_task(t)
+            if not all(bool(torch.isfinite(x).all()) for x in [*task.coords_a.values(), *task.coords_b.values()]):
+                problems.append(f"task {t}: coordinates have NaN or Inf")
+    if as_json:
+        print_json({"ok": not problems, "problems": problems})
+    elif problems:
+        for p in problems:
+            click.echo(f"FAIL {p}", err=True)
+    else:
+        console(quiet).print(f"OK {subspace}: {len(sub.modules)} modules, {len(sub)} tasks, checksums verified")
+    if problems:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("subspace", type=click.Path(exists=True))
+@click.argument("task_a")
+@click.argument("task_b")
+@QUIET
+@JSON
+def diff(subspace, task_a, task_b, quiet, as_json):
+    """Compare two tasks of a subspace per module: relative difference and cosine of dW^."""
+    sub = _load(subspace)
+    rows, num, den, dot, nb = {}, 0.0, 0.0, 0.0, 0.0
+    for m in sub.modules:
+        ca, cb = sub.core(task_a, m), sub.core(task_b, m)  # same orthonormal bases: exact on cores
+        d, na, nbm = float((ca - cb).square().sum()), float(ca.square().sum()), float(cb.square().sum())
+        cos = float((ca * cb).sum()) / math.sqrt(na * nbm) if na and nbm else 0.0
+        rows[m] = {"relative_difference": math.sqrt(d / na) if na else 0.0, "cosine": cos}
+        num, den, dot, nb = num + d, den + na, dot + float((ca * cb).sum()), nb + nbm
+    total = {"relative_difference": math.sqrt(num / den) if den else 0.0,
+             "cosine": dot / math.sqrt(den * nb) if den and nb else 0.0}
+    if as_json:
+        print_json({"modules": rows, "total": total})
+        return
+    table = Table(title=f"{task_a} vs {task_b}")
+    for col in ("module", "||dW_a - dW_b|| / ||dW_a||", "cosine"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m, r in rows.items():
+        table.add_row(m, f"{r['relative_difference']:.4f}", f"{r['cosine']:.4f}")
+    table.add_row("all modules", f"{total['relative_difference']:.4f}", f"{total['cosine']:.4f}", style="bold")
+    console(quiet).print(table)
+

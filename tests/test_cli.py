@@ -1,0 +1,94 @@
+"""The command line through click's runner: every command, its JSON, and its error paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from synthetic import planted
+from vlora import SharedSubspace, load_adapter, save_adapter
+from vlora.cli import cli
+
+
+@pytest.fixture()
+def adapters(tmp_path):
+    paths = []
+    for i, a in enumerate(planted(6, noise=0.3)):
+        save_adapter(a, tmp_path / "ad" / f"task{i}")
+        paths.append(str(tmp_path / "ad" / f"task{i}"))
+    return paths
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def test_version():
+    assert "vlora, version" in run("--version").output
+
+
+def test_compress_info_export_round_trip(adapters, tmp_path):
+    sub = tmp_path / "sub"
+    out = run("compress", *adapters[:5], "-o", sub, "-k", "3").output
+    assert "SVD at equal bytes" in out and "smaller" in out
+    data = json.loads(run("info", sub, "--json").output)
+    assert data["tasks"] == [f"task{i}" for i in range(5)] and data["k_out"] == [3, 3]
+    assert data["per_task"]["task0"]["error"] == pytest.approx(
+        SharedSubspace.load(sub).task_error("task0"))
+    run("export", sub, "task1", "-o", tmp_path / "e1")
+    exported = load_adapter(tmp_path / "e1")
+    assert set(exported.ranks().values()) == {4}
+    run("export", sub, "--all", "-o", tmp_path / "all", "--rank", "2", "--vllm")
+    assert set(load_adapter(tmp_path / "all" / "task3").ranks().values()) == {2}
+
+
+def test_compress_by_ratio_and_budget(adapters, tmp_path):
+    data = json.loads(run("compress", *adapters, "-o", tmp_path / "r", "--ratio", "4", "--json").output)
+    assert data["compression_ratio"] >= 4
+    data = json.loads(run("compress", *adapters, "-o", tmp_path / "b", "--budget", "6KB", "--json").output)
+    assert data["stored_bytes"] <= 6000
+
+
+def test_add_remove_validate_diff(adapters, tmp_path):
+    sub = tmp_path / "sub"
+    run("compress", *adapters[:4], "-o", sub, "-k", "3", "-q")
+    out = run("add", sub, adapters[4]).output
+    assert "error before" in out and "task0" in out
+    data = json.loads(run("add", sub, adapters[5], "--incremental", "--json").output)
+    assert set(data["old_tasks"]["task5"]) == {f"task{i}" for i in range(5)}
+    run("remove", sub, "task0")
+    assert SharedSubspace.load(sub).tasks == [f"task{i}" for i in range(1, 6)]
+    assert "OK" in run("validate", sub).output
+    diff = json.loads(run("diff", sub, "task1", "task1", "--json").output)
+    assert diff["total"]["relative_difference"] == 0 and diff["total"]["cosine"] == pytest.approx(1)
+
+
+def test_validate_fails_on_corruption(adapters, tmp_path):
+    sub = tmp_path / "sub"
+    run("compress", *adapters[:3], "-o", sub, "-q")
+    bases = next(sub.glob("bases-*.safetensors"))
+    blob = bytearray(bases.read_bytes())
+    blob[-1] ^= 0x55
+    bases.write_bytes(bytes(blob))
+    assert "checksum mismatch" in run("validate", sub, code=1).output
+
+
+def test_errors_are_one_line_with_exit_2(adapters, tmp_path):
+    sub = tmp_path / "sub"
+    run("compress", *adapters[:3], "-o", sub, "-q")
+    r = run("export", sub, "nope", "-o", tmp_path / "x", code=2)
+    assert r.output.strip() == "vlora: error: no task 'nope' in the subspace (3 tasks)"
+    assert not (tmp_path / "x").exists()
+    r = run("compress", adapters[0], adapters[0], "-o", tmp_path / "d", code=2)
+    assert "duplicate task ids: ['task0']" in r.output
+    r = run("compress", *adapters[:2], "-o", sub, code=2)  # refuses to overwrite
+    assert "exists" in r.output
+    run("compress", *adapters[:2], "-o", tmp_path / "z", "-k", "2", "--ratio", "3", code=2)
+    (tmp_path / "notadapter").mkdir()
+    r = run("add", sub, tmp_path / "notadapter", code=2)
+    assert "not a LoRA adapter folder" in r.output
+    assert SharedSubspace.load(sub).tasks == ["task0", "task1", "task2"]  # nothing lost
