@@ -17,7 +17,7 @@ from vlora import linalg
 if TYPE_CHECKING:
     from vlora.subspace import SharedSubspace
 
-BYTES = 4  # everything is counted as float32, the storage dtype of bases and coordinates
+BYTES = 4  # float32, the storage dtype of bases and coordinates unless quantized
 
 
 def svd_baseline_error(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
@@ -32,6 +32,12 @@ def svd_baseline_error(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple
     return math.sqrt(lost / total) if total > 0 else 0.0
 
 
+def _coord_bytes(t, m: str) -> int:
+    if t.quant:
+        return t.quant[f"{m}::B"].nbytes() + t.quant[f"{m}::A"].nbytes()
+    return BYTES * (t.coords_b[m].numel() + t.coords_a[m].numel())
+
+
 def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
     """Bytes per module and in total, the compression ratio, and the mean / max relative
     dW error over tasks next to per-adapter truncated SVD at equal bytes."""
@@ -42,8 +48,9 @@ def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
         ranks = [t.coords_b[m].shape[1] for t in tasks]
         modules[m] = {
             "d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out, "k_in": b.k_in,
-            "basis_bytes": BYTES * (b.d_out * b.k_out + b.d_in * b.k_in),
-            "task_bytes": BYTES * sum(r * (b.k_out + b.k_in) for r in ranks),
+            "basis_bytes": (sum(q.nbytes() for q in b.quant.values()) if b.quant
+                            else BYTES * (b.d_out * b.k_out + b.d_in * b.k_in)),
+            "task_bytes": sum(_coord_bytes(t, m) for t in tasks),
             "original_bytes": BYTES * sum(r * (b.d_out + b.d_in) for r in ranks),
             "mean_error": (sum(t.module_errors()[m] for t in tasks) / len(tasks)) if tasks else 0.0,
         }

@@ -29,6 +29,7 @@ from filelock import FileLock, Timeout
 
 from vlora.atomic import atomic_write, fsync_dir, fsync_write
 from vlora.errors import SubspaceError
+from vlora.quantize import QuantizedTensor, dequantize
 from vlora.task import ModuleBasis, TaskProjection
 
 if TYPE_CHECKING:
@@ -73,11 +74,35 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _put(tensors: dict[str, torch.Tensor], key: str, x: torch.Tensor,
+         q: QuantizedTensor | None) -> dict[str, Any] | None:
+    """Store ``x``, or its codes and scales when quantized; return the quant metadata."""
+    if q is None:
+        tensors[key] = x.detach().cpu().contiguous()
+        return None
+    tensors[key + "::codes"], tensors[key + "::scales"] = q.codes, q.scales
+    return {"bits": q.bits, "method": q.method, "block": q.block, "shape": list(q.shape)}
+
+
+def _get(tensors: dict[str, torch.Tensor], key: str, meta: dict[str, Any] | None
+         ) -> tuple[torch.Tensor, QuantizedTensor | None]:
+    if not meta:
+        return tensors[key], None
+    q = QuantizedTensor(tensors[key + "::codes"], tensors[key + "::scales"],
+                        tuple(meta["shape"]), int(meta["bits"]), str(meta["method"]),
+                        int(meta["block"]))
+    expected = -(-q.shape[0] * q.shape[1] // q.block) * q.block * q.bits // 8
+    if q.bits not in (4, 8) or q.codes.dtype != torch.uint8 or q.codes.numel() != expected:
+        raise SubspaceError(f"quantized tensor {key}: codes disagree with the manifest")
+    return dequantize(q), q
+
+
 def _task_meta(t: TaskProjection) -> dict[str, Any]:
     return {"id": t.task_id, "ranks": t.ranks(), "weight": t.weight,
             "norm_sq": t.norm_sq, "residual_sq": t.residual_sq,
             "error_is_bound": t.error_is_bound, "dtype": t.dtype, "config": t.config,
-            "source": t.source, "sha256": t.sha256, "extra_keys": sorted(t.extra)}
+            "source": t.source, "sha256": t.sha256, "extra_keys": sorted(t.extra),
+            "quant": {}}
 
 
 def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
@@ -90,15 +115,21 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
         with lock(path):
             old = _read_manifest(path) if (path / MANIFEST).exists() else None
             gen = (old or {}).get("generation", 0) + 1
-            bases, coords, extras = {}, {}, {}
+            bases, coords, extras, module_quant = {}, {}, {}, {}
             for m, b in sub.modules.items():
-                for name, t in (("U", b.U), ("V", b.V), ("G_u", b.G_u), ("G_v", b.G_v)):
-                    bases[f"{m}::{name}"] = t.detach().cpu().contiguous()
+                q = b.quant or {}
+                module_quant[m] = {name: _put(bases, f"{m}::{name}", x, q.get(name))
+                                   for name, x in (("U", b.U), ("V", b.V))}
+                bases[f"{m}::G_u"], bases[f"{m}::G_v"] = b.G_u.cpu(), b.G_v.cpu()
             tasks = [sub.get_task(t) for t in sub.tasks]
+            metas = [_task_meta(t) for t in tasks]
             for i, t in enumerate(tasks):
+                q = t.quant or {}
                 for m in t.modules:
-                    coords[f"{i}::{m}::B"] = t.coords_b[m].detach().cpu().contiguous()
-                    coords[f"{i}::{m}::A"] = t.coords_a[m].detach().cpu().contiguous()
+                    for side, x in (("B", t.coords_b[m]), ("A", t.coords_a[m])):
+                        meta = _put(coords, f"{i}::{m}::{side}", x, q.get(f"{m}::{side}"))
+                        if meta:
+                            metas[i]["quant"][f"{m}::{side}"] = meta
                     coords[f"{i}::{m}::S"] = t.spectrum[m].detach().cpu().contiguous()
                 for k, x in t.extra.items():
                     extras[f"{i}::{k}"] = x.detach().cpu().contiguous()
@@ -116,8 +147,9 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
                 "fingerprint": fingerprint(sub), "target_modules": sorted(
                     {m.rsplit(".", 1)[-1] for m in sub.modules}),
                 "modules": {m: {"d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out,
-                                "k_in": b.k_in} for m, b in sub.modules.items()},
-                "files": files, "tasks": [_task_meta(t) for t in tasks],
+                                "k_in": b.k_in, "quant": module_quant[m]}
+                            for m, b in sub.modules.items()},
+                "files": files, "tasks": metas,
             }
             atomic_write(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
             for f in path.iterdir():  # old generations: no manifest names them any more
@@ -180,7 +212,10 @@ def load_subspace(path: str | os.PathLike, verify: bool = True) -> SharedSubspac
         extras = _read_data(path, files["extras"], verify)
         modules = {}
         for m, meta in manifest["modules"].items():
-            b = ModuleBasis(*(bases[f"{m}::{n}"] for n in ("U", "V", "G_u", "G_v")))
+            quant = meta.get("quant") or {}
+            (u, qu), (v, qv) = _get(bases, f"{m}::U", quant.get("U")), _get(bases, f"{m}::V", quant.get("V"))
+            b = ModuleBasis(u, v, bases[f"{m}::G_u"], bases[f"{m}::G_v"],
+                            {"U": qu, "V": qv} if qu is not None else None)
             if (b.d_out, b.d_in, b.k_out, b.k_in) != (meta["d_out"], meta["d_in"], meta["k_out"],
                                                       meta["k_in"]):
                 raise SubspaceError(f"{path}: module {m} tensors disagree with the manifest")
@@ -192,8 +227,11 @@ def load_subspace(path: str | os.PathLike, verify: bool = True) -> SharedSubspac
             tid = validate_task_id(meta["id"])
             if meta.get("dtype", "float32") not in _DTYPES:
                 raise SubspaceError(f"{path}: task {tid!r} has dtype {meta.get('dtype')!r}")
-            cb = {m: coords[f"{i}::{m}::B"] for m in modules}
-            ca = {m: coords[f"{i}::{m}::A"] for m in modules}
+            tq, cb, ca, quant = meta.get("quant") or {}, {}, {}, {}
+            for m in modules:
+                (cb[m], qb), (ca[m], qa) = (_get(coords, f"{i}::{m}::{s}", tq.get(f"{m}::{s}"))
+                                            for s in ("B", "A"))
+                quant.update({f"{m}::B": qb, f"{m}::A": qa} if qb is not None else {})
             for m in modules:
                 if cb[m].shape[1] != meta["ranks"][m] or ca[m].shape[1] != meta["ranks"][m]:
                     raise SubspaceError(f"{path}: task {tid!r} module {m}: rank disagrees "
@@ -204,7 +242,7 @@ def load_subspace(path: str | os.PathLike, verify: bool = True) -> SharedSubspac
                 {m: coords[f"{i}::{m}::S"] for m in modules}, float(meta["weight"]),
                 bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
                 dict(meta.get("config") or {}), str(meta.get("dtype", "float32")),
-                meta.get("source"), meta.get("sha256")))
+                meta.get("source"), meta.get("sha256"), quant or None))
     except SubspaceError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:

@@ -26,7 +26,7 @@ from vlora.adapter import LoRAWeights
 from vlora.errors import IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
 from vlora.io import config_for, load_adapter
 from vlora.progress import track
-from vlora.task import ModuleBasis, TaskProjection, adapter_weight, core_error_sq, project_adapter
+from vlora.task import ModuleBasis, TaskProjection, adapter_weight, error_sq, project_adapter
 
 F64 = torch.float64
 AdapterLike = LoRAWeights | str | os.PathLike
@@ -328,34 +328,58 @@ class SharedSubspace:
                 ws.append(t.weight)
         return facs, ws
 
-    def _move_bases(self, new_modules: dict[str, ModuleBasis],
-                    exact_errors: bool) -> dict[str, AbsorbReport]:
-        """Re-express every task in ``new_modules`` and report drift and error."""
+    def quantize(self, bits: int = 8, method: str = "symmetric", coordinates: bool = False,
+                 block: int = 64, exact_errors: bool = True) -> dict[str, AbsorbReport]:
+        """Store the bases (and with ``coordinates`` every task's coordinates) in ``bits``
+        bits, blockwise absmax, ``"symmetric"`` or ``"nf4"``; ``save`` then writes the codes.
+
+        Returns each task's report: error before, the drift quantization adds to its
+        reconstruction, and its error after (exact when the original file is at hand).
+        Adding tasks by ``absorb`` later refits float bases (quantize again afterwards).
+        """
+        from vlora.quantize import dequantize, quantize
+        new_modules = {}
+        for m, b in self.modules.items():
+            qu, qv = quantize(b.U, bits, method, block), quantize(b.V, bits, method, block)
+            new_modules[m] = ModuleBasis(dequantize(qu), dequantize(qv), b.G_u, b.G_v,
+                                         {"U": qu, "V": qv})
+        return self._move_bases(new_modules, exact_errors,
+                                (bits, method, block) if coordinates else None)
+
+    def _move_bases(self, new_modules: dict[str, ModuleBasis], exact_errors: bool,
+                    coord_quant: tuple[int, str, int] | None = None) -> dict[str, AbsorbReport]:
+        """Re-express every task in ``new_modules`` (quantizing the coordinates with
+        ``coord_quant = (bits, method, block)``) and report drift and error."""
+        from vlora.quantize import dequantize, quantize
         report = {}
         for tid, t in self._tasks.items():
             original = _original_if_at_hand(t) if exact_errors else None
             moved_sq, before = 0.0, t.error
-            nb, na, res = {}, {}, {}
+            nb, na, res, quant = {}, {}, {}, {}
             for m, old in self.modules.items():
                 new = new_modules[m]
                 ou, nu = old.U.to(F64), new.U.to(F64)
                 cb = (nu.T @ ou) @ t.coords_b[m].to(F64)
                 ca = (new.V.to(F64).T @ old.V.to(F64)) @ t.coords_a[m].to(F64)
                 nb[m], na[m] = cb.to(old.U.dtype), ca.to(old.V.dtype)
+                if coord_quant is not None:
+                    quant[f"{m}::B"], quant[f"{m}::A"] = (quantize(x, *coord_quant) for x in (nb[m], na[m]))
+                    nb[m], na[m] = dequantize(quant[f"{m}::B"]), dequantize(quant[f"{m}::A"])
                 if t.coords_b[m].shape[1] == 0:
                     res[m] = 0.0
                     continue
                 uo, so, vo = _stored_factor(old, t, m)
-                moved = core_error_sq(uo * so, vo, nu, new.V, nb[m].to(F64) @ na[m].to(F64).T)
+                core = nb[m].to(F64) @ na[m].to(F64).T
+                moved = error_sq(uo * so, vo, new, core)
                 moved_sq += moved
                 if original is not None:
                     ut, st, vt0 = _factors(original, m)
-                    res[m] = core_error_sq(ut * st, vt0, nu, new.V, nb[m].to(F64) @ na[m].to(F64).T)
+                    res[m] = error_sq(ut * st, vt0, new, core)
                 else:
                     res[m] = (math.sqrt(t.residual_sq[m]) + math.sqrt(moved)) ** 2
             kept_sq = sum(linalg.frobenius_sq(t.coords_b[m], t.coords_a[m].T) for m in nb)
             drift = math.sqrt(moved_sq / kept_sq) if kept_sq > 0 else 0.0
-            t.coords_b, t.coords_a, t.residual_sq = nb, na, res
+            t.coords_b, t.coords_a, t.residual_sq, t.quant = nb, na, res, quant or None
             t.error_is_bound = original is None and (t.error_is_bound or drift > 0)
             report[tid] = AbsorbReport(before, drift, t.error, t.error_is_bound)
         self.modules = new_modules
@@ -399,9 +423,10 @@ class SharedSubspace:
 
 
 def _stored_factor(basis: ModuleBasis, t: TaskProjection, m: str) -> linalg.Factor:
-    """Canonical form of a stored task's ``dW^ = U L_B L_A^T V^T`` (small SVD, then lift)."""
-    u, s, v = linalg.canonical(t.coords_b[m], t.coords_a[m].T)
-    return basis.U.to(F64) @ u, s, basis.V.to(F64) @ v
+    """Canonical form of a stored task's ``dW^ = (U L_B)(V L_A)^T`` (exact for any bases,
+    quantized ones included)."""
+    return linalg.canonical(basis.U.to(F64) @ t.coords_b[m].to(F64),
+                            (basis.V.to(F64) @ t.coords_a[m].to(F64)).T)
 
 
 def _original_if_at_hand(t: TaskProjection) -> LoRAWeights | None:

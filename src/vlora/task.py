@@ -17,6 +17,7 @@ import torch
 
 from vlora import linalg
 from vlora.adapter import LoRAWeights
+from vlora.quantize import QuantizedTensor, general_error_sq
 
 F64 = torch.float64
 
@@ -30,6 +31,7 @@ class ModuleBasis:
     V: torch.Tensor
     G_u: torch.Tensor
     G_v: torch.Tensor
+    quant: dict[str, QuantizedTensor] | None = None  # stored codes of U and V, if quantized
 
     @property
     def d_out(self) -> int:
@@ -77,6 +79,7 @@ class TaskProjection:
     dtype: str = "float32"
     source: str | None = None
     sha256: str | None = None
+    quant: dict[str, QuantizedTensor] | None = None  # "module::B"/"module::A" codes, if any
 
     @property
     def modules(self) -> list[str]:
@@ -114,6 +117,14 @@ def core_error_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch
     return linalg.residual_sq(us, v_t, u, v) + float(inside.square().sum())
 
 
+def error_sq(us: torch.Tensor, v_t: torch.Tensor, basis: ModuleBasis, core: torch.Tensor) -> float:
+    """``||dW - U core V^T||^2`` against ``basis`` as stored: the orthonormal split when
+    it is float, the general Gram form when its bases were quantized."""
+    if basis.quant:
+        return general_error_sq(us, v_t, basis.U, basis.V, core)
+    return core_error_sq(us, v_t, basis.U, basis.V, core)
+
+
 def adapter_weight(norm_sq_total: float, weighting: str) -> float:
     if weighting == "energy":
         return 1.0
@@ -146,7 +157,7 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
         lb, la = lb.to(basis.U.dtype), la.to(basis.V.dtype)
         cb[m], ca[m] = lb, la
         norm[m] = float(st.square().sum())
-        res[m] = core_error_sq(ut * st, vt, u, v, lb.to(F64) @ la.to(F64).T)
+        res[m] = error_sq(ut * st, vt, basis, lb.to(F64) @ la.to(F64).T)
         spec[m] = st
     dtype = str(next(iter(adapter.lora_a.values())).dtype).removeprefix("torch.")
     return TaskProjection(task_id, cb, ca, norm, res, spec,

@@ -1,0 +1,163 @@
+"""The layers :class:`vlora.model.VLoRAModel` puts in place of a base model's modules.
+
+``SubspaceLinear`` wraps one ``nn.Linear`` or transformers ``Conv1D`` and adds the
+subspace path of DESIGN.md section 4 to its output::
+
+    y = base(x) + ((x V) M) U^T        M = L_A L_B^T   (k_in, k_out), per task
+
+``RowHead`` wraps a task-specific ``nn.Linear`` head (a ``modules_to_save`` such as
+``classifier``) so that a batch mixing tasks applies each row's own head.
+
+Both read what to compute from a :class:`Router` shared by every wrapped layer of
+one model: switching tasks changes one Python attribute, nothing per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlora.errors import VLoRAError
+
+
+@dataclass(eq=False)
+class Route:
+    """What every wrapped layer computes in the current forward.
+
+    Attributes:
+        kind: ``"single"`` (one core for all rows), ``"rows"`` (a core per row) or
+            ``"blend"`` (a weighted sum of cores per row).
+        rows: number of batch rows the route was made for (checked against inputs).
+        slot: the core's slot in each layer's ``cores`` (``"single"``).
+        index: ``(rows,)`` slot of every row (``"rows"``; slot 0 is the zero core).
+        groups: ``[(slot, row indices)]``, rows grouped by slot (``"rows"``).
+        weights: ``(rows, n)`` blend weights over ``slots`` ``(n,)`` (``"blend"``).
+        heads: head name -> ``[(row indices, weight, bias)]`` for mixed-task heads.
+    """
+
+    kind: str
+    rows: int = 0
+    slot: int = 0
+    index: torch.Tensor | None = None
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    weights: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    heads: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = \
+        field(default_factory=dict)
+
+
+class Router:
+    """The state every wrapped layer of one model reads: the current route (``None``:
+    the bare base model) and how per-row cores are applied (``"bmm"`` or ``"grouped"``)."""
+
+    def __init__(self, mixed: str = "bmm"):
+        if mixed not in ("bmm", "grouped"):
+            raise ValueError(f"mixed must be 'bmm' or 'grouped', not {mixed!r}")
+        self.route: Route | None = None
+        self.mixed = mixed
+
+
+def _check_rows(x: torch.Tensor, route: Route, name: str) -> None:
+    if x.shape[0] != route.rows:
+        raise VLoRAError(
+            f"{name}: input has {x.shape[0]} rows but the batch was given {route.rows} task "
+            "ids (one per row; generate() expands them for num_beams/num_return_sequences)")
+
+
+class SubspaceLinear(nn.Module):
+    """``base_layer`` plus the subspace path; buffers move with the model.
+
+    Buffers (non-persistent, so the model's state dict only gains ``base_layer.``):
+        u: ``(d_out, k_out)`` the shared output basis U.
+        vt: ``(k_in, d_in)`` the shared input basis, transposed (``F.linear`` takes it as is).
+        cores: ``(capacity, k_in, k_out)`` cached task cores; slot 0 is zero (bare base).
+    """
+
+    def __init__(self, base_layer: nn.Module, u: torch.Tensor, v: torch.Tensor,
+                 router: Router, name: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.router = router
+        self.name = name
+        self.register_buffer("u", u.contiguous(), persistent=False)
+        self.register_buffer("vt", v.T.contiguous(), persistent=False)
+        self.register_buffer("cores", u.new_zeros(1, v.shape[1], u.shape[1]), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def store_cores(self, start: int, cores: torch.Tensor) -> None:
+        """Write ``cores`` ``(n, k_in, k_out)`` into slots ``start..start+n``, growing the
+        buffer geometrically so that adding tasks one by one stays linear in their number."""
+        end = start + cores.shape[0]
+        if end > self.cores.shape[0]:
+            grown = self.cores.new_zeros(max(end, 2 * self.cores.shape[0]), *self.cores.shape[1:])
+            grown[: self.cores.shape[0]] = self.cores
+            self.cores = grown
+        self.cores[start:end] = cores.to(self.cores)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        route = self.router.route
+        if route is None:
+            return y
+        z = F.linear(x.to(self.u.dtype), self.vt)  # (..., k_in), shared by every task
+        if route.kind == "single":
+            z = z @ self.cores[route.slot]
+        else:
+            _check_rows(x, route, self.name)
+            z = self._per_row(z, route)
+        return y + F.linear(z, self.u).to(y.dtype)
+
+    def _per_row(self, z: torch.Tensor, route: Route) -> torch.Tensor:
+        """``z`` ``(rows, ..., k_in)`` times each row's core, ``(rows, ..., k_out)``."""
+        out_shape = (*z.shape[:-1], self.cores.shape[2])
+        if route.kind == "blend":
+            cores = torch.einsum("rn,nio->rio", route.weights.to(self.cores.dtype),
+                                 self.cores.index_select(0, route.slots))
+        elif self.router.mixed == "grouped":
+            out = z.new_zeros(out_shape)
+            for slot, rows in route.groups:
+                if slot:  # slot 0 rows run the bare base: nothing to add
+                    out.index_copy_(0, rows, z.index_select(0, rows) @ self.cores[slot])
+            return out
+        else:
+            cores = self.cores.index_select(0, route.index)
+        z3 = z.reshape(z.shape[0], -1, z.shape[-1])
+        return torch.bmm(z3, cores).reshape(out_shape)
+
+
+class RowHead(nn.Module):
+    """A ``nn.Linear`` head that, in a batch mixing tasks, applies each row's own head.
+
+    Outside mixed batches it is ``base_layer`` (whose parameters hold the active task's
+    head, swapped in by ``set_task``).
+    """
+
+    def __init__(self, base_layer: nn.Linear, router: Router, name: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.router = router
+        self.name = name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self.router.route
+        plan = None if route is None else route.heads.get(self.name)
+        if not plan:
+            return self.base_layer(x)
+        _check_rows(x, route, self.name)
+        out = None
+        for rows, w, b in plan:
+            part = F.linear(x.index_select(0, rows), w, b)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out.index_copy_(0, rows, part)
+        return out

@@ -1,0 +1,409 @@
+"""``VLoRAModel``: serve every task of a :class:`~vlora.SharedSubspace` from one base model.
+
+DESIGN.md section 4. Each adapted module of the base model is replaced (in place, no
+copy of the model) by a :class:`~vlora.layer.SubspaceLinear` holding the module, the
+shared bases and a cache of per-task cores ``M_t = L_A L_B^T`` ``(k_in, k_out)``::
+
+    vm = VLoRAModel(model, sub)
+    vm.set_task("sst2"); vm(**batch)                      # one task, switched in microseconds
+    vm(**batch, task_ids=["sst2", "mnli", None, "sst2"])  # one task per row (None: base)
+    vm.generate(**inputs, task_ids=ids, num_beams=2)      # ids expanded like the inputs
+    vm.merge("sst2"); ...; vm.unmerge()                   # bake one task in, restore bitwise
+
+Non-LoRA tensors of a task (``modules_to_save``, e.g. ``classifier.weight``) are
+swapped into the model's parameters by ``set_task`` and the originals put back by
+``clear_task`` or the next ``set_task``. In a batch mixing tasks each row gets its
+own ``nn.Linear`` head when the heads' shapes agree; heads of different shapes (a
+3-label and a 2-label task) cannot share one output tensor and raise, as do other
+non-LoRA tensors: mixed batches cover the shared body and Linear heads.
+
+Device and dtype: the bases and cores are buffers of the wrapped layers, on each
+layer's device, in ``compute_dtype`` (default: that layer's weight dtype). Move the
+``VLoRAModel`` (not the inner model) with ``.to()``: buffers and swapped tensors
+follow. Per-row routing expects the wrapped layers on one device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlora.adapter import DEFAULT_KEY_PREFIX
+from vlora.errors import IncompatibleAdaptersError, SubspaceError, VLoRAError
+from vlora.io import save_adapter
+from vlora.layer import Route, Router, RowHead, SubspaceLinear
+from vlora.subspace import SharedSubspace
+
+
+def _normalize(name: str) -> str:
+    """A module name as PEFT writes it: without torch.compile's ``_orig_mod`` levels and
+    without PeftModel's ``base_model.model.`` prefix."""
+    name = ".".join(p for p in name.split(".") if p != "_orig_mod")
+    return name.removeprefix(DEFAULT_KEY_PREFIX)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional; without it no module is a Conv1D
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _linear_shape(name: str, module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a Linear or Conv1D (whose weight is stored ``(d_in, d_out)``)."""
+    if isinstance(module, (SubspaceLinear, RowHead)):
+        raise VLoRAError(f"module {name} is already wrapped (by another VLoRAModel?)")
+    if isinstance(module, nn.Linear):
+        return tuple(module.weight.shape)
+    if _is_conv1d(module):
+        return tuple(module.weight.shape[::-1])
+    raise IncompatibleAdaptersError(
+        f"module {name} is a {type(module).__name__}; vlora adapts nn.Linear and Conv1D only")
+
+
+class VLoRAModel(nn.Module):
+    """A base model serving the tasks of a subspace, alone or mixed in one batch.
+
+    Args:
+        base_model: any torch model (a transformers model, a PeftModel's base, a
+            ``torch.compile`` result); wrapped in place, never copied.
+        subspace: the tasks; its module names must name Linear/Conv1D modules of the
+            model with the same shapes, else IncompatibleAdaptersError names them.
+        compute_dtype: dtype of the adapter path (default: each layer's weight dtype).
+        mixed: how per-row cores are applied, ``"bmm"`` (gather a core per row, one
+            batched matmul) or ``"grouped"`` (one matmul per distinct task).
+
+    After ``subspace.absorb*`` moved the bases, build a new VLoRAModel (``unwrap()``
+    this one): its cached bases and cores describe the old ones, and it says so.
+    """
+
+    def __init__(self, base_model: nn.Module, subspace: SharedSubspace,
+                 compute_dtype: torch.dtype | None = None, mixed: str = "bmm"):
+        super().__init__()
+        self.model = base_model
+        self.subspace = subspace
+        self._router = Router(mixed)
+        self._bases_seen = subspace.modules
+        self._named: dict[str, tuple[nn.Module, str, nn.Module]] = {}
+        for name, module in base_model.named_modules():
+            parent, _, attr = name.rpartition(".")
+            self._named[_normalize(name)] = (base_model.get_submodule(parent), attr, module)
+        if not subspace.modules:
+            raise SubspaceError("the subspace has no modules: there is nothing to serve")
+        missing = [m for m in subspace.modules if m not in self._named]
+        if missing:
+            sample = [n for n in self._named if n][:3]
+            raise IncompatibleAdaptersError(
+                f"{len(missing)} of the subspace's {len(subspace.modules)} modules are not in "
+                f"the model: {missing[:5]} (the model's modules are named like {sample})")
+        for m, basis in subspace.modules.items():
+            shape = _linear_shape(m, self._named[m][2])
+            if shape != (basis.d_out, basis.d_in):
+                raise IncompatibleAdaptersError(
+                    f"module {m}: the model's is {shape} (d_out, d_in), the subspace's "
+                    f"{(basis.d_out, basis.d_in)}")
+        self._targets: dict[str, tuple[nn.Module, str]] = {}
+        for t in subspace.tasks:  # fail now, not at the first set_task
+            for key in subspace.get_task(t).extra:
+                self._target(key, t)
+        self._layers: dict[str, SubspaceLinear] = {}
+        for m, basis in subspace.modules.items():
+            parent, attr, module = self._named[m]
+            w = module.weight
+            cd = compute_dtype or w.dtype
+            layer = SubspaceLinear(module, basis.U.to(w.device, cd), basis.V.to(w.device, cd),
+                                   self._router, m)
+            setattr(parent, attr, layer)
+            self._layers[m] = layer
+        self._heads: dict[str, RowHead] = {}
+        for key, (module, _) in self._targets.items():
+            head = key.rpartition(".")[0]
+            if head not in self._heads and head not in self._layers \
+                    and isinstance(module, nn.Linear):
+                parent, attr, _ = self._named[head]
+                self._heads[head] = RowHead(module, self._router, head)
+                setattr(parent, attr, self._heads[head])
+        self._slots: dict[str, int] = {}  # task -> its slot in every layer's cores
+        self._extras: dict[str, dict[str, torch.Tensor]] = {}  # task -> tensors on device
+        self._originals: dict[str, torch.Tensor] = {}  # key -> the model's own tensor
+        self._applied: str | None = None  # task whose extras are in the model
+        self._active: str | None = None
+        self._merged: dict[str, torch.Tensor] | None = None  # module -> original weight
+        self._in_context = 0
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)  # config, device, generation_config, ...
+
+    # ------------------------------------------------------------------ tasks
+    @property
+    def available_tasks(self) -> list[str]:
+        return self.subspace.tasks
+
+    @property
+    def active_task(self) -> str | None:
+        """The task set by ``set_task`` or ``merge`` (None: the bare base model)."""
+        return self._active
+
+    def set_task(self, task_id: str | None) -> None:
+        """Make every forward run ``task_id`` (None: the bare base). Costs a dict lookup
+        and a tensor swap per non-LoRA tensor once the task's cores are cached."""
+        self._check_state()
+        if task_id is None:
+            return self.clear_task()
+        self._cache_cores([task_id])
+        self._apply_extras(task_id)
+        self._router.route = Route("single", slot=self._slots[task_id])
+        self._active = task_id
+
+    def clear_task(self) -> None:
+        """Back to the bare base model, the model's own non-LoRA tensors restored."""
+        self._check_state()
+        self._apply_extras(None)
+        self._router.route = None
+        self._active = None
+
+    @contextmanager
+    def tasks(self, task_ids: Sequence[str | None] | None = None,
+              task_weights: torch.Tensor | None = None,
+              task_order: Sequence[str] | None = None) -> Iterator[None]:
+        """Within the block, row ``i`` of every forward runs ``task_ids[i]`` (None: bare
+        base), or the blend ``sum_t task_weights[i, t] * M_t`` of the cores of
+        ``task_order``. Nothing given: the ``set_task`` state applies."""
+        if task_ids is None and task_weights is None:
+            yield
+            return
+        self._check_state()
+        saved = self._router.route, self._applied
+        self._in_context += 1
+        try:
+            route, extras_task = self._plan(task_ids, task_weights, task_order)
+            self._apply_extras(extras_task)
+            self._router.route = route
+            yield
+        finally:
+            self._in_context -= 1
+            self._router.route = saved[0]
+            self._apply_extras(saved[1])
+
+    def forward(self, *args: Any, task_ids: Sequence[str | None] | None = None,
+                task_weights: torch.Tensor | None = None,
+                task_order: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; ``task_ids`` / ``task_weights`` as in :meth:`tasks`."""
+        with self.tasks(task_ids, task_weights, task_order):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, task_ids: Sequence[str | None] | None = None,
+                 task_weights: torch.Tensor | None = None,
+                 task_order: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """``generate`` with one task (or blend) per input row, repeated for each of the
+        row's ``max(num_beams, num_return_sequences)`` copies as transformers does."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", None) or 1)
+        returns = kwargs.get("num_return_sequences",
+                             getattr(config, "num_return_sequences", None) or 1)
+        n = max(beams, returns)
+        if task_ids is not None and n > 1:
+            task_ids = [t for t in task_ids for _ in range(n)]
+        if task_weights is not None and n > 1:
+            task_weights = task_weights.repeat_interleave(n, dim=0)
+        with self.tasks(task_ids, task_weights, task_order):
+            return self.model.generate(*args, **kwargs)
+
+    # -------------------------------------------------------- merge / export
+    @torch.no_grad()
+    def merge(self, task_id: str) -> None:
+        """Add ``U C V^T`` of ``task_id`` to the base weights (transposed for Conv1D) and
+        swap its non-LoRA tensors in; :meth:`unmerge` restores the weights bitwise."""
+        self._check_state()
+        t = self.subspace.get_task(task_id)
+        self._apply_extras(task_id)
+        self._router.route = None
+        self._merged = {}
+        for name, layer in self._layers.items():
+            w, basis = layer.base_layer.weight, self.subspace.modules[name]
+            f = torch.float64 if w.dtype == torch.float64 else torch.float32
+            core = t.coords_b[name].to(w.device, f) @ t.coords_a[name].to(w.device, f).T
+            delta = basis.U.to(w.device, f) @ core @ basis.V.to(w.device, f).T
+            self._merged[name] = w.detach().clone()
+            w.add_((delta if isinstance(layer.base_layer, nn.Linear) else delta.T).to(w.dtype))
+        self._active = task_id
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the weights :meth:`merge` changed, bit for bit; back to the bare base."""
+        if self._merged is None:
+            raise VLoRAError("no task is merged")
+        for name, original in self._merged.items():
+            self._layers[name].base_layer.weight.copy_(original)
+        self._merged = None
+        self.clear_task()
+
+    def reconstruct_state_dict(self, task_id: str) -> dict[str, torch.Tensor]:
+        """The PEFT adapter state dict of ``task_id`` (``B^ = U L_B``, ``A^ = L_A^T V^T``,
+        scale 1, plus its non-LoRA tensors), keyed as ``save_pretrained`` writes it."""
+        lora = self.subspace.reconstruct(task_id)
+        state = {f"{DEFAULT_KEY_PREFIX}{m}.lora_{side}.weight": t
+                 for m in lora.layer_names
+                 for side, t in (("A", lora.lora_a[m]), ("B", lora.lora_b[m]))}
+        state.update({DEFAULT_KEY_PREFIX + k: v for k, v in lora.extra.items()})
+        return state
+
+    def export(self, task_id: str, path: str | os.PathLike, for_vllm: bool = False) -> list[str]:
+        """Write ``task_id`` as a PEFT adapter folder; returns what ``for_vllm`` left out."""
+        return save_adapter(self.subspace.reconstruct(task_id), path, for_vllm=for_vllm)
+
+    def unwrap(self) -> nn.Module:
+        """Put the original modules back (task cleared, merge undone); returns the model."""
+        if self._merged is not None:
+            self.unmerge()
+        self.clear_task()
+        for name in [*self._layers, *self._heads]:
+            parent, attr, module = self._named[name]
+            setattr(parent, attr, module)
+        self._layers, self._heads = {}, {}
+        return self.model
+
+    # ---------------------------------------------------------------- internals
+    def _check_state(self) -> None:
+        if self._merged is not None:
+            raise VLoRAError(f"task {self._active!r} is merged into the weights; unmerge() first")
+        if self._in_context:
+            raise VLoRAError("inside a `with model.tasks(...)` block the tasks are fixed")
+        if self.subspace.modules is not self._bases_seen:
+            raise SubspaceError("the subspace's bases changed (absorb) after this model was "
+                                "wrapped; unwrap() it and wrap the model again")
+        if not self._layers:
+            raise VLoRAError("this VLoRAModel was unwrapped")
+
+    def _target(self, key: str, task_id: str) -> tuple[nn.Module, str]:
+        """The module and attribute a task's non-LoRA tensor ``key`` replaces."""
+        if key not in self._targets:
+            head, _, attr = key.rpartition(".")
+            module = self._named.get(head, (None, None, None))[2]
+            if not isinstance(getattr(module, attr, None), torch.Tensor):
+                raise IncompatibleAdaptersError(
+                    f"task {task_id!r}: its tensor {key!r} has no counterpart in the model")
+            self._targets[key] = (module, attr)
+        return self._targets[key]
+
+    def _current(self, key: str) -> torch.Tensor:
+        module, attr = self._targets[key]
+        return getattr(module, attr).data
+
+    def _put(self, key: str, value: torch.Tensor) -> None:
+        module, attr = self._targets[key]
+        if attr in module._parameters:
+            module._parameters[attr].data = value  # swap, so heads may change shape
+        else:
+            module._buffers[attr] = value
+
+    def _task_extras(self, task_id: str) -> dict[str, torch.Tensor]:
+        if task_id not in self._extras:
+            extras = {}
+            for key, value in self.subspace.get_task(task_id).extra.items():
+                self._target(key, task_id)
+                here = self._originals.get(key, self._current(key))
+                extras[key] = value.to(here.device, here.dtype)
+            self._extras[task_id] = extras
+        return self._extras[task_id]
+
+    def _apply_extras(self, task_id: str | None) -> None:
+        if task_id == self._applied:
+            return
+        for key, original in self._originals.items():
+            self._put(key, original)
+        self._originals = {}
+        for key, value in (self._task_extras(task_id) if task_id else {}).items():
+            self._originals[key] = self._current(key)
+            self._put(key, value)
+        self._applied = task_id
+
+    def _cache_cores(self, task_ids: Sequence[str | None]) -> None:
+        new = [t for t in dict.fromkeys(task_ids) if t is not None and t not in self._slots]
+        if not new:
+            return
+        tasks = [self.subspace.get_task(t) for t in new]
+        start = 1 + len(self._slots)
+        for name, layer in self._layers.items():
+            layer.store_cores(start, torch.stack(
+                [t.coords_a[name].double() @ t.coords_b[name].double().T for t in tasks]))
+        self._slots.update({t: start + i for i, t in enumerate(new)})
+
+    def _plan(self, task_ids, task_weights, task_order) -> tuple[Route | None, str | None]:
+        """The route of a per-call task assignment and the task whose extras it needs."""
+        device = next(iter(self._layers.values())).cores.device
+        if task_weights is not None:
+            if task_ids is not None or task_order is None:
+                raise ValueError("pass task_weights with task_order, and without task_ids")
+            order = list(task_order)
+            if task_weights.ndim != 2 or task_weights.shape[1] != len(order):
+                raise ValueError(f"task_weights must be (rows, {len(order)}) for task_order "
+                                 f"{order}, not {tuple(task_weights.shape)}")
+            self._cache_cores(order)
+            headed = [t for t in order if self.subspace.get_task(t).extra]
+            if headed:
+                raise VLoRAError(f"tasks {headed} have non-LoRA tensors (heads); task_weights "
+                                 "blend LoRA cores only")
+            slots = torch.tensor([self._slots[t] for t in order], device=device)
+            return Route("blend", rows=task_weights.shape[0], slots=slots,
+                         weights=task_weights.to(device, torch.float32)), None
+        ids = list(task_ids)
+        if not ids:
+            raise ValueError("task_ids is empty")
+        self._cache_cores(ids)
+        if len(set(ids)) == 1:
+            return (None if ids[0] is None else Route("single", slot=self._slots[ids[0]])), ids[0]
+        slot_of = [0 if t is None else self._slots[t] for t in ids]
+        groups = {t: torch.tensor([i for i, u in enumerate(ids) if u == t], device=device)
+                  for t in dict.fromkeys(ids)}
+        route = Route("rows", rows=len(ids), index=torch.tensor(slot_of, device=device),
+                      groups=[(0 if t is None else self._slots[t], rows)
+                              for t, rows in groups.items()])
+        route.heads = self._mixed_heads(groups)
+        return route, None
+
+    def _mixed_heads(self, groups: dict[str | None, torch.Tensor]):
+        """Per-row head plans for a mixed batch; refuses what rows cannot share."""
+        extras = {t: self._task_extras(t) if t else {} for t in groups}
+        keys = sorted({k for e in extras.values() for k in e})
+        bad = [k for k in keys if k.rpartition(".")[0] not in self._heads
+               or k.rpartition(".")[2] not in ("weight", "bias")]
+        if bad:
+            raise VLoRAError(f"tensors {bad} are not nn.Linear heads: a batch mixing tasks "
+                             "covers the shared body and Linear heads only; use set_task")
+        self._apply_extras(None)  # rows without a head of their own use the model's
+        plans = {}
+        for head in dict.fromkeys(k.rpartition(".")[0] for k in keys):
+            module, plan, shapes = self._heads[head].base_layer, [], {}
+            for t, rows in groups.items():
+                w = extras[t].get(f"{head}.weight", module.weight.data)
+                b = extras[t].get(f"{head}.bias", None if module.bias is None else module.bias.data)
+                shapes[t] = (tuple(w.shape), None if b is None else tuple(b.shape))
+                plan.append((rows, w, b))
+            if len(set(shapes.values())) > 1:
+                raise VLoRAError(
+                    f"head {head!r} differs in shape between the batch's tasks {shapes}: rows "
+                    "cannot share one output tensor; run these tasks in separate batches")
+            plans[head] = plan
+        return plans
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.half(): move the model's own tensors home first, so the originals that
+        # clear_task restores are the moved ones, then re-swap on the new device.
+        applied = self._applied
+        self._apply_extras(None)
+        self._extras = {}
+        out = super()._apply(fn, *args, **kwargs)
+        self._apply_extras(applied)
+        return out

@@ -1,0 +1,90 @@
+"""Really-small storage of bases and coordinates: 8-bit and 4-bit (symmetric or NF4).
+
+A :class:`QuantizedTensor` holds the integer codes (two 4-bit codes per byte) and one
+float32 scale per block of ``block`` consecutive values of a column. Dequantized bases
+are no longer exactly orthonormal, so errors against them use :func:`general_error_sq`,
+never the orthonormal shortcuts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+F64 = torch.float64
+# QLoRA's NormalFloat4 levels: quantiles of N(0, 1) scaled to [-1, 1].
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+METHODS = ("symmetric", "nf4")
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes ``(numel * bits / 8,)`` uint8, scales ``(blocks,)`` float32, of a 2-D tensor."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    shape: tuple[int, int]
+    bits: int
+    method: str
+    block: int
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + 4 * self.scales.numel()
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    flat = x.T.contiguous().reshape(-1)  # column-major: blocks follow basis vectors
+    pad = (-flat.numel()) % block
+    return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, block)
+
+
+def quantize(x: torch.Tensor, bits: int = 8, method: str = "symmetric",
+             block: int = 64) -> QuantizedTensor:
+    """Blockwise absmax quantization of a 2-D float tensor."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    if method not in METHODS or (method == "nf4" and bits != 4):
+        raise ValueError(f"method must be 'symmetric' (4 or 8 bits) or 'nf4' (4 bits), not {method!r}")
+    blocks = _blocks(x.detach().cpu().to(torch.float32), block)
+    scales = blocks.abs().amax(1).clamp_min(1e-30)
+    unit = blocks / scales[:, None]
+    if method == "nf4":
+        codes = (unit[..., None] - NF4).abs().argmin(-1).to(torch.uint8)
+    else:
+        levels = 2 ** (bits - 1) - 1
+        codes = (torch.round(unit * levels) + levels).to(torch.uint8)  # 0 .. 2*levels
+    codes = codes.reshape(-1)
+    if bits == 4:
+        codes = codes[0::2] | (codes[1::2] << 4)
+    return QuantizedTensor(codes, scales, tuple(x.shape), bits, method, block)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    codes = q.codes
+    if q.bits == 4:
+        codes = torch.stack([codes & 0x0F, codes >> 4], 1).reshape(-1)
+    codes = codes.reshape(-1, q.block)
+    if q.method == "nf4":
+        unit = NF4[codes.long()]
+    else:
+        levels = 2 ** (q.bits - 1) - 1
+        unit = (codes.float() - levels) / levels
+    flat = (unit * q.scales[:, None]).reshape(-1)[: q.shape[0] * q.shape[1]]
+    return flat.reshape(q.shape[1], q.shape[0]).T.contiguous()
+
+
+def general_error_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                     core: torch.Tensor) -> float:
+    """``||dW - U core V^T||^2`` for any U, V (not orthonormal), in float64 via small Grams:
+    ``||dW||^2 - 2 <dW, U core V^T> + ||U core V^T||^2``. Errors of quantized bases are
+    ~1e-3 or more, far above float64's cancellation."""
+    us, v_t, u, v, core = (t.to(F64) for t in (us, v_t, u, v, core))
+    norm = float((us.T @ us * (v_t.T @ v_t)).sum())
+    cross = float(((u.T @ us) * (core @ (v.T @ v_t))).sum())
+    recon = float(((u.T @ u) @ core * (core @ (v.T @ v))).sum())
+    return max(norm - 2 * cross + recon, 0.0)

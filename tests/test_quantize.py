@@ -1,0 +1,57 @@
+"""Quantized bases and coordinates: really stored small, errors exact against what is stored."""
+
+import pytest
+import torch
+
+from synthetic import MODULES, dense_error, planted
+from vlora import SharedSubspace, save_adapter
+from vlora.quantize import dequantize, quantize
+
+
+@pytest.mark.parametrize("bits,method,tol", [(8, "symmetric", 1 / 254), (4, "symmetric", 1 / 14),
+                                              (4, "nf4", 0.16)])
+def test_round_trip_error_is_within_half_a_step(bits, method, tol):
+    x = torch.randn(100, 7, generator=torch.Generator().manual_seed(0))
+    q = quantize(x, bits, method, block=32)
+    assert q.codes.dtype == torch.uint8 and q.codes.numel() == 704 * bits // 8  # 700 values padded to 22 blocks of 32
+    back = dequantize(q)
+    assert back.shape == x.shape
+    assert float((back - x).abs().max()) <= tol * float(x.abs().max()) + 1e-7
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="bits"):
+        quantize(torch.zeros(4, 4), bits=3)
+    with pytest.raises(ValueError, match="nf4"):
+        quantize(torch.zeros(4, 4), bits=8, method="nf4")
+
+
+@pytest.mark.parametrize("bits,method,coords", [(8, "symmetric", False), (4, "nf4", True)])
+def test_subspace_quantize_reports_exact_errors_and_saves_small(tmp_path, bits, method, coords):
+    ads = planted(6, noise=0.3, d_out=256, d_in=192)  # big enough that bases dominate the file
+    paths = []
+    for i, a in enumerate(ads):
+        save_adapter(a, tmp_path / f"t{i}")
+        paths.append(tmp_path / f"t{i}")
+    sub = SharedSubspace.from_adapters(paths, num_components=4)
+    sub.save(tmp_path / "float")
+    before = {t: sub.reconstruct(t, torch.float64) for t in sub.tasks}
+    report = sub.quantize(bits, method, coordinates=coords)
+    for i, t in enumerate(sub.tasks):
+        after = sub.reconstruct(t, torch.float64)
+        assert report[t].drift == pytest.approx(dense_error(before[t], after), rel=1e-3, abs=1e-7)
+        assert not report[t].after_is_bound  # originals are on disk
+        assert report[t].error_after == pytest.approx(dense_error(ads[i], after), rel=1e-3)
+        assert report[t].drift > 0
+    sub.save(tmp_path / "q")
+    size = lambda d: sum(f.stat().st_size for f in d.glob("bases-*"))  # noqa: E731
+    assert size(tmp_path / "q") < 0.45 * size(tmp_path / "float")
+    loaded = SharedSubspace.load(tmp_path / "q")
+    for m in MODULES:
+        assert torch.equal(loaded.modules[m].U, sub.modules[m].U)
+    for t in sub.tasks:
+        assert loaded.task_error(t) == sub.task_error(t)
+        assert torch.equal(loaded.get_task(t).coords_b[MODULES[0]], sub.get_task(t).coords_b[MODULES[0]])
+    stats = loaded.compression_stats()
+    assert stats["basis_bytes"] < sum(4 * (b.d_out * b.k_out + b.d_in * b.k_in)
+                                      for b in loaded.modules.values()) / (3.5 if bits == 8 else 5)
