@@ -103,7 +103,8 @@ def _gram(items: Sequence[LoRAWeights], module: str) -> torch.Tensor:
     idx = [i for i, a in enumerate(items) if module in a.lora_a]
     b = torch.cat([items[i].scales[module] * items[i].lora_b[module].to(F64) for i in idx], 1)
     a = torch.cat([items[i].lora_a[module].to(F64) for i in idx], 0)
-    owner = torch.cat([torch.full((items[i].lora_a[module].shape[0],), k) for k, i in enumerate(idx)])
+    owner = torch.cat([torch.full((items[i].lora_a[module].shape[0],), k)
+                       for k, i in enumerate(idx)])
     onehot = torch.nn.functional.one_hot(owner, len(idx)).to(F64)  # (sum r, n_present)
     small = onehot.T @ ((b.T @ b) * (a @ a.T)) @ onehot
     gram = torch.zeros(len(items), len(items), dtype=F64)
@@ -114,7 +115,8 @@ def _gram(items: Sequence[LoRAWeights], module: str) -> torch.Tensor:
 def _cosine(gram: torch.Tensor) -> torch.Tensor:
     norms = gram.diagonal().clamp_min(0).sqrt()
     denom = norms[:, None] * norms[None, :]
-    return torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram)).clamp(-1, 1)
+    cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
+    return cos.clamp(-1, 1)
 
 
 def compute_similarity_matrix(adapters: Sequence[AdapterLike]) -> SimilarityMatrix:
@@ -149,8 +151,8 @@ def find_clusters(sim: SimilarityMatrix | torch.Tensor, threshold: float | None 
 
     Returns:
         ``N`` cluster labels, numbered 0, 1, ... in order of first appearance. The
-        partition does not depend on the order of the adapters (up to exact ties
-        between distinct average similarities, broken by position).
+        partition does not depend on the order of the adapters, except where two
+        candidate merges are exactly tied (then the earlier position merges first).
     """
     if (threshold is None) == (n_clusters is None):
         raise ValueError("pass exactly one of threshold and n_clusters")
@@ -240,8 +242,10 @@ def adapter_diff(a: AdapterLike, b: AdapterLike) -> AdapterDiff:
 
 
 def subspace_coverage(adapter: AdapterLike, subspace: SharedSubspace) -> Coverage:
-    """Share of ``adapter``'s energy the subspace's bases hold, ``||U^T dW V||^2 / ||dW||^2``
-    per module (from the canonical form: ``(k_out, q) @ (q, k_in)`` products only).
+    """Share of ``adapter``'s energy inside the subspace, ``||Q_u^T dW Q_v||^2 / ||dW||^2``
+    per module, with ``Q_u`` ``(d_out, k_out)`` and ``Q_v`` ``(d_in, k_in)`` orthonormal
+    bases of ``span(U)`` and ``span(V)`` (``U`` and ``V`` themselves when float; a QR makes
+    quantized bases, which are not orthonormal, exact too). Small products only.
 
     Modules the subspace lacks count as not covered (with a warning).
     """
@@ -258,7 +262,8 @@ def subspace_coverage(adapter: AdapterLike, subspace: SharedSubspace) -> Coverag
                 raise IncompatibleAdaptersError(f"module {m}: adapter shape {adapter.shapes()[m]}, "
                                                 f"subspace {(basis.d_out, basis.d_in)}")
             ut, st, vt = linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], adapter.scales[m])
-            kept[m] = linalg.captured_sq(ut * st, vt, basis.U, basis.V)
+            qu, qv = (torch.linalg.qr(x.to(F64))[0] for x in (basis.U, basis.V))
+            kept[m] = linalg.captured_sq(ut * st, vt, qu, qv)
     outside = [m for m in adapter.layer_names if m not in subspace.modules]
     if outside:
         warnings.warn(f"{len(outside)} module(s) not in the subspace count as uncovered: "

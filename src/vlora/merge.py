@@ -1,22 +1,25 @@
 """Merging LoRA adapters into one (DESIGN.md section 5).
 
-Every merge is defined on ``dW = s * B @ A`` per module (never on the raw factors,
-which carry an arbitrary gauge), computed in float64, and returned as a
-:class:`MergeResult`: a LoRA of the chosen rank (the truncated SVD of the merged
-``dW``, scale 1.0) that :func:`vlora.io.save_adapter` writes and PEFT loads.
+Every merge is defined on ``dW = s * B @ A`` per module (never on the gauge-carrying
+factors), computed in float64, and returned as a :class:`MergeResult`: the truncated
+SVD of the merged ``dW`` at the chosen rank, scale 1.0, that ``save_adapter`` writes
+and PEFT loads.
 
-TIES, DARE and magnitude pruning follow ``peft.utils.merge_utils`` element for
-element, as ``LoraModel.add_weighted_adapter`` runs them for its ``*_svd``
-combination types: trim/drop each weighted-to-be ``dW_t``, elect signs on the
-unweighted trimmed tensors, take the disjoint mean of the weighted ones. DARE
-draws its masks from its own ``torch.Generator`` (the global RNG is untouched), in
-PEFT's order: module by module, adapter by adapter.
+TIES, DARE and magnitude pruning are ``peft.utils.merge_utils``'s, as
+``LoraModel.add_weighted_adapter`` runs them for its ``*_svd`` combination types:
+trim or drop each ``dW_t``, elect signs on the unweighted trimmed tensors, average the
+weighted ones that agree. DARE draws from its own ``torch.Generator`` (the global RNG
+is untouched) in PEFT's order, module by module, adapter by adapter. Deliberate
+differences from PEFT: float64 throughout (PEFT trims and elects in the adapters'
+dtype, so near-ties fall differently in float32); the result's scale is 1.0 whatever
+the first adapter's ``use_rslora`` (PEFT inherits it and scales its merge by
+``sqrt(r)``); ``S`` is split evenly between B and A; no ``svd_clamp``.
 
 A module missing from some adapters counts as ``dW = 0`` there (with a warning).
 Non-LoRA tensors (``modules_to_save``, e.g. classifier heads) are full weights, not
-deltas: whatever the method, they are averaged with the normalised weights
-``w_t / sum(w)``, and only when every adapter has the same names and shapes and
-the weights do not sum to 0; otherwise none are kept, with a warning and a note.
+deltas: whatever the method, they are averaged with weights ``w_t / sum(w)``, only
+when every adapter has the same names and shapes and the weights do not sum to 0;
+otherwise none are kept, with a warning and a note.
 
 Example::
 
@@ -142,7 +145,8 @@ def _result(items: Sequence[Any], ws: Sequence[float], factors: dict[str, tuple]
     rank = max((f[0].shape[1] for f in factors.values()), default=0)
     config.update(r=rank, lora_alpha=rank)
     out = MergeResult(list(factors), {m: f[1] for m, f in factors.items()},
-                      {m: f[0] for m, f in factors.items()}, {m: 1.0 for m in factors}, extra, config,
+                      {m: f[0] for m, f in factors.items()}, dict.fromkeys(factors, 1.0), extra,
+                      config,
                       module_kept_energy={m: f[2] for m, f in factors.items()},
                       merged_norm_sq={m: f[3] for m, f in factors.items()},
                       info=dict(info, weights=list(ws)), notes=notes + extra_notes)
@@ -159,7 +163,8 @@ def _out_dtype(items: Sequence[LoRAWeights]) -> torch.dtype:
 
 
 def _dense_merge(adapters: Sequence[AdapterLike], weights: Sequence[float] | None,
-                 rank: int | None, combine: Callable[[list[torch.Tensor], list[float]], torch.Tensor],
+                 rank: int | None,
+                 combine: Callable[[list[torch.Tensor], list[float]], torch.Tensor],
                  info: dict[str, Any]) -> MergeResult:
     """Merge module by module: ``combine(dWs, weights)`` on the adapters that have the module
     (``(d_out, d_in)`` float64 each), then truncated SVD of the dense result."""
@@ -270,7 +275,8 @@ def ties_merge(adapters: Sequence[AdapterLike], density: float = 0.5,
     density = _check_fraction("density", density)
     _check_majority(majority)
     return _dense_merge(adapters, weights, rank,
-                        lambda dws, ws: _disjoint_mean([_trim(d, density) for d in dws], ws, majority),
+                        lambda dws, ws: _disjoint_mean([_trim(d, density) for d in dws], ws,
+                                                       majority),
                         {"method": "ties", "density": density, "majority": majority})
 
 
@@ -320,11 +326,13 @@ def merge_tasks(subspace: SharedSubspace, task_ids: Sequence[str],
                 weights: Sequence[float] | None = None, rank: int | None = None) -> MergeResult:
     """Weighted sum of tasks of one subspace, exact on their cores (DESIGN.md section 5).
 
-    Per module ``C = sum_t w_t C_t`` ``(k_out, k_in)`` with ``C_t = L_B,t L_A,t^T``;
-    ``C = P S Q^T`` gives ``B = U P_r S_r^(1/2)`` ``(d_out, r)`` and
-    ``A = S_r^(1/2) Q_r^T V^T`` ``(r, d_in)``: the rank-r truncation of
-    ``sum_t w_t dW^_t``, at a cost independent of d beyond the final lift.
-    ``rank`` defaults to the largest task rank. Modules no chosen task has are left out.
+    Per module ``C = sum_t w_t C_t`` ``(k_out, k_in)`` with ``C_t = L_B,t L_A,t^T``, and
+    ``sum_t w_t dW^_t = U C V^T`` exactly. With orthonormal bases its SVD is the small
+    ``C = P S Q^T`` lifted, ``B = U P_r S_r^(1/2)`` ``(d_out, r)``,
+    ``A = S_r^(1/2) Q_r^T V^T`` ``(r, d_in)``; the canonical form of ``(U C) V^T``
+    (QR of ``(d, k)`` blocks) gives the same and stays exact for quantized bases, which
+    are not orthonormal. ``rank`` defaults to the largest task rank. Modules no chosen
+    task has are left out.
     """
     tids = list(task_ids)
     tasks = [subspace.get_task(t) for t in tids]
@@ -341,7 +349,6 @@ def merge_tasks(subspace: SharedSubspace, task_ids: Sequence[str],
                                                          for t in tasks):
                 continue  # dW^ = 0 for every chosen task: PEFT cannot load a rank-0 module
             core = sum(w * subspace.core(tid, m) for tid, w in zip(tids, ws))
-            p, s, qh = torch.linalg.svd(core, full_matrices=False)
-            dtype = torch.promote_types(basis.U.dtype, torch.float32)
-            factors[m] = _split(basis.U.to(F64) @ p, s, basis.V.to(F64) @ qh.T, rank, dtype)
+            u, s, v = linalg.canonical(basis.U.to(F64) @ core, basis.V.to(F64).T)
+            factors[m] = _split(u, s, v, rank, torch.promote_types(basis.U.dtype, torch.float32))
     return _result(tasks, ws, factors, [], {"method": "merge_tasks", "tasks": tids, "rank": rank})
