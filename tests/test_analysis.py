@@ -7,8 +7,8 @@ from dataclasses import astuple
 
 import pytest
 import torch
-from synthetic import MODULES, planted, regauge
 
+from synthetic import MODULES, planted, regauge
 from vlora import IncompatibleAdaptersError, LoRAWeights, SharedSubspace, linalg, save_adapter
 from vlora.analysis import (
     SimilarityMatrix,

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import base_classifier
-from vlora import (AdapterError, UnsupportedAdapterError, load_adapter, save_adapter)
+from vlora import AdapterError, UnsupportedAdapterError, load_adapter, save_adapter
 
 
 def peft_delta(peft_model, module: str, adapter_name: str = "default") -> torch.Tensor:

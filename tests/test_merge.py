@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+
 from conftest import base_classifier
 from synthetic import MODULES, planted, regauge
-
 from vlora import (
     IncompatibleAdaptersError,
     LoRAWeights,

@@ -8,8 +8,14 @@ See DESIGN.md for the mathematics. The public API::
 from importlib.metadata import PackageNotFoundError, version
 
 from vlora.adapter import LoRAWeights
-from vlora.errors import (AdapterError, IncompatibleAdaptersError, SubspaceError,
-                          TaskNotFoundError, UnsupportedAdapterError, VLoRAError)
+from vlora.errors import (
+    AdapterError,
+    IncompatibleAdaptersError,
+    SubspaceError,
+    TaskNotFoundError,
+    UnsupportedAdapterError,
+    VLoRAError,
+)
 from vlora.io import load_adapter, load_adapter_from_hub, save_adapter
 from vlora.subspace import AbsorbReport, SharedSubspace
 from vlora.task import TaskProjection

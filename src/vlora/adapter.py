@@ -19,16 +19,17 @@ import torch
 from vlora.errors import AdapterError, UnsupportedAdapterError
 
 # Every LoraConfig field PEFT has written up to 0.21; anything else gets a warning.
-KNOWN_CONFIG_KEYS = frozenset(
-    """alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path
-    bias corda_config ensure_weight_tying eva_config exclude_modules fan_in_fan_out
-    inference_mode init_lora_weights kasa_config layer_replication layers_pattern
-    layers_to_transform loftq_config lora_alpha lora_bias lora_dropout lora_ga_config
-    megatron_config megatron_core modules_to_save monteclora_config peft_type peft_version
-    qalora_group_size r rank_pattern revision target_modules target_parameters task_type
-    trainable_token_indices use_bdlora use_dora use_qalora use_rslora velora_config
-    modules_to_tie""".split()
-)
+KNOWN_CONFIG_KEYS = frozenset([
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
+    "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying", "eva_config",
+    "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "kasa_config",
+    "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
+    "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r",
+    "rank_pattern", "revision", "target_modules", "target_parameters", "task_type",
+    "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora", "use_rslora",
+    "velora_config", "modules_to_tie",
+])
 
 # Config keys that, when set, change what the stored tensors mean: a plain
 # s * B @ A reading of such an adapter would be silently wrong.

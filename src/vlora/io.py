@@ -20,8 +20,13 @@ from typing import Any
 
 import torch
 
-from vlora.adapter import DEFAULT_KEY_PREFIX, LoRAWeights, check_config, module_rank_and_alpha, \
-    peft_scale
+from vlora.adapter import (
+    DEFAULT_KEY_PREFIX,
+    LoRAWeights,
+    check_config,
+    module_rank_and_alpha,
+    peft_scale,
+)
 from vlora.atomic import atomic_dir, fsync_write
 from vlora.errors import AdapterError, UnsupportedAdapterError
 

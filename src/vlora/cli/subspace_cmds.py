@@ -258,12 +258,15 @@ def validate(subspace, quiet, as_json):
                 if not bool(torch.isfinite(x).all()):
                     problems.append(f"module {m}: {name} has NaN or Inf")
                     continue
-                dev = float((x.T.double() @ x.double() - torch.eye(x.shape[1], dtype=torch.float64)).abs().max()) if x.shape[1] else 0.0
+                gram = x.T.double() @ x.double()
+                eye = torch.eye(x.shape[1], dtype=gram.dtype)
+                dev = float((gram - eye).abs().max()) if x.shape[1] else 0.0
                 if dev > 1e-4:
                     problems.append(f"module {m}: {name} is not orthonormal (max |U^T U - I| = {dev:.2e})")
         for t in sub.tasks:
             task = sub.get_task(t)
-            if not all(bool(torch.isfinite(x).all()) for x in [*task.coords_a.values(), *task.coords_b.values()]):
+            coords = [*task.coords_a.values(), *task.coords_b.values()]
+            if not all(bool(torch.isfinite(x).all()) for x in coords):
                 problems.append(f"task {t}: coordinates have NaN or Inf")
     if as_json:
         print_json({"ok": not problems, "problems": problems})
@@ -271,7 +274,8 @@ def validate(subspace, quiet, as_json):
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
     else:
-        console(quiet).print(f"OK {subspace}: {len(sub.modules)} modules, {len(sub)} tasks, checksums verified")
+        console(quiet).print(f"OK {subspace}: {len(sub.modules)} modules, {len(sub)} tasks, "
+                             "checksums verified")
     if problems:
         raise SystemExit(1)
 
@@ -302,6 +306,7 @@ def diff(subspace, task_a, task_b, quiet, as_json):
         table.add_column(col, justify="left" if col == "module" else "right")
     for m, r in rows.items():
         table.add_row(m, f"{r['relative_difference']:.4f}", f"{r['cosine']:.4f}")
-    table.add_row("all modules", f"{total['relative_difference']:.4f}", f"{total['cosine']:.4f}", style="bold")
+    table.add_row("all modules", f"{total['relative_difference']:.4f}", f"{total['cosine']:.4f}",
+                  style="bold")
     console(quiet).print(table)
 
