@@ -92,3 +92,24 @@ def test_errors_are_one_line_with_exit_2(adapters, tmp_path):
     r = run("add", sub, tmp_path / "notadapter", code=2)
     assert "not a LoRA adapter folder" in r.output
     assert SharedSubspace.load(sub).tasks == ["task0", "task1", "task2"]  # nothing lost
+
+
+def test_analyze_merge_plot_benchmark(adapters, tmp_path):
+    data = json.loads(run("analyze", *adapters, "--json", "--plot", tmp_path / "a.png").output)
+    assert len(data["similarity"]) == 6 and data["similarity"][0][0] == pytest.approx(1.0)
+    assert len(data["clusters"]) == 6 and (tmp_path / "a.png").stat().st_size > 10_000
+    assert data["energy_kept_by_k"]["out"][-1] == pytest.approx(1.0)
+    merged = json.loads(run("merge", *adapters[:2], "-o", tmp_path / "m", "--method", "ties",
+                            "--density", "0.3", "--rank", "3", "--json").output)
+    assert merged["rank"] == 3 and 0 < merged["kept_energy"] <= 1
+    assert set(load_adapter(tmp_path / "m").ranks().values()) == {3}
+    run("merge", *adapters[:2], "-o", tmp_path / "c", "--method", "cat", "-q")
+    assert set(load_adapter(tmp_path / "c").ranks().values()) == {8}
+    run("merge", *adapters[:2], "-o", tmp_path / "w", "--weights", "1,2,3", code=2)
+    sub = tmp_path / "sub"
+    run("compress", *adapters, "-o", sub, "-k", "3", "-q")
+    run("plot", sub, "-o", tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    bench = json.loads(run("benchmark", sub, "--repeats", "2", "--json").output)
+    assert set(bench["median_ms"]) >= {"load", "project one adapter", "absorb_incremental one adapter"}
+    assert SharedSubspace.load(sub).tasks == [f"task{i}" for i in range(6)]  # benchmark changed nothing

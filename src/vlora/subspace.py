@@ -289,7 +289,8 @@ class SharedSubspace:
                                            basis.k_out, basis.k_in)
                 u, v = linalg.refine_bases(facs, ws, u0, v0, refine_iters)
                 new_modules[m] = _basis(u, v, facs, ws)
-        report = self._move_bases(new_modules, exact_errors)
+        with linalg.fixed_threads():
+            report = self._move_bases(new_modules, exact_errors)
         self.add_task(self.project(adapter, task_id))
         return report
 
@@ -316,7 +317,8 @@ class SharedSubspace:
                 u, gu = linalg.incremental_basis(basis.U, basis.G_u, [ut * (st * c)], basis.k_out + r)
                 v, gv = linalg.incremental_basis(basis.V, basis.G_v, [vt * (st * c)], basis.k_in + r)
                 new_modules[m] = ModuleBasis(u.float(), v.float(), gu, gv)
-        report = self._move_bases(new_modules, exact_errors)
+        with linalg.fixed_threads():
+            report = self._move_bases(new_modules, exact_errors)
         self.add_task(self.project(adapter, task_id))
         return report
 
@@ -343,8 +345,9 @@ class SharedSubspace:
             qu, qv = quantize(b.U, bits, method, block), quantize(b.V, bits, method, block)
             new_modules[m] = ModuleBasis(dequantize(qu), dequantize(qv), b.G_u, b.G_v,
                                          {"U": qu, "V": qv})
-        return self._move_bases(new_modules, exact_errors,
-                                (bits, method, block) if coordinates else None)
+        with linalg.fixed_threads():
+            return self._move_bases(new_modules, exact_errors,
+                                    (bits, method, block) if coordinates else None)
 
     def _move_bases(self, new_modules: dict[str, ModuleBasis], exact_errors: bool,
                     coord_quant: tuple[int, str, int] | None = None) -> dict[str, AbsorbReport]:

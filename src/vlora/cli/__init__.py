@@ -10,8 +10,10 @@ import sys
 
 import click
 
+from vlora.cli.adapter_cmds import analyze, merge_cmd
 from vlora.cli.common import VLoRAGroup
 from vlora.cli.demo import demo
+from vlora.cli.report_cmds import benchmark, plot
 from vlora.cli.subspace_cmds import add, compress, diff, export, info, remove, validate
 
 
@@ -32,7 +34,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-for command in (compress, info, export, add, remove, validate, diff, demo):
+for command in (compress, info, export, add, remove, validate, diff, analyze, merge_cmd, plot,
+                benchmark, demo):
     cli.add_command(command)
 
 

@@ -1,0 +1,151 @@
+"""Commands on adapter folders: analyze and merge (all computed on dW)."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from vlora import analysis
+from vlora import merge as merging
+from vlora.cli.common import console, print_json
+from vlora.io import load_adapter, save_adapter
+
+QUIET = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+METHODS = ("linear", "ties", "dare", "dare_ties", "magnitude_prune", "cat")
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="Cluster adapters whose average dW cosine is at least this.")
+@click.option("--z", type=float, default=2.0, show_default=True, help="Outlier z-score.")
+@click.option("--plot", type=click.Path(), help="Write a PNG: similarity heat map and spectrum.")
+@QUIET
+@JSON
+def analyze(adapters, threshold, z, plot, quiet, as_json):
+    """Similarity, clusters, outliers and shared spectrum of adapters (gauge-invariant).
+
+    \b
+    Example:
+      vlora analyze adapters/* --plot analysis.png
+    """
+    items = [load_adapter(p) for p in adapters]
+    sim = analysis.compute_similarity_matrix(items)
+    clusters = analysis.find_clusters(sim, threshold=threshold)
+    outliers = analysis.find_outliers(sim, z=z) if len(items) >= 3 else {}
+    spectrum = analysis.shared_spectrum(items)
+    curve = _mean_curve(spectrum)
+    data = {"names": sim.names, "similarity": sim.matrix.tolist(), "clusters": clusters,
+            "outliers": {sim.names[i]: s for i, s in outliers.items()},
+            "energy_kept_by_k": curve}
+    if plot:
+        _plot(sim, curve, plot)
+    if as_json:
+        print_json(data)
+        return
+    out = console(quiet)
+    table = Table(title="dW cosine similarity")
+    table.add_column("")
+    for n in sim.names:
+        table.add_column(n[:10], justify="right")
+    for n, row in zip(sim.names, sim.matrix.tolist()):
+        table.add_row(n, *(f"{x:.2f}" for x in row))
+    out.print(table)
+    groups: dict[int, list[str]] = {}
+    for n, c in zip(sim.names, clusters):
+        groups.setdefault(c, []).append(n)
+    out.print(f"clusters (average cosine >= {threshold}): "
+              + "; ".join(", ".join(g) for g in groups.values()))
+    out.print("outliers: " + (", ".join(f"{k} (z={v:.1f})" for k, v in data["outliers"].items())
+                              or "none"))
+    marks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= len(curve["out"])]
+    out.print("shared energy kept by k directions (mean over modules, out/in): " + ", ".join(
+        f"k={k}: {curve['out'][k - 1]:.2f}/{curve['in'][k - 1]:.2f}" for k in marks))
+    if plot:
+        out.print(f"wrote {plot}")
+
+
+def _mean_curve(spectrum: dict[str, analysis.SharedSpectrum]) -> dict[str, list[float]]:
+    """Energy kept by k shared directions, averaged over modules (1.0 past a module's rank)."""
+    out = {}
+    for side in ("out", "in"):
+        curves = [getattr(s, f"kept_{side}").tolist() for s in spectrum.values()]
+        n = max((len(c) for c in curves), default=0)
+        out[side] = [sum(c[min(k, len(c) - 1)] if c else 1.0 for c in curves) / len(curves)
+                     for k in range(n)]
+    return out
+
+
+def _plot(sim, curve, path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.UsageError("--plot needs matplotlib: pip install 'vlora[plot]'") from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    im = ax1.imshow(sim.matrix.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax1.set_xticks(range(len(sim.names)), sim.names, rotation=90, fontsize=7)
+    ax1.set_yticks(range(len(sim.names)), sim.names, fontsize=7)
+    ax1.set_title("dW cosine similarity")
+    fig.colorbar(im, ax=ax1)
+    for side in ("out", "in"):
+        ax2.plot(range(1, len(curve[side]) + 1), curve[side], label=f"{side} side")
+    ax2.set_xlabel("k shared directions")
+    ax2.set_ylabel("share of weighted energy kept")
+    ax2.set_title("Shared spectrum (mean over modules)")
+    ax2.grid(alpha=0.3)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@click.command("merge")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Merged adapter folder.")
+@click.option("--method", type=click.Choice(METHODS), default="linear", show_default=True)
+@click.option("--weights", help="Comma-separated weight per adapter (default: 1 each).")
+@click.option("--density", type=float, default=0.5, show_default=True,
+              help="Share of entries kept (ties, magnitude_prune).")
+@click.option("--drop-rate", type=float, default=0.5, show_default=True, help="DARE drop rate.")
+@click.option("--seed", type=int, help="DARE seed (default: fresh, and reported).")
+@click.option("--rank", type=int, help="Rank of the result (default: the largest input rank).")
+@QUIET
+@JSON
+def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank, quiet, as_json):
+    """Merge adapters into one PEFT adapter, computed on dW and truncated by SVD.
+
+    \b
+    Examples:
+      vlora merge a/ b/ -o ab --method ties --density 0.3 --rank 16
+      vlora merge a/ b/ c/ -o abc --method linear --weights 0.5,0.3,0.2
+    """
+    ws = [float(w) for w in weights.split(",")] if weights else None
+    if ws is not None and len(ws) != len(adapters):
+        raise click.UsageError(f"{len(ws)} weights for {len(adapters)} adapters")
+    items = [load_adapter(p) for p in adapters]
+    if method == "linear":
+        result = merging.task_arithmetic(items, ws, rank=rank)
+    elif method == "cat":
+        result = merging.concat(items, ws)
+    elif method == "ties":
+        result = merging.ties_merge(items, density, ws, rank=rank)
+    elif method == "magnitude_prune":
+        result = merging.magnitude_prune_merge(items, density, ws, rank=rank)
+    elif method == "dare":
+        result = merging.dare_merge(items, drop_rate, ws, seed=seed, rank=rank)
+    else:
+        result = merging.dare_ties_merge(items, drop_rate, ws, seed=seed, rank=rank)
+    save_adapter(result, output)
+    data = {"output": output, "method": method, "rank": result.rank,
+            "kept_energy": result.kept_energy, "info": result.info, "notes": result.notes}
+    if as_json:
+        print_json(data)
+        return
+    out = console(quiet)
+    out.print(f"merged {len(items)} adapters with {method} -> {output} (rank {result.rank}, "
+              f"energy kept by the rank truncation {result.kept_energy:.1%})")
+    for note in result.notes:
+        out.print(f"note: {note}")
