@@ -17,8 +17,10 @@ from vlora.errors import (
     VLoRAError,
 )
 from vlora.io import load_adapter, load_adapter_from_hub, save_adapter
+from vlora.model import VLoRAModel
 from vlora.subspace import AbsorbReport, SharedSubspace
 from vlora.task import TaskProjection
+from vlora.vllm_check import check_vllm_adapter
 
 try:
     __version__ = version("vlora")
@@ -27,7 +29,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "AbsorbReport", "AdapterError", "IncompatibleAdaptersError", "LoRAWeights", "SharedSubspace",
-    "SubspaceError", "TaskProjection",
+    "SubspaceError", "TaskProjection", "VLoRAModel", "check_vllm_adapter",
     "TaskNotFoundError", "UnsupportedAdapterError", "VLoRAError", "__version__",
     "load_adapter", "load_adapter_from_hub", "save_adapter",
 ]

@@ -93,12 +93,15 @@ class SubspaceLinear(nn.Module):
     def store_cores(self, start: int, cores: torch.Tensor) -> None:
         """Write ``cores`` ``(n, k_in, k_out)`` into slots ``start..start+n``, growing the
         buffer geometrically so that adding tasks one by one stays linear in their number."""
-        end = start + cores.shape[0]
-        if end > self.cores.shape[0]:
-            grown = self.cores.new_zeros(max(end, 2 * self.cores.shape[0]), *self.cores.shape[1:])
-            grown[: self.cores.shape[0]] = self.cores
-            self.cores = grown
-        self.cores[start:end] = cores.to(self.cores)
+        # Outside inference mode, so that a cache started under torch.inference_mode()
+        # stays writable (and usable with autograd) afterwards.
+        with torch.inference_mode(False), torch.no_grad():
+            end, have = start + cores.shape[0], self.cores.shape[0]
+            if end > have or self.cores.is_inference():
+                grown = self.cores.new_zeros(max(end, 2 * have), *self.cores.shape[1:])
+                grown[:have] = self.cores
+                self.cores = grown
+            self.cores[start:end] = cores.to(self.cores)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)

@@ -79,7 +79,7 @@ class VLoRAModel(nn.Module):
         mixed: how per-row cores are applied, ``"bmm"`` (gather a core per row, one
             batched matmul) or ``"grouped"`` (one matmul per distinct task).
 
-    After ``subspace.absorb*`` moved the bases, build a new VLoRAModel (``unwrap()``
+    After ``subspace.absorb*`` or ``quantize`` moved the bases, build a new VLoRAModel (``unwrap()``
     this one): its cached bases and cores describe the old ones, and it says so.
     """
 
@@ -149,6 +149,15 @@ class VLoRAModel(nn.Module):
     @property
     def available_tasks(self) -> list[str]:
         return self.subspace.tasks
+
+    @property
+    def mixed(self) -> str:
+        """How per-row cores are applied, ``"bmm"`` or ``"grouped"``; settable."""
+        return self._router.mixed
+
+    @mixed.setter
+    def mixed(self, value: str) -> None:
+        self._router.mixed = Router(value).mixed  # validated
 
     @property
     def active_task(self) -> str | None:
@@ -281,8 +290,8 @@ class VLoRAModel(nn.Module):
         if self._in_context:
             raise VLoRAError("inside a `with model.tasks(...)` block the tasks are fixed")
         if self.subspace.modules is not self._bases_seen:
-            raise SubspaceError("the subspace's bases changed (absorb) after this model was "
-                                "wrapped; unwrap() it and wrap the model again")
+            raise SubspaceError("the subspace's bases changed (absorb, quantize) after this "
+                                "model was wrapped; unwrap() it and wrap the model again")
         if not self._layers:
             raise VLoRAError("this VLoRAModel was unwrapped")
 
@@ -311,10 +320,11 @@ class VLoRAModel(nn.Module):
     def _task_extras(self, task_id: str) -> dict[str, torch.Tensor]:
         if task_id not in self._extras:
             extras = {}
-            for key, value in self.subspace.get_task(task_id).extra.items():
-                self._target(key, task_id)
-                here = self._originals.get(key, self._current(key))
-                extras[key] = value.to(here.device, here.dtype)
+            with torch.inference_mode(False):  # they become parameters' data
+                for key, value in self.subspace.get_task(task_id).extra.items():
+                    self._target(key, task_id)
+                    here = self._originals.get(key, self._current(key))
+                    extras[key] = value.to(here.device, here.dtype, copy=True)
             self._extras[task_id] = extras
         return self._extras[task_id]
 

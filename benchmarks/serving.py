@@ -1,0 +1,214 @@
+"""Serving throughput of many LoRA tasks: base model, PEFT and vlora, single and mixed batches.
+
+For each model, a batch of ``--rows`` sequences whose rows belong to 1, 4, 16 or 32
+distinct tasks (round robin), timed as the median of ``--repeats`` runs:
+
+* prefill: ``--tokens`` tokens per row (MiniLM, a classifier with a head per task;
+  SmolLM2, a causal LM);
+* decode (causal LM only): one token per row on a KV cache of ``--tokens`` tokens.
+
+Methods: the bare base; PEFT with one adapter merged (``merge_and_unload``); PEFT with
+one adapter active; PEFT mixed batches (``adapter_names=`` per row); vlora with one
+task (``set_task``); vlora mixed batches (``task_ids=`` per row), with per-row cores
+applied by ``bmm`` and ``grouped``. Plus task-switch latency.
+
+The adapters (rank ``--rank``) are planted in a ``--k``-dimensional subspace per module
+side, so the subspace holds every task exactly and vlora pays for ``k``, not ``r * N``.
+
+    python benchmarks/serving.py --quick      # MiniLM only
+    python benchmarks/serving.py              # MiniLM and SmolLM2 (GGUF load ~1 min)
+
+Writes ``benchmarks/results/serving.json`` and ``serving.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from vlora import SharedSubspace
+from vlora.io import parse_state_dict
+from vlora.model import VLoRAModel
+
+TASK_COUNTS = (1, 4, 16, 32)
+RESULTS = Path(__file__).parent / "results"
+
+
+def planted_peft(model, task_type: str, targets: list[str], n: int, r: int, k: int):
+    """A PeftModel holding adapters ``t0..t{n-1}`` whose ``dW`` share a ``k``-dimensional
+    column and row space per module (random otherwise)."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(task_type=task_type, r=r, lora_alpha=r, target_modules=targets,
+                        init_lora_weights=False)
+    pm = get_peft_model(model, config, adapter_name="t0")
+    for i in range(1, n):
+        pm.add_adapter(f"t{i}", config)
+    g = torch.Generator().manual_seed(0)
+    for module in pm.modules():
+        if "t0" not in getattr(module, "lora_A", {}):
+            continue
+        d_out, d_in = module.lora_B["t0"].weight.shape[0], module.lora_A["t0"].weight.shape[1]
+        u = torch.linalg.qr(torch.randn(d_out, k, generator=g))[0]
+        v = torch.linalg.qr(torch.randn(d_in, k, generator=g))[0]
+        for i in range(n):
+            module.lora_B[f"t{i}"].weight.data = u @ torch.randn(k, r, generator=g) * 0.05
+            module.lora_A[f"t{i}"].weight.data = torch.randn(r, k, generator=g) @ v.T
+    return pm.eval()
+
+
+def subspace_of(pm, n: int, k: int) -> SharedSubspace:
+    from peft import get_peft_model_state_dict
+    adapters = [parse_state_dict(get_peft_model_state_dict(pm, adapter_name=f"t{i}"),
+                                 pm.peft_config[f"t{i}"].to_dict()) for i in range(n)]
+    return SharedSubspace.from_adapters(adapters, task_ids=[f"t{i}" for i in range(n)],
+                                        num_components=k)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    with torch.inference_mode():
+        fn()  # warm-up: caches, allocator, lazy inits
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def switch_latency(switch, names: list[str], repeats: int = 200) -> float:
+    """Median seconds of one switch between already-loaded tasks."""
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        switch(names[i % len(names)])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_model(name: str, base, task_type: str, targets: list[str], args, causal: bool) -> dict:
+    n = max(TASK_COUNTS)
+    merged_src = copy.deepcopy(base)
+    vbase = copy.deepcopy(base)
+    pm = planted_peft(base, task_type, targets, n, args.rank, args.k)
+    sub = subspace_of(pm, n, args.k)
+    vm = VLoRAModel(vbase, sub)
+    start = time.perf_counter()
+    vm.set_task("t1")
+    cold = time.perf_counter() - start
+    vm.clear_task()
+    merged = planted_peft(merged_src, task_type, targets, 1, args.rank, args.k)
+    merged.base_model.model.load_state_dict(pm.base_model.model.state_dict(), strict=False)
+    merged = merged.merge_and_unload().eval()
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(5, vocab, (args.rows, args.tokens), generator=g),
+             "attention_mask": torch.ones(args.rows, args.tokens, dtype=torch.long)}
+    phases = {"prefill": (batch, args.rows * args.tokens)}
+    if causal:
+        with torch.inference_mode():
+            cache = vbase(**batch, use_cache=True).cache
+        step = {"input_ids": torch.randint(5, vocab, (args.rows, 1), generator=g),
+                "cache": cache, "use_cache": True}
+        phases["decode"] = (step, args.rows)
+    results = []
+
+    def timed(phase, method, tasks, call):
+        inputs, tokens = phases[phase]
+
+        def once():
+            call(inputs)
+            if phase == "decode":
+                cache.crop(-1)  # every step decodes the same position
+        seconds = median_seconds(once, args.repeats)
+        results.append({"model": name, "phase": phase, "method": method, "tasks": tasks,
+                        "seconds": seconds, "tokens_per_s": tokens / seconds})
+        print(f"{name:8s} {phase:8s} {method:24s} tasks={tasks:3d} {tokens / seconds:10.1f} tok/s",
+              flush=True)
+
+    for phase in phases:
+        timed(phase, "base", 1, lambda x: vbase(**x))
+        timed(phase, "peft merged", 1, lambda x: merged(**x))
+        pm.set_adapter("t0")
+        timed(phase, "peft single", 1, lambda x: pm(**x))
+        vm.set_task("t0")
+        timed(phase, "vlora single", 1, lambda x: vm(**x))
+        vm.clear_task()
+        for count in TASK_COUNTS:
+            names = [f"t{i % count}" for i in range(args.rows)]
+            timed(phase, "peft mixed", count, lambda x, names=names: pm(**x, adapter_names=names))
+            for mixed in ("bmm", "grouped"):
+                vm.mixed = mixed
+                timed(phase, f"vlora mixed ({mixed})", count,
+                      lambda x, names=names: vm(**x, task_ids=names))
+        vm.mixed = "bmm"
+    switch = {"model": name, "vlora first set_task (computes cores) s": cold,
+              "vlora set_task s": switch_latency(vm.set_task, ["t0", "t1"]),
+              "peft set_adapter s": switch_latency(pm.set_adapter, ["t0", "t1"])}
+    print(f"{name:8s} switch: " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in switch.items()
+                                              if k != "model"), flush=True)
+    return {"results": results, "switch": switch}
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# Serving benchmark ({'quick' if c['quick'] else 'full'})", "",
+             f"{c['rows']} rows x {c['tokens']} tokens, LoRA rank {c['rank']}, subspace k={c['k']}, "
+             f"torch {c['torch']} on {c['machine']} with {c['threads']} thread(s), median of "
+             f"{c['repeats']}. Tokens per second (decode: one new token per row).", ""]
+    by = {(r["model"], r["phase"], r["method"], r["tasks"]): r["tokens_per_s"]
+          for r in report["results"]}
+    for model, phase in dict.fromkeys((r["model"], r["phase"]) for r in report["results"]):
+        lines += [f"## {model}, {phase}", "",
+                  "| method | " + " | ".join(f"{n} task{'s' * (n > 1)}" for n in TASK_COUNTS) + " |",
+                  "|---" * (len(TASK_COUNTS) + 1) + "|"]
+        for method in dict.fromkeys(m for (mo, ph, m, _) in by if (mo, ph) == (model, phase)):
+            cells = [f"{by[model, phase, method, n]:.0f}" if (model, phase, method, n) in by
+                     else "" for n in TASK_COUNTS]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Task switch latency", "", "| model | what | microseconds |", "|---|---|---|"]
+    for s in report["switch"]:
+        lines += [f"| {s['model']} | {k[:-2]} | {v * 1e6:.1f} |" for k, v in s.items() if k != "model"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, 3 repeats")
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (quick) or 5")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from vlora.testbed.models import load_minilm_classifier, load_smollm2
+    runs = [run_model("MiniLM", load_minilm_classifier(num_labels=3), "SEQ_CLS",
+                      ["query", "key", "value"], args, causal=False)]
+    if not args.quick:
+        runs.append(run_model("SmolLM2", load_smollm2()[0], "CAUSAL_LM",
+                              ["q_proj", "k_proj", "v_proj", "o_proj"], args, causal=True))
+    report = {"config": {"quick": args.quick, "rows": args.rows, "tokens": args.tokens,
+                         "rank": args.rank, "k": args.k, "repeats": args.repeats,
+                         "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "machine": platform.machine()},
+              "results": [r for run in runs for r in run["results"]],
+              "switch": [run["switch"] for run in runs]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serving.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / "serving.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""VLoRAModel: single-task, mixed-batch and blended inference, generate, merge, export.
+
+Mixed batches are checked row by row against single-task runs on the real MiniLM with
+real PEFT adapters, and exports against PEFT itself loading them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import base_classifier
+from synthetic import planted
+from vlora import (
+    IncompatibleAdaptersError,
+    SharedSubspace,
+    SubspaceError,
+    TaskNotFoundError,
+    VLoRAError,
+    load_adapter,
+)
+from vlora.model import VLoRAModel
+from vlora.vllm_check import check_vllm_adapter
+
+
+def copy_of(sub: SharedSubspace) -> SharedSubspace:
+    """A subspace sharing bases and tasks, to which a test may add tasks."""
+    return SharedSubspace(sub.modules, [sub.get_task(t) for t in sub.tasks])
+
+
+def logits(model, batch, **kw):
+    with torch.no_grad():
+        return model(**batch, **kw).logits
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine's few cores are shared: more threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def minilm_sub(make_peft_adapter):
+    """Three real PEFT adapters of MiniLM (each with its own 3-label head), k = 6 < 12."""
+    ads = [load_adapter(make_peft_adapter("vm", seed=s)[0]) for s in range(3)]
+    return SharedSubspace.from_adapters(ads, task_ids=["a", "b", "c"], num_components=6)
+
+
+@pytest.mark.parametrize("mixed", ["bmm", "grouped"])
+def test_mixed_batch_rows_equal_single_task_runs(minilm_sub, minilm_dir, batch, mixed):
+    base = base_classifier(minilm_dir, seed=9)
+    own = {k: v.clone() for k, v in base.state_dict().items()}
+    ref = logits(base, batch)
+    vm = VLoRAModel(base, minilm_sub, mixed=mixed)
+    assert vm.available_tasks == ["a", "b", "c"] and vm.active_task is None
+    single = {}
+    for t in vm.available_tasks:
+        vm.set_task(t)
+        assert vm.active_task == t
+        single[t] = logits(vm, batch)
+    assert not torch.allclose(single["a"], single["b"], atol=1e-3)  # the heads and tasks differ
+    ids = ["a", "b", None, "c"]
+    out = logits(vm, batch, task_ids=ids)
+    for i, t in enumerate(ids):
+        torch.testing.assert_close(out[i], ref[i] if t is None else single[t][i], atol=1e-5, rtol=0)
+    assert vm.active_task == "c"  # a per-call assignment leaves set_task's state alone
+    torch.testing.assert_close(logits(vm, batch), single["c"], atol=0, rtol=0)
+    vm.clear_task()
+    assert torch.equal(logits(vm, batch), ref)  # bare base, the model's own head back
+    model = vm.unwrap()
+    assert model.state_dict().keys() == own.keys()
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())
+
+
+def test_heads_of_different_shapes_run_alone_not_mixed(minilm_sub, minilm_dir, batch):
+    sub = copy_of(minilm_sub)
+    g = torch.Generator().manual_seed(0)
+    sub.add_task(dataclasses.replace(
+        sub.get_task("a"), task_id="two",
+        extra={"classifier.weight": torch.randn(2, 384, generator=g),
+               "classifier.bias": torch.randn(2, generator=g)}))
+    base = base_classifier(minilm_dir, seed=9)
+    ref = logits(base, batch)
+    vm = VLoRAModel(base, sub)
+    vm.set_task("two")
+    assert logits(vm, batch).shape == (4, 2)
+    torch.testing.assert_close(logits(vm, batch, task_ids=["two"] * 4), logits(vm, batch))
+    for ids in (["a", "two", "a", "a"], ["two", None, "two", "two"]):
+        with pytest.raises(VLoRAError, match="separate batches"):
+            logits(vm, batch, task_ids=ids)
+    assert vm.active_task == "two" and vm.model.classifier.weight.shape == (2, 384)
+    vm.clear_task()
+    assert torch.equal(logits(vm, batch), ref)
+
+
+def test_task_weights_blend_cores(minilm_sub, minilm_dir, batch):
+    sub = copy_of(minilm_sub)
+    a, b = sub.get_task("a"), sub.get_task("b")
+    for t in (a, b):  # blends cover LoRA cores only: these copies carry no head
+        sub.add_task(dataclasses.replace(t, task_id=t.task_id + "0", extra={}))
+    half = {m: 0.5 ** 0.5 for m in sub.modules}
+    sub.add_task(dataclasses.replace(  # core 0.5 C_a + 0.5 C_b, as one task
+        a, task_id="mix", extra={},
+        coords_b={m: torch.cat([a.coords_b[m], b.coords_b[m]], 1) * half[m] for m in half},
+        coords_a={m: torch.cat([a.coords_a[m], b.coords_a[m]], 1) * half[m] for m in half}))
+    vm = VLoRAModel(base_classifier(minilm_dir, seed=9), sub)
+    single = {}
+    for t in ("a0", "b0", "mix"):
+        vm.set_task(t)
+        single[t] = logits(vm, batch)
+    vm.clear_task()
+    w = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.5, 0.5]])
+    out = logits(vm, batch, task_weights=w, task_order=["a0", "b0"])
+    for i, t in enumerate(["a0", "mix", "b0", "mix"]):
+        torch.testing.assert_close(out[i], single[t][i], atol=1e-5, rtol=0)
+    with pytest.raises(VLoRAError, match="blend LoRA cores only"):
+        logits(vm, batch, task_weights=w, task_order=["a", "b"])
+
+
+def test_export_equals_peft_and_vllm_rules(minilm_sub, minilm_dir, batch, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    vm = VLoRAModel(base_classifier(minilm_dir, seed=9), minilm_sub)
+    vm.set_task("b")
+    ours = logits(vm, batch)
+    assert vm.export("b", tmp_path / "plain") == []
+    peft = PeftModel.from_pretrained(base_classifier(minilm_dir, seed=123), str(tmp_path / "plain"))
+    torch.testing.assert_close(logits(peft.eval(), batch), ours, atol=1e-5, rtol=0)
+    written = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    state = vm.reconstruct_state_dict("b")
+    assert state.keys() == written.keys() and all(torch.equal(state[k], written[k]) for k in state)
+
+    problems = check_vllm_adapter(tmp_path / "plain")
+    assert any("modules_to_save" in p for p in problems)
+    assert any("classifier.weight" in p for p in problems)
+    assert sorted(vm.export("b", tmp_path / "vllm", for_vllm=True)) == [
+        "classifier.bias (modules_to_save; vLLM refuses them)",
+        "classifier.weight (modules_to_save; vLLM refuses them)"]
+    assert check_vllm_adapter(tmp_path / "vllm", base_model_modules=vm.model) == []
+    assert any("greater than max_lora_rank 1" in p
+               for p in check_vllm_adapter(tmp_path / "vllm", max_lora_rank=1))
+    assert any("not one vLLM accepts" in p
+               for p in check_vllm_adapter(tmp_path / "vllm", max_lora_rank=12))
+    assert any("not in the base model" in p
+               for p in check_vllm_adapter(tmp_path / "vllm", base_model_modules=["q_proj"]))
+    config_file = tmp_path / "vllm" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(use_dora=True, bias="all", rank_pattern={"query": 2})
+    config_file.write_text(json.dumps(config))
+    problems = " | ".join(check_vllm_adapter(tmp_path / "vllm"))
+    assert "DoRA" in problems and "bias='all'" in problems and "rank_pattern" in problems
+
+
+def test_merge_then_unmerge_restores_bitwise(minilm_sub, minilm_dir, batch):
+    vm = VLoRAModel(base_classifier(minilm_dir, seed=9), minilm_sub)
+    before = {k: v.clone() for k, v in vm.model.state_dict().items()}
+    vm.set_task("c")
+    expected = logits(vm, batch)
+    vm.clear_task()
+    vm.merge("c")
+    assert vm.active_task == "c"
+    torch.testing.assert_close(logits(vm, batch), expected, atol=1e-5, rtol=0)
+    with pytest.raises(VLoRAError, match="unmerge"):
+        vm.set_task("a")
+    vm.unmerge()
+    assert vm.active_task is None
+    assert all(torch.equal(v, before[k]) for k, v in vm.model.state_dict().items())
+
+
+def test_dtypes_and_moving_the_model(minilm_sub, minilm_dir, batch):
+    vm32 = VLoRAModel(base_classifier(minilm_dir, seed=9), minilm_sub)
+    own_head = vm32.model.classifier.weight.data.clone()
+    vm32.set_task("a")
+    ref = logits(vm32, batch)
+    vm32.to(torch.float64)  # moves buffers and the swapped-in head with the model
+    layer = vm32.model.bert.encoder.layer[0].attention.self.query
+    assert layer.u.dtype == layer.cores.dtype == torch.float64
+    torch.testing.assert_close(logits(vm32, batch).float(), ref, atol=1e-5, rtol=0)
+    vm32.clear_task()
+    assert torch.equal(vm32.model.classifier.weight, own_head.double())
+
+    bf = VLoRAModel(base_classifier(minilm_dir, seed=9).to(torch.bfloat16), minilm_sub)
+    assert bf.model.bert.encoder.layer[0].attention.self.query.u.dtype == torch.bfloat16
+    out = logits(bf, batch, task_ids=["a", "b", "a", None])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[0].float(), ref[0], atol=0.1, rtol=0.1)
+    mixed = VLoRAModel(base_classifier(minilm_dir, seed=9).to(torch.bfloat16), minilm_sub,
+                       compute_dtype=torch.float32)
+    assert mixed.model.bert.encoder.layer[0].attention.self.query.cores.dtype == torch.float32
+    torch.testing.assert_close(logits(mixed, batch, task_ids=["a"] * 4).float(), ref,
+                               atol=0.1, rtol=0.1)
+
+
+def test_switching_is_cheap_and_inference_mode_safe(minilm_sub, minilm_dir, batch):
+    vm = VLoRAModel(base_classifier(minilm_dir, seed=9), minilm_sub)
+    with torch.inference_mode():  # a cache started here must stay usable outside
+        vm.set_task("a")
+        vm(**batch, task_ids=["a", "b", None, "a"])
+    vm.set_task("c")
+    vm(**batch).logits.sum().backward()  # autograd through swapped heads and cached cores
+    start = time.perf_counter()
+    for _ in range(200):
+        vm.set_task("a")
+        vm.set_task("b")
+    assert (time.perf_counter() - start) / 400 < 1e-3
+
+
+# ---------------------------------------------------------------- toy models
+class Toy(nn.Module):
+    """Modules named like synthetic.MODULES: layer.{0,1}.{q,v}, Linear(32 -> 40)."""
+
+    def __init__(self, conv1d_at: str | None = None):
+        from transformers.pytorch_utils import Conv1D
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(32, 40), "v": nn.Linear(32, 40)})
+                                   for _ in range(2))
+        if conv1d_at is not None:
+            i, name = conv1d_at.split(".")[1:]
+            self.layer[int(i)][name] = Conv1D(40, 32)
+
+    def forward(self, x):
+        return sum(layer[n](x) for layer in self.layer for n in ("q", "v"))
+
+
+@pytest.mark.parametrize(("conv1d_at", "bits"), [(None, None), ("layer.1.q", None), (None, 4)])
+def test_toy_forward_and_merge_match_dense_reconstruction(conv1d_at, bits):
+    sub = SharedSubspace.from_adapters(planted(3, noise=0.1), task_ids=["x", "y", "z"],
+                                       num_components=4)
+    if bits:  # quantized bases are not orthonormal: nothing here may assume they are
+        sub.quantize(bits, coordinates=True)
+    model = Toy(conv1d_at)
+    x = torch.randn(5, 7, 32)
+    vm = VLoRAModel(model, sub)
+    rec = sub.reconstruct("y")
+    for m, layer in vm._layers.items():
+        vm.clear_task()
+        with torch.no_grad():
+            base = layer(x)
+            vm.set_task("y")
+            dense = base + x @ rec.delta_weight(m, torch.float32).T
+            torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=1e-5)
+            vm.clear_task()
+            vm.merge("y")
+            torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=1e-5)
+            vm.unmerge()
+            with vm.tasks(["y", "x", None, "y", "z"]):
+                torch.testing.assert_close(layer(x)[3], dense[3], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(layer(x)[2], base[2], atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+def test_compiles_without_graph_breaks():
+    sub = SharedSubspace.from_adapters(planted(3), task_ids=["x", "y", "z"])
+    vm = VLoRAModel(Toy(), sub)
+    compiled = torch.compile(vm, backend="eager", fullgraph=True)
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        vm.set_task("y")
+        assert torch.equal(compiled(x), vm(x))
+        rows = ["x", "y", None]
+        assert torch.equal(compiled(x, task_ids=rows), vm(x, task_ids=rows))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_wrapping_fails_loudly():
+    sub = SharedSubspace.from_adapters(planted(3), task_ids=["x", "y", "z"])
+    compiled = torch.compile(Toy())  # names gain _orig_mod.: still found
+    assert len(VLoRAModel(compiled, sub)._layers) == 3
+    peft_like = nn.Module()
+    peft_like.base_model = nn.Module()
+    peft_like.base_model.model = Toy()
+    assert len(VLoRAModel(peft_like, sub)._layers) == 3
+
+    missing = Toy()
+    del missing.layer[1]["q"]
+    with pytest.raises(IncompatibleAdaptersError, match=r"not in the model: \['layer.1.q'\]"):
+        VLoRAModel(missing, sub)
+    wrong = Toy()
+    wrong.layer[0]["v"] = nn.Linear(32, 41)
+    with pytest.raises(IncompatibleAdaptersError, match=r"layer.0.v: the model's is \(41, 32\)"):
+        VLoRAModel(wrong, sub)
+    odd = Toy()
+    odd.layer[0]["q"] = nn.Conv2d(32, 40, 1)
+    with pytest.raises(IncompatibleAdaptersError, match="Conv2d"):
+        VLoRAModel(odd, sub)
+    wrapped = Toy()
+    VLoRAModel(wrapped, sub)
+    with pytest.raises(VLoRAError, match="already wrapped"):
+        VLoRAModel(wrapped, sub)
+    headed = copy_of(sub)
+    headed.add_task(dataclasses.replace(headed.get_task("x"), task_id="h",
+                                        extra={"score.weight": torch.zeros(2, 40)}))
+    with pytest.raises(IncompatibleAdaptersError, match="'score.weight' has no counterpart"):
+        VLoRAModel(Toy(), headed)
+
+    vm = VLoRAModel(Toy(), sub)
+    with pytest.raises(TaskNotFoundError):
+        vm.set_task("nope")
+    with pytest.raises(VLoRAError, match="3 task ids"), vm.tasks(["x", "y", "x"]):
+        vm.model.layer[0].q(torch.randn(4, 32))
+    sub.absorb(planted(1, seed=5)[0], "new")
+    with pytest.raises(SubspaceError, match="absorb"):
+        vm.set_task("x")
+
+
+# ---------------------------------------------------------------- causal LMs
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def peft_adapters(make_base, task_type, targets, tmp_path, n=3, **options):
+    from peft import LoraConfig, get_peft_model
+    paths = []
+    for s in range(n):
+        base = make_base()
+        torch.manual_seed(100 + s)  # after make_base, which seeds its own weights
+        model = get_peft_model(base, LoraConfig(
+            task_type=task_type, r=4, lora_alpha=16, target_modules=targets,
+            init_lora_weights=False, **options))
+        model.save_pretrained(str(tmp_path / f"ad{s}"))
+        paths.append(tmp_path / f"ad{s}")
+    return paths
+
+
+def test_causal_lm_mixed_generate_and_export(tmp_path):
+    from peft import PeftModel
+    paths = peft_adapters(tiny_llama, "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], tmp_path)
+    sub = SharedSubspace.from_adapters(paths, task_ids=["a", "b", "c"])
+    vm = VLoRAModel(tiny_llama(), sub)
+    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # left padding
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    single = {}
+    for t in (None, "a", "b", "c"):
+        vm.set_task(t)
+        single[t] = vm.generate(**kw)
+        single[t, "beam"] = vm.generate(**kw, num_beams=2, num_return_sequences=2)
+    vm.clear_task()
+    assert not torch.equal(single["a"], single["b"])  # the tasks change what is generated
+    rows = ["b", None, "a"]
+    mixed = vm.generate(**kw, task_ids=rows)
+    beams = vm.generate(**kw, num_beams=2, num_return_sequences=2, task_ids=rows)
+    for i, t in enumerate(rows):
+        assert torch.equal(mixed[i], single[t][i])
+        assert torch.equal(beams[2 * i: 2 * i + 2], single[t, "beam"][2 * i: 2 * i + 2])
+
+    vm.set_task("c")
+    ours = logits(vm, {"input_ids": ids, "attention_mask": mask})
+    vm.export("c", tmp_path / "c")
+    peft = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "c")).eval()
+    torch.testing.assert_close(logits(peft, {"input_ids": ids, "attention_mask": mask}), ours,
+                               atol=1e-5, rtol=0)
+
+
+def test_gpt2_conv1d_matches_peft_and_merges(tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2,
+                                          n_head=4)).eval()
+
+    paths = peft_adapters(gpt2, "CAUSAL_LM", ["c_attn", "c_proj"], tmp_path, n=2,
+                          fan_in_fan_out=True)
+    sub = SharedSubspace.from_adapters(paths, task_ids=["a", "b"])
+    vm = VLoRAModel(gpt2(), sub)
+    batch = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))}
+    vm.set_task("a")
+    ours = logits(vm, batch)
+    vm.export("a", tmp_path / "a")
+    peft = PeftModel.from_pretrained(gpt2(), str(tmp_path / "a")).eval()
+    torch.testing.assert_close(logits(peft, batch), ours, atol=1e-5, rtol=0)
+    vm.clear_task()
+    before = {k: v.clone() for k, v in vm.model.state_dict().items()}
+    vm.merge("a")
+    torch.testing.assert_close(logits(vm, batch), ours, atol=1e-5, rtol=0)
+    vm.unmerge()
+    assert all(torch.equal(v, before[k]) for k, v in vm.model.state_dict().items())
