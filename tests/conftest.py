@@ -12,6 +12,10 @@ import torch  # noqa: E402
 
 from vlora.testbed.models import minilm_path  # noqa: E402
 
+# One thread: the suite's matrices are small, and on a shared 2-core machine OpenMP
+# threads waiting on each other made a MiniLM forward pass about 15x slower.
+torch.set_num_threads(1)
+
 TEXTS = ["the film was a delight from start to finish", "a tedious, overlong mess",
          "what is the capital of france", "i love programming in python"]
 
