@@ -45,7 +45,8 @@ def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
     modules, shapes = {}, {}
     for m, b in sub.modules.items():
         shapes[m] = (b.d_out, b.d_in)
-        ranks = [t.coords_b[m].shape[1] for t in tasks]
+        # the original rank: the spectrum has one value per rank-1 term of the original dW
+        ranks = [t.spectrum[m].numel() for t in tasks]
         modules[m] = {
             "d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out, "k_in": b.k_in,
             "basis_bytes": (sum(q.nbytes() for q in b.quant.values()) if b.quant

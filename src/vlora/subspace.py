@@ -130,7 +130,9 @@ class SharedSubspace:
             weighting: ``"task"`` (every adapter counts equally) or ``"energy"``.
             refine_iters: alternating refinement rounds after the stacked-SVD start.
             missing_modules: ``"error"``, ``"skip"`` or ``"zero"`` (see check_modules).
-            pseudo_rank: store each task's core at this rank (Share's p).
+            pseudo_rank: store each task's core at this rank (Share's p). With a
+                ``budget`` and no ``pseudo_rank``, ranks r, 3r/4, r/2 and r/4 are tried
+                and the one with the lowest mean error is kept.
             progress: draw progress bars.
 
         With no k option, k is the full numerical rank of each stack (every task exact).
@@ -159,17 +161,38 @@ class SharedSubspace:
                 facs = [_factors(a, m) for a, _ in present]
                 (u, su), (v, sv) = _stacks(facs, [w for _, w in present], shapes[m])
                 spectra[m], starts[m] = (su, sv), (u, v)
-            ks = _choose_ks(spectra, shapes, sum(a.rank for a in items), num_components,
-                            variance_threshold, budget, adaptive_k)
-            modules = {}
+        # With a byte budget, a lower pseudo-rank buys more shared directions: try a few
+        # and keep the one with the lowest mean error (the library's choice, see DESIGN.md).
+        max_rank = max(a.rank for a in items)
+        candidates = [pseudo_rank] if pseudo_rank is not None or budget is None else sorted(
+            {max_rank, max(1, (3 * max_rank) // 4), max(1, max_rank // 2), max(1, max_rank // 4)},
+            reverse=True)
+        best = None
+        for p in candidates:
+            coord_rank = sum(min(a.rank, p or a.rank) for a in items)
+            ks = _choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
+                            budget, adaptive_k)
+            sub = cls._fit(items, ids, weights, shapes, starts, ks, refine_iters, p, progress,
+                           weighting=weighting, base_model=items[0].base_model,
+                           missing_modules=missing_modules)
+            score = sum(sub.task_error(t) for t in ids)
+            if best is None or score < best[0]:
+                best = (score, sub)
+        return best[1]
+
+    @classmethod
+    def _fit(cls, items, ids, weights, shapes, starts, ks, refine_iters, pseudo_rank, progress,
+             **options) -> SharedSubspace:
+        """Refine the bases from their starts at the chosen ks, then project every task."""
+        modules = {}
+        with linalg.fixed_threads():
             for m in track(list(shapes), "Fitting bases", len(shapes), progress):
                 present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
                 facs = [_factors(a, m) for a, _ in present]
                 u0, v0 = starts[m][0][:, :ks[m][0]], starts[m][1][:, :ks[m][1]]
                 u, v = linalg.refine_bases(facs, [w for _, w in present], u0, v0, refine_iters)
                 modules[m] = _basis(u, v, facs, [w for _, w in present])
-        sub = cls(modules, weighting=weighting, base_model=items[0].base_model,
-                  missing_modules=missing_modules)
+        sub = cls(modules, **options)
         for a, tid in zip(track(items, "Projecting tasks", len(items), progress), ids):
             sub.add_task(sub.project(a, tid, pseudo_rank=pseudo_rank))
         return sub
