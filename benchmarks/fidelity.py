@@ -95,3 +95,110 @@ def held_out(adapters: list[LoRAWeights], ids: list[str], ratio: float, n_out: i
     errs = [sub.project(a, t).error for a, t in zip(rest, ids[-n_out:])]
     return {"fitted_mean": sub.compression_stats()["mean_error"], "held_out_mean": statistics.mean(errs),
             "n_fit": len(fit), "n_held_out": n_out}
+
+
+def load_dirs(dirs: list[str]) -> tuple[list[LoRAWeights], list[str]]:
+    from pathlib import Path
+
+    from vlora import load_adapter
+    paths = sorted(Path(d) for d in dirs)
+    return [load_adapter(p) for p in paths], [p.name for p in paths]
+
+
+def accuracy_kept(sub: SharedSubspace, dirs: list[str], limit: int) -> list[dict]:
+    """Re-score each task's adapter exported from ``sub`` on its own held-out split."""
+    import tempfile
+    from pathlib import Path
+
+    from vlora import save_adapter
+    from vlora.testbed import evaluate_adapter
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in sorted(Path(x) for x in dirs):
+            out = Path(tmp) / d.name
+            save_adapter(sub.reconstruct(d.name), out)
+            before = evaluate_adapter(d, limit=limit)
+            after = evaluate_adapter(out, eval_json=d / "eval.json", limit=limit)
+            rows.append({"task": d.name, "original": before, "vlora": after,
+                         "kept": after / before if before else 1.0})
+    return rows
+
+
+def main(argv=None) -> dict:
+    import argparse
+    import json
+    import random
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--one-seed", nargs="+", default=[], help="adapter folders, one init seed")
+    ap.add_argument("--independent", nargs="+", default=[], help="adapter folders, own seeds")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[5.0, 10.0, 20.0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 24, 32])
+    ap.add_argument("--accuracy-ratio", type=float, default=10.0)
+    ap.add_argument("--limit", type=int, default=200, help="eval examples per task")
+    ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fidelity"))
+    args = ap.parse_args(argv)
+    results: dict = {"regimes": {}}
+    for regime, dirs in (("one-seed", args.one_seed), ("independent", args.independent)):
+        if not dirs:
+            continue
+        adapters, ids = load_dirs(dirs)
+        order = list(range(len(adapters)))
+        random.Random(0).shuffle(order)  # which adapters form each N: fixed, task-mixed
+        rows = []
+        for n in [s for s in args.sizes if s <= len(adapters)]:
+            pick = sorted(order[:n])
+            for ratio in args.ratios:
+                row = compare_at_ratio([adapters[i] for i in pick], [ids[i] for i in pick], ratio)
+                row.pop("subspace")
+                rows.append(row)
+                print(regime, json.dumps(row), flush=True)
+        reg = {"n_adapters": len(adapters), "rows": rows,
+               "held_out": held_out([adapters[i] for i in order], [ids[i] for i in order],
+                                    args.accuracy_ratio, max(2, len(adapters) // 5))}
+        if not args.no_accuracy:
+            full = compare_at_ratio(adapters, ids, args.accuracy_ratio)
+            reg["accuracy"] = accuracy_kept(full.pop("subspace"), dirs, args.limit)
+            reg["accuracy_summary"] = full
+        results["regimes"][regime] = reg
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(report(results))
+    print(report(results))
+    return results
+
+
+def report(results: dict) -> str:
+    lines = ["# Fidelity against bytes (real MiniLM LoRA adapters, r=8, query/value)", "",
+             "Mean relative dW error over tasks at equal total bytes (float32; heads apart).",
+             "Baselines: per-adapter truncated SVD (no sharing), flattened-factor PCA "
+             "(vlora-dev 1.0's method), the mean adapter.", ""]
+    for regime, reg in results["regimes"].items():
+        lines += [f"## {regime} ({reg['n_adapters']} adapters)", "",
+                  "| N | target ratio | achieved | vlora | per-adapter SVD | flat-factor PCA (k) "
+                  "| mean adapter | vlora wins vs SVD |", "|---|---|---|---|---|---|---|---|"]
+        for r in reg["rows"]:
+            lines.append(f"| {r['n']} | {r['ratio_target']:.0f}x | {r['ratio']:.1f}x | {r['vlora']:.4f} "
+                         f"| {r['svd']:.4f} | {r['flat_pca']:.4f} ({r['flat_pca_k']}) "
+                         f"| {r['mean_adapter']:.4f} | {'yes' if r['vlora'] < r['svd'] else 'no'} |")
+        h = reg["held_out"]
+        lines += ["", f"Held out: fitted on {h['n_fit']}, projected {h['n_held_out']}: mean error "
+                  f"fitted {h['fitted_mean']:.4f}, held-out {h['held_out_mean']:.4f}.", ""]
+        if "accuracy" in reg:
+            acc = reg["accuracy"]
+            kept = [a["kept"] for a in acc]
+            s = reg["accuracy_summary"]
+            lines += [f"Accuracy at {s['ratio']:.1f}x fewer LoRA bytes (dW error {s['vlora']:.4f}): "
+                      f"mean kept {statistics.mean(kept):.1%}, min kept {min(kept):.1%}.", "",
+                      "| task | original | from vlora | kept |", "|---|---|---|---|"]
+            lines += [f"| {a['task']} | {a['original']:.3f} | {a['vlora']:.3f} | {a['kept']:.1%} |"
+                      for a in acc]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
