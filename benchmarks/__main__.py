@@ -1,0 +1,91 @@
+"""The benchmark suite: ``python -m benchmarks all`` (or ``quick``) writes benchmarks/RESULTS.md.
+
+Each part also runs alone (``python -m benchmarks.fidelity --help`` ...). ``quick`` uses
+the adapters shipped with vlora and small sizes so it finishes in a few minutes (CI
+runs it so the harness never rots; CI checks that it runs, not that numbers hold).
+``all`` trains the test bed once per machine (cached under ``--testbed``, outside the
+suite's time) and runs every part at full size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def run(module: str, *args: str) -> float:
+    start = time.perf_counter()
+    print(f"== python -m benchmarks.{module} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], check=True, cwd=HERE.parent)
+    return time.perf_counter() - start
+
+
+def testbed_dirs(root: Path, regime: str) -> list[str]:
+    return sorted(str(p.parent) for p in (root / regime).glob("*/adapter_model.safetensors"))
+
+
+def machine() -> str:
+    import torch
+
+    import vlora
+    lines = [f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
+             f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+             f"- torch {torch.__version__} ({torch.get_num_threads()} threads), vlora {vlora.__version__}"]
+    for pkg in ("transformers", "peft"):
+        with contextlib.suppress(ImportError):
+            lines.append(f"- {pkg} {__import__(pkg).__version__}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("mode", choices=["all", "quick"])
+    ap.add_argument("--testbed", default=str(Path.home() / ".cache" / "vlora" / "bench-testbed"),
+                    help="folder with one-seed/ and independent/ adapter folders")
+    args = ap.parse_args(argv)
+    quick = args.mode == "quick"
+    times = {}
+    if quick:
+        from vlora.examples import example_adapter_dirs
+        dirs = [str(d) for d in example_adapter_dirs()]
+        times["fidelity"] = run("fidelity", "--one-seed", *dirs, "--sizes", "4", "8", "--ratios", "5",
+                                "10", "--limit", "50", "--out", str(RESULTS / "fidelity_quick"))
+        times["scale"] = run("scale", "--quick")
+        times["serving"] = run("serving", "--quick", "--threads", "1")
+        times["continual"] = run("continual", "--quick")
+    else:
+        root = Path(args.testbed)
+        one, ind = testbed_dirs(root, "one-seed"), testbed_dirs(root, "independent")
+        if not one:
+            sys.exit(f"no adapters under {root}/one-seed: train them first (see benchmarks/README)")
+        times["fidelity"] = run("fidelity", "--one-seed", *one, *(["--independent", *ind] if ind else []))
+        times["scale"] = run("scale")
+        times["serving"] = run("serving", "--threads", "1")
+        times["continual"] = run("continual")
+    suffix = "_quick" if quick else ""
+    parts = [("Fidelity against bytes", f"fidelity{suffix}.md"), ("Scale", f"scale{suffix}.md"),
+             ("Serving", "serving.md"), ("Continual learning (Share)", f"continual{suffix}.md")]
+    out = ["# vlora benchmark results", "",
+           f"Produced by `python -m benchmarks {args.mode}` on {time.strftime('%Y-%m-%d')}.", "",
+           machine(), "", "Seconds per part: " + json.dumps({k: round(v) for k, v in times.items()}), ""]
+    for title, name in parts:
+        path = RESULTS / name
+        body = path.read_text() if path.exists() else "(not produced)\n"
+        out += [f"<!-- {title}: from results/{name} -->", re.sub(r"^(#+) ", r"#\1 ", body, flags=re.M), ""]
+    target = HERE / ("RESULTS_quick.md" if quick else "RESULTS.md")
+    target.write_text("\n".join(out))
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
