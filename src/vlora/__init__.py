@@ -18,6 +18,7 @@ from vlora.errors import (
 )
 from vlora.io import load_adapter, load_adapter_from_hub, save_adapter
 from vlora.model import VLoRAModel
+from vlora.router import AdapterMatchRouter, TaskRouter
 from vlora.subspace import AbsorbReport, SharedSubspace
 from vlora.task import TaskProjection
 from vlora.vllm_check import check_vllm_adapter
@@ -28,7 +29,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "AbsorbReport", "AdapterError", "IncompatibleAdaptersError", "LoRAWeights", "SharedSubspace",
+    "AbsorbReport", "AdapterError", "AdapterMatchRouter", "TaskRouter", "IncompatibleAdaptersError", "LoRAWeights", "SharedSubspace",
     "SubspaceError", "TaskProjection", "VLoRAModel", "check_vllm_adapter",
     "TaskNotFoundError", "UnsupportedAdapterError", "VLoRAError", "__version__",
     "load_adapter", "load_adapter_from_hub", "save_adapter",
