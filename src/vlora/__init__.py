@@ -29,8 +29,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "AbsorbReport", "AdapterError", "AdapterMatchRouter", "TaskRouter", "IncompatibleAdaptersError", "LoRAWeights", "SharedSubspace",
-    "SubspaceError", "TaskProjection", "VLoRAModel", "check_vllm_adapter",
-    "TaskNotFoundError", "UnsupportedAdapterError", "VLoRAError", "__version__",
-    "load_adapter", "load_adapter_from_hub", "save_adapter",
+    "AbsorbReport", "AdapterError", "AdapterMatchRouter", "IncompatibleAdaptersError",
+    "LoRAWeights", "SharedSubspace", "SubspaceError", "TaskNotFoundError", "TaskProjection",
+    "TaskRouter", "UnsupportedAdapterError", "VLoRAError", "VLoRAModel", "__version__",
+    "check_vllm_adapter", "load_adapter", "load_adapter_from_hub", "save_adapter",
 ]
