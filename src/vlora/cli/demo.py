@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from vlora.cli.common import console, human_bytes, print_json
+from vlora.cli.common import console, human_bytes, print_json, progress_enabled
 from vlora.cli.subspace_cmds import print_summary, summary
 from vlora.examples import example_adapter_dirs
 from vlora.io import save_adapter
@@ -43,7 +43,8 @@ def demo(output, num_components, no_accuracy, limit, quiet, as_json):
     dirs = example_adapter_dirs()
     out.print(f"Compressing {len(dirs)} real LoRA adapters: {', '.join(d.name for d in dirs)}")
     start = time.perf_counter()
-    sub = SharedSubspace.from_adapters(dirs, num_components=num_components, progress=not quiet)
+    sub = SharedSubspace.from_adapters(dirs, num_components=num_components,
+                                       progress=progress_enabled(quiet))
     fit_s = time.perf_counter() - start
     workdir = Path(output) if output else Path(tempfile.mkdtemp(prefix="vlora-demo-"))
     sub.save(workdir / "subspace" if not output else workdir)
@@ -66,7 +67,10 @@ def demo(output, num_components, no_accuracy, limit, quiet, as_json):
 
 
 def _score(sub, dirs, workdir, limit, out, as_json) -> dict:
+    import warnings
+
     from vlora.testbed import evaluate_adapter
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation noise
     table = Table(title=f"Accuracy on each task's held-out examples (first {limit})")
     for col in ("task", "original LoRA", "exported from vlora", "kept"):
         table.add_column(col, justify="left" if col == "task" else "right")

@@ -9,7 +9,7 @@ import click
 import torch
 from rich.table import Table
 
-from vlora.cli.common import console, human_bytes, parse_size, print_json, split_ids
+from vlora.cli.common import console, human_bytes, parse_size, print_json, progress_enabled, split_ids
 from vlora.errors import SubspaceError
 from vlora.io import load_adapter, save_adapter
 from vlora.storage import lock
@@ -95,7 +95,7 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
         raise click.UsageError(f"{output} exists and is not empty (use --force to replace)")
     ids = split_ids(task_ids)
     k = (k_out, k_in) if k_out is not None else num_components
-    progress = not quiet
+    progress = progress_enabled(quiet)
     if streaming:
         if budget or ratio:
             raise click.UsageError("--streaming takes -k or --variance-threshold")
