@@ -97,12 +97,17 @@ def held_out(adapters: list[LoRAWeights], ids: list[str], ratio: float, n_out: i
             "n_fit": len(fit), "n_held_out": n_out}
 
 
+def task_id(path) -> str:
+    """``<folder>:<parent>``: unique when variants of one task live in different folders."""
+    return f"{path.name}:{path.parent.name}"
+
+
 def load_dirs(dirs: list[str]) -> tuple[list[LoRAWeights], list[str]]:
     from pathlib import Path
 
     from vlora import load_adapter
     paths = sorted(Path(d) for d in dirs)
-    return [load_adapter(p) for p in paths], [p.name for p in paths]
+    return [load_adapter(p) for p in paths], [task_id(p) for p in paths]
 
 
 def accuracy_kept(sub: SharedSubspace, dirs: list[str], limit: int) -> list[dict]:
@@ -116,10 +121,10 @@ def accuracy_kept(sub: SharedSubspace, dirs: list[str], limit: int) -> list[dict
     with tempfile.TemporaryDirectory() as tmp:
         for d in sorted(Path(x) for x in dirs):
             out = Path(tmp) / d.name
-            save_adapter(sub.reconstruct(d.name), out)
+            save_adapter(sub.reconstruct(task_id(d)), out)
             before = evaluate_adapter(d, limit=limit)
             after = evaluate_adapter(out, eval_json=d / "eval.json", limit=limit)
-            rows.append({"task": d.name, "original": before, "vlora": after,
+            rows.append({"task": task_id(d), "original": before, "vlora": after,
                          "kept": after / before if before else 1.0})
     return rows
 
