@@ -8,6 +8,7 @@ files; :mod:`vlora.io` does.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -73,24 +74,98 @@ def check_config(config: dict[str, Any], path: Any = None) -> None:
         warnings.warn(f"{path}: unknown adapter_config keys ignored: {', '.join(unknown)}",
                       stacklevel=3)
     for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise AdapterError(path, f"config {key}={value!r} must be a positive number")
-        if not math.isfinite(value) or value > 1e9:
-            raise AdapterError(path, f"config {key}={value!r} is absurd")
+        _check_number(config.get(key, 8), f"config {key}", key == "r", path)
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-            for v in pattern.values()
-        ):
-            raise AdapterError(path, f"config {key} must map module patterns to positive numbers")
+        if not isinstance(pattern, dict):
+            raise AdapterError(path, f"config {key} must map module patterns to positive numbers, "
+                               f"not {type(pattern).__name__}")
+        for k, v in pattern.items():
+            _check_pattern_key(k, key, path)
+            _check_number(v, f"config {key}[{k!r}]", key == "rank_pattern", path)
+    types = {"target_modules": (str, list), "modules_to_save": (list,), "use_rslora": (bool,),
+             "base_model_name_or_path": (str,), "fan_in_fan_out": (bool,)}
+    for key, allowed in types.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, allowed) or isinstance(value, list)
+                                  and not all(isinstance(x, str) for x in value)):
+            raise AdapterError(path, f"config {key}={str(value)[:80]!r} has the wrong type "
+                               f"(expected {' or '.join(t.__name__ for t in allowed)}"
+                               f"{' of strings' if list in allowed else ''} or null)")
+
+
+def _check_number(value: Any, what: str, integral: bool, path: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise AdapterError(path, f"{what}={str(value)[:40]} must be a positive number")
+    if value > 1e9 or not math.isfinite(value):  # compare first: math.isfinite(10**400) overflows
+        raise AdapterError(path, f"{what}={str(value)[:40]} is absurd")
+    if integral and value != int(value):
+        raise AdapterError(path, f"{what}={value!r} is not a whole number")
+
+
+_MAX_PATTERN_KEY = 512
+MAX_MODULE_NAME = 512  # real module names are under 150 characters
+try:  # the parser re itself uses
+    from re import _constants as _sre
+    from re import _parser as _sre_parse
+except ImportError:  # Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", None)}
+
+
+class _Risky(Exception):
+    pass
+
+
+def _check_pattern_key(key: Any, where: str, path: Any) -> None:
+    """A rank/alpha pattern key is a regular expression (PEFT matches it against module
+    names). A hostile config must not hang the reader, so keys that can backtrack
+    exponentially are refused: a variable repeat or an alternation inside a repeat, a
+    backreference, or more than two variable repeats in all. Plain names pass."""
+    if not isinstance(key, str) or not key or len(key) > _MAX_PATTERN_KEY:
+        raise AdapterError(path, f"config {where} key {str(key)[:60]!r} must be a module name "
+                           f"or pattern of 1-{_MAX_PATTERN_KEY} characters")
+    try:
+        risky = _variable_repeats(_sre_parse.parse(key)) > 2
+    except _Risky:
+        risky = True
+    except (re.error, RecursionError, OverflowError) as e:
+        raise AdapterError(path, f"config {where} key {key[:60]!r} is not a valid pattern ({e})") \
+            from None
+    if risky:
+        raise AdapterError(path, f"config {where} key {key[:60]!r}: patterns with nested or many "
+                           "repeats, or backreferences, are refused (they can take hours to match)")
+
+
+def _variable_repeats(items: Any, under_repeat: bool = False) -> int:
+    n = 0
+    for op, av in items:
+        if op in _REPEATS:
+            lo, hi, body = av
+            if under_repeat and lo != hi:
+                raise _Risky
+            n += (lo != hi) + _variable_repeats(body, under_repeat or hi > 1)
+        elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS) or op == _sre.BRANCH and under_repeat:
+            raise _Risky
+        elif op == _sre.BRANCH:
+            n += sum(_variable_repeats(b, under_repeat) for b in av[1])
+        elif op in (_sre.SUBPATTERN, _sre.ASSERT, _sre.ASSERT_NOT):
+            n += _variable_repeats(av[-1], under_repeat)
+        elif op == getattr(_sre, "ATOMIC_GROUP", None):
+            n += _variable_repeats(av, under_repeat)
+    return n
+
+
+@functools.lru_cache(maxsize=4096)
+def _pattern_regex(key: str) -> re.Pattern:
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     # PEFT's get_pattern_key: the first key that matches a suffix of the module name.
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _pattern_regex(key).match(module):
             return pattern[key]
     return default
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,35 @@ def fsync_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def safetensors_blob(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors bytes of ``tensors``. safetensors refuses tensors that share
+    storage (one head kept by two tasks, one Gram used for both sides), so a tensor
+    whose storage an earlier one already uses is written from a copy."""
+    from safetensors.torch import save
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        out[key] = t.clone() if ptr and ptr in seen else t
+        seen.add(ptr)
+    return save(out, metadata=metadata)
+
+
+def read_regular(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """Read a regular file whole. A FIFO, a device (``/dev/zero``) or a file over
+    ``max_bytes`` raises OSError instead of blocking or reading without end; the open
+    itself never blocks, and no more than the size stat reported is read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than the {max_bytes} allowed",
+                          str(path))
+        return f.read(st.st_size)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:

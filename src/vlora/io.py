@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,23 @@ import torch
 
 from vlora.adapter import (
     DEFAULT_KEY_PREFIX,
+    MAX_MODULE_NAME,
     LoRAWeights,
     check_config,
     module_rank_and_alpha,
     peft_scale,
 )
-from vlora.atomic import atomic_dir, fsync_write
+from vlora.atomic import atomic_dir, fsync_write, read_regular, safetensors_blob
 from vlora.errors import AdapterError, UnsupportedAdapterError
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+CONFIG_MAX_BYTES = 16 << 20  # PEFT writes a few KB; a rank_pattern over 10k modules is < 1 MB
+# Factor dtypes vlora computes with (and can store a task as); float8 and others are refused.
+FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_FACTOR = 1e9
 _REFUSED_KEYS = {
     "lora_embedding_A": "embedding LoRA", "lora_embedding_B": "embedding LoRA",
     "lora_magnitude_vector": "DoRA", "lora_bias": "LoRA bias",
@@ -60,6 +66,8 @@ def resolve_adapter_dir(path: str | os.PathLike, adapter_name: str | None = None
         raise AdapterError(p, "no such file or directory")
     if p.is_file():
         p = p.parent
+    if not p.is_dir():
+        raise AdapterError(p, "neither a folder nor a regular file")
     if adapter_name is not None:
         if any(c in adapter_name for c in "/\\") or adapter_name in ("", ".", ".."):
             raise AdapterError(p, f"invalid adapter name {adapter_name!r}")
@@ -80,9 +88,11 @@ def resolve_adapter_dir(path: str | os.PathLike, adapter_name: str | None = None
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(path, f"cannot read adapter config: {e}") from None
+        config = json.loads(read_regular(path, CONFIG_MAX_BYTES).decode("utf-8"))
+    except OSError as e:
+        raise AdapterError(path, f"cannot read adapter config: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, 5000-digit ints, deep nesting
+        raise AdapterError(path, f"cannot read adapter config: {str(e)[:200]}") from None
     check_config(config, path)
     return config
 
@@ -94,9 +104,12 @@ def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
         from safetensors.torch import load_file
         try:
             return st, load_file(str(st))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterError(st, f"corrupt or truncated safetensors file ({e})") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            # KeyError: a dtype safetensors parses but torch lacks (F4, F6_*, F8_E8M0)
+            raise AdapterError(st, f"corrupt or truncated safetensors file "
+                               f"({type(e).__name__}: {e})") from None
     if binf.is_file():
+        _check_torch_zip(binf)
         try:
             # weights_only: a .bin from anywhere must never run pickled code.
             state = torch.load(str(binf), map_location="cpu", weights_only=True)
@@ -106,8 +119,30 @@ def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
         ):
             raise AdapterError(binf, "not a dict of tensors")
+        for k, t in state.items():  # a stride-0 view can claim far more than its storage
+            if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+                raise AdapterError(binf, f"tensor {k} of shape {tuple(t.shape)} is an expanded "
+                                   f"view of {t.untyped_storage().nbytes()} stored bytes")
         return binf, state
     raise AdapterError(folder, f"no {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
+def _check_torch_zip(path: Path) -> None:
+    """Refuse what torch would read with an allocation out of proportion to the file: the
+    legacy (pre-1.6, non-zip) format, which allocates each storage at its declared size
+    before reading it, and compressed records, which can expand a thousandfold.
+    torch.save writes a zip of uncompressed records."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except Exception as e:  # zipfile raises BadZipFile, EOFError, NotImplementedError, ...
+        raise AdapterError(path, f"not a zip-format torch file ({type(e).__name__}: {e}); only "
+                           "files written by torch.save since torch 1.6 are read") from None
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+        raise AdapterError(path, "compressed records in a torch file (torch.save never "
+                           "compresses; refusing a possible zip bomb)")
+    if sum(i.file_size for i in infos) > path.stat().st_size:
+        raise AdapterError(path, "records claim more bytes than the file holds")
 
 
 def parse_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any],
@@ -132,6 +167,9 @@ def parse_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any],
             if adapter_name is not None and m["adapter"] != adapter_name:
                 continue
         module = m["module"]
+        if len(module) > MAX_MODULE_NAME:
+            raise AdapterError(path, f"module name of {len(module)} characters "
+                               f"(at most {MAX_MODULE_NAME}): {module[:60]!r}...")
         if module in factors[m["side"]]:
             raise AdapterError(path, f"module {module}: lora_{m['side']} appears twice "
                                f"(several adapters in one file? pass adapter_name=)")
@@ -151,10 +189,14 @@ def parse_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any],
                 raise UnsupportedAdapterError(
                     path, f"module {module}: lora_{side} has shape {tuple(t.shape)}; "
                     "only Linear/Conv1D LoRAs (2-D factors) are supported")
-            if not t.is_floating_point():
-                raise AdapterError(path, f"module {module}: lora_{side} has dtype {t.dtype}")
-            if t.numel() and not bool(torch.isfinite(t).all()):
-                raise AdapterError(path, f"module {module}: lora_{side} contains NaN or Inf")
+            if t.dtype not in FACTOR_DTYPES:
+                raise AdapterError(path, f"module {module}: lora_{side} has dtype {t.dtype} "
+                                   "(float32, float16, bfloat16 or float64 expected)")
+            # NaN fails the comparison too. LoRA factors are O(1); beyond 1e9 the float32
+            # coordinates of the subspace would overflow.
+            if t.numel() and not bool((t.abs() <= MAX_FACTOR).all()):
+                raise AdapterError(path, f"module {module}: lora_{side} contains NaN or Inf, or "
+                                   f"values beyond +-{MAX_FACTOR:g}")
         r_config, _ = module_rank_and_alpha(config, module)
         if a.shape[0] != b.shape[1] or a.shape[0] != r_config:
             raise AdapterError(
@@ -287,8 +329,7 @@ def save_adapter(weights: LoRAWeights, path: str | os.PathLike, *, for_vllm: boo
             state[f"{DEFAULT_KEY_PREFIX}{m}.lora_{side}.weight"] = t.detach().cpu().contiguous()
     for k, t in weights.extra.items():
         state[DEFAULT_KEY_PREFIX + k] = t.detach().cpu().contiguous()
-    from safetensors.torch import save as st_save
-    blob = st_save(state, metadata={"format": "pt"})
+    blob = safetensors_blob(state, metadata={"format": "pt"})
     with atomic_dir(path, overwrite=overwrite) as tmp:
         fsync_write(tmp / SAFETENSORS_NAME, blob)
         fsync_write(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())

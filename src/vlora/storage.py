@@ -21,15 +21,16 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from filelock import FileLock, Timeout
 
-from vlora.atomic import atomic_write, fsync_dir, fsync_write
+from vlora.atomic import atomic_write, fsync_dir, fsync_write, read_regular, safetensors_blob
 from vlora.errors import SubspaceError
-from vlora.quantize import QuantizedTensor, dequantize
+from vlora.quantize import METHODS, QuantizedTensor, dequantize
 from vlora.task import ModuleBasis, TaskProjection
 
 if TYPE_CHECKING:
@@ -41,7 +42,10 @@ MANIFEST = "manifest.json"
 LOCK = ".vlora.lock"
 _BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\]")
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
-_DATA_FILE = re.compile(r"^(bases|coords|extras)-\d{6}\.safetensors$")
+_DATA_FILE = re.compile(r"^(bases|coords|extras)-(\d{6,15})\.safetensors$")
+_STALE_TMP = re.compile(r"^\.manifest\.json\..+\.tmp$")  # left by a killed atomic_write
+_MAX_GEN = 10 ** 14
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def validate_task_id(task_id: object) -> str:
@@ -64,6 +68,9 @@ def lock(path: str | os.PathLike, timeout: float = 60.0) -> FileLock:
     around read-modify-write can call ``save`` (which takes it again) without deadlock.
     """
     Path(path).mkdir(parents=True, exist_ok=True)
+    if (Path(path) / LOCK).is_symlink():  # older filelock versions truncate the target
+        raise SubspaceError(f"{Path(path) / LOCK}: is a symbolic link; refusing to lock through "
+                            "it (remove it if you trust this directory)")
     key = str((Path(path) / LOCK).resolve())
     if key not in _LOCKS:
         _LOCKS[key] = FileLock(key, timeout=timeout)
@@ -88,11 +95,17 @@ def _get(tensors: dict[str, torch.Tensor], key: str, meta: dict[str, Any] | None
          ) -> tuple[torch.Tensor, QuantizedTensor | None]:
     if not meta:
         return tensors[key], None
-    q = QuantizedTensor(tensors[key + "::codes"], tensors[key + "::scales"],
-                        tuple(meta["shape"]), int(meta["bits"]), str(meta["method"]),
-                        int(meta["block"]))
-    expected = -(-q.shape[0] * q.shape[1] // q.block) * q.block * q.bits // 8
-    if q.bits not in (4, 8) or q.codes.dtype != torch.uint8 or q.codes.numel() != expected:
+    bits, method, block, shape = (meta.get(k) for k in ("bits", "method", "block", "shape"))
+    if bits not in (4, 8) or type(bits) is not int or method not in METHODS \
+            or method == "nf4" and bits != 4 or type(block) is not int or not 0 < block <= 1 << 20 \
+            or not isinstance(shape, list) or len(shape) != 2 \
+            or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape):
+        raise SubspaceError(f"quantized tensor {key}: bad quantization metadata {meta!r}")
+    q = QuantizedTensor(tensors[key + "::codes"], tensors[key + "::scales"], tuple(shape), bits,
+                        method, block)
+    blocks = -(-shape[0] * shape[1] // block)
+    if q.codes.dtype != torch.uint8 or q.codes.shape != (blocks * block * bits // 8,) \
+            or q.scales.dtype != torch.float32 or q.scales.shape != (blocks,):
         raise SubspaceError(f"quantized tensor {key}: codes disagree with the manifest")
     return dequantize(q), q
 
@@ -107,14 +120,16 @@ def _task_meta(t: TaskProjection) -> dict[str, Any]:
 
 def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
     """Write ``sub`` to the directory ``path`` atomically, under its lock."""
-    from safetensors.torch import save as st_save
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SubspaceError(f"{path}: exists and is not a directory")
     try:
         with lock(path):
             old = _read_manifest(path) if (path / MANIFEST).exists() else None
-            gen = (old or {}).get("generation", 0) + 1
+            # Above every generation present, so that no file a manifest names is rewritten.
+            gens = [int(m[2]) for f in path.iterdir() if (m := _DATA_FILE.match(f.name))]
+            gens.append((old or {}).get("generation"))
+            gen = max(g for g in (*gens, 0) if type(g) is int and 0 <= g < _MAX_GEN) + 1
             bases, coords, extras, module_quant = {}, {}, {}, {}
             for m, b in sub.modules.items():
                 q = b.quant or {}
@@ -135,8 +150,9 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
                     extras[f"{i}::{k}"] = x.detach().cpu().contiguous()
             files = {}
             for kind, tensors in (("bases", bases), ("coords", coords), ("extras", extras)):
-                blob = st_save(tensors, metadata={"format": "pt"})
+                blob = safetensors_blob(tensors, metadata={"format": "pt"})
                 name = f"{kind}-{gen:06d}.safetensors"
+                (path / name).unlink(missing_ok=True)  # never write through a planted symlink
                 fsync_write(path / name, blob)
                 files[kind] = {"name": name, "sha256": _sha(blob), "bytes": len(blob)}
             fsync_dir(path)
@@ -153,7 +169,8 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
             }
             atomic_write(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
             for f in path.iterdir():  # old generations: no manifest names them any more
-                if _DATA_FILE.match(f.name) and f.name not in {v["name"] for v in files.values()}:
+                if _DATA_FILE.match(f.name) and f.name not in {v["name"] for v in files.values()} \
+                        or _STALE_TMP.match(f.name):
                     f.unlink(missing_ok=True)
     except Timeout:
         raise SubspaceError(f"{path}: locked by another writer ({path / LOCK})") from None
@@ -167,11 +184,13 @@ def fingerprint(sub: SharedSubspace) -> str:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads(read_regular(path / MANIFEST).decode("utf-8"))
     except FileNotFoundError:
         raise SubspaceError(f"{path}: not a vlora subspace (no {MANIFEST})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SubspaceError(f"{path / MANIFEST}: unreadable manifest ({e})") from None
+    except OSError as e:
+        raise SubspaceError(f"{path / MANIFEST}: unreadable manifest ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, 5000-digit ints, deep nesting
+        raise SubspaceError(f"{path / MANIFEST}: unreadable manifest ({str(e)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SubspaceError(f"{path / MANIFEST}: not a vlora subspace manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -186,66 +205,114 @@ def _read_data(path: Path, entry: Any, verify: bool = True) -> dict[str, torch.T
     if not isinstance(entry, dict) or not _DATA_FILE.match(str(entry.get("name", ""))):
         raise SubspaceError(f"{path / MANIFEST}: bad file entry {entry!r}")
     file = path / entry["name"]
+    size = entry.get("bytes")
     try:
-        blob = file.read_bytes()
+        blob = read_regular(file, size if type(size) is int else None)
+    except FileNotFoundError:
+        raise _Gone(f"{file}: cannot read (no such file)") from None
     except OSError as e:
-        raise SubspaceError(f"{file}: cannot read ({e.strerror})") from None
+        raise SubspaceError(f"{file}: cannot read ({e.strerror or e})") from None
     if verify and _sha(blob) != entry.get("sha256"):
         raise SubspaceError(f"{file}: checksum mismatch (file corrupt or edited)")
     try:
         return load(blob)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise SubspaceError(f"{file}: corrupt safetensors data ({e})") from None
+    except (SafetensorError, ValueError, RuntimeError, KeyError, TypeError, OverflowError) as e:
+        raise SubspaceError(f"{file}: corrupt safetensors data ({type(e).__name__}: {e})") from None
+
+
+class _Gone(SubspaceError):
+    """A data file the manifest named is missing (perhaps a writer just replaced it)."""
+
+
+def _tensor(x: Any, what: str, shape: tuple[int, ...] | None = None, ndim: int = 2) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS or x.ndim != ndim \
+            or shape is not None and tuple(x.shape) != shape:
+        raise SubspaceError(f"{what}: a {getattr(x, 'dtype', type(x))} tensor of shape "
+                            f"{tuple(getattr(x, 'shape', ()))} (expected {ndim}-D float"
+                            f"{'' if shape is None else f' {shape}'})")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise SubspaceError(f"{what}: contains NaN or Inf")
+    return x
+
+
+def _number(x: Any, what: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= sys.float_info.max:
+        raise SubspaceError(f"{what} is {str(x)[:40]} (a finite number >= 0 expected)")
+    return float(x)
 
 
 def load_subspace(path: str | os.PathLike, verify: bool = True) -> SharedSubspace:
-    """Read a subspace directory, checking checksums and that tensors match the manifest."""
-    from vlora.subspace import SharedSubspace
+    """Read a subspace directory, checking checksums and that tensors match the manifest.
+
+    Raises SubspaceError naming the directory (or file) and the problem for anything
+    missing, corrupt, inconsistent or non-finite."""
     path = Path(path)
     if not path.is_dir():
         raise SubspaceError(f"{path}: no such subspace directory")
-    manifest = _read_manifest(path)
-    try:
-        files = manifest["files"]
-        bases = _read_data(path, files["bases"], verify)
-        coords = _read_data(path, files["coords"], verify)
-        extras = _read_data(path, files["extras"], verify)
-        modules = {}
-        for m, meta in manifest["modules"].items():
-            quant = meta.get("quant") or {}
-            (u, qu), (v, qv) = _get(bases, f"{m}::U", quant.get("U")), _get(bases, f"{m}::V", quant.get("V"))
-            b = ModuleBasis(u, v, bases[f"{m}::G_u"], bases[f"{m}::G_v"],
-                            {"U": qu, "V": qv} if qu is not None else None)
-            if (b.d_out, b.d_in, b.k_out, b.k_in) != (meta["d_out"], meta["d_in"], meta["k_out"],
-                                                      meta["k_in"]):
-                raise SubspaceError(f"{path}: module {m} tensors disagree with the manifest")
-            modules[m] = b
-        sub = SharedSubspace(modules, weighting=manifest.get("weighting", "task"),
-                             base_model=manifest.get("base_model"),
-                             missing_modules=str(manifest.get("missing_modules", "error")))
-        for i, meta in enumerate(manifest["tasks"]):
-            tid = validate_task_id(meta["id"])
-            if meta.get("dtype", "float32") not in _DTYPES:
-                raise SubspaceError(f"{path}: task {tid!r} has dtype {meta.get('dtype')!r}")
-            tq, cb, ca, quant = meta.get("quant") or {}, {}, {}, {}
-            for m in modules:
-                (cb[m], qb), (ca[m], qa) = (_get(coords, f"{i}::{m}::{s}", tq.get(f"{m}::{s}"))
-                                            for s in ("B", "A"))
-                quant.update({f"{m}::B": qb, f"{m}::A": qa} if qb is not None else {})
-            for m in modules:
-                if cb[m].shape[1] != meta["ranks"][m] or ca[m].shape[1] != meta["ranks"][m]:
-                    raise SubspaceError(f"{path}: task {tid!r} module {m}: rank disagrees "
-                                        "with the manifest")
-            sub.add_task(TaskProjection(
-                tid, cb, ca, {m: float(meta["norm_sq"][m]) for m in modules},
-                {m: float(meta["residual_sq"][m]) for m in modules},
-                {m: coords[f"{i}::{m}::S"] for m in modules}, float(meta["weight"]),
-                bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
-                dict(meta.get("config") or {}), str(meta.get("dtype", "float32")),
-                meta.get("source"), meta.get("sha256"), quant or None))
-    except SubspaceError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise SubspaceError(f"{path}: manifest and data files disagree ({type(e).__name__}: "
-                            f"{e})") from None
+    for attempt in range(10):
+        manifest = _read_manifest(path)
+        try:
+            return _build(path, manifest, verify)
+        except _Gone as e:
+            # A writer may have replaced the manifest and removed the files this one named:
+            # read the new manifest, unless nothing changed (then the file is really gone).
+            if attempt == 9 or _read_manifest(path).get("generation") == manifest.get("generation"):
+                raise SubspaceError(str(e)) from None
+        except SubspaceError as e:
+            if str(path) in str(e):
+                raise
+            raise SubspaceError(f"{path}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError,
+                RuntimeError) as e:
+            raise SubspaceError(f"{path}: manifest and data files disagree ({type(e).__name__}: "
+                                f"{e})") from None
+    raise AssertionError("unreachable")
+
+
+def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace:
+    from vlora.subspace import SharedSubspace
+    files = manifest["files"]
+    bases = _read_data(path, files["bases"], verify)
+    coords = _read_data(path, files["coords"], verify)
+    extras = _read_data(path, files["extras"], verify)
+    modules = {}
+    for m, meta in manifest["modules"].items():
+        quant = meta.get("quant") or {}
+        (u, qu), (v, qv) = _get(bases, f"{m}::U", quant.get("U")), _get(bases, f"{m}::V", quant.get("V"))
+        u, v = _tensor(u, f"module {m} U"), _tensor(v, f"module {m} V")
+        b = ModuleBasis(u, v, _tensor(bases[f"{m}::G_u"], f"module {m} G_u", (u.shape[1],) * 2),
+                        _tensor(bases[f"{m}::G_v"], f"module {m} G_v", (v.shape[1],) * 2),
+                        {"U": qu, "V": qv} if qu is not None else None)
+        if (b.d_out, b.d_in, b.k_out, b.k_in) != (meta["d_out"], meta["d_in"], meta["k_out"],
+                                                  meta["k_in"]):
+            raise SubspaceError(f"{path}: module {m} tensors disagree with the manifest")
+        modules[m] = b
+    sub = SharedSubspace(modules, weighting=manifest.get("weighting", "task"),
+                         base_model=manifest.get("base_model"),
+                         missing_modules=str(manifest.get("missing_modules", "error")))
+    for i, meta in enumerate(manifest["tasks"]):
+        tid = validate_task_id(meta["id"])
+        what = f"task {tid!r}"
+        if meta.get("dtype", "float32") not in _DTYPES:
+            raise SubspaceError(f"{path}: {what} has dtype {meta.get('dtype')!r}")
+        config = meta.get("config") or {}
+        if not isinstance(config, dict) or not all(
+                x is None or isinstance(x, str) for x in (meta.get("source"), meta.get("sha256"))):
+            raise SubspaceError(f"{path}: {what} has a malformed config, source or sha256")
+        tq, cb, ca, quant = meta.get("quant") or {}, {}, {}, {}
+        for m, basis in modules.items():
+            (cb[m], qb), (ca[m], qa) = (_get(coords, f"{i}::{m}::{s}", tq.get(f"{m}::{s}"))
+                                        for s in ("B", "A"))
+            quant.update({f"{m}::B": qb, f"{m}::A": qa} if qb is not None else {})
+            r = meta["ranks"][m]
+            _tensor(cb[m], f"{what} module {m} L_B", (basis.k_out, r))
+            _tensor(ca[m], f"{what} module {m} L_A", (basis.k_in, r))
+        sub.add_task(TaskProjection(
+            tid, cb, ca, {m: _number(meta["norm_sq"][m], f"{what} norm_sq") for m in modules},
+            {m: _number(meta["residual_sq"][m], f"{what} residual_sq") for m in modules},
+            {m: _tensor(coords[f"{i}::{m}::S"], f"{what} module {m} spectrum", ndim=1)
+             for m in modules}, _number(meta["weight"], f"{what} weight"),
+            bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
+            dict(config), str(meta.get("dtype", "float32")),
+            meta.get("source"), meta.get("sha256"), quant or None))
     return sub
