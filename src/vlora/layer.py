@@ -14,6 +14,7 @@ one model: switching tasks changes one Python attribute, nothing per layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,14 +29,16 @@ class Route:
     """What every wrapped layer computes in the current forward.
 
     Attributes:
-        kind: ``"single"`` (one core for all rows), ``"rows"`` (a core per row) or
-            ``"blend"`` (a weighted sum of cores per row).
+        kind: ``"single"`` (one core for all rows), ``"rows"`` (a core per row),
+            ``"blend"`` (a weighted sum of cores per row) or ``"train"`` (a trainer's
+            differentiable adapter path, ``deltas``).
         rows: number of batch rows the route was made for (checked against inputs).
         slot: the core's slot in each layer's ``cores`` (``"single"``).
         index: ``(rows,)`` slot of every row (``"rows"``; slot 0 is the zero core).
         groups: ``[(slot, row indices)]``, rows grouped by slot (``"rows"``).
         weights: ``(rows, n)`` blend weights over ``slots`` ``(n,)`` (``"blend"``).
         heads: head name -> ``[(row indices, weight, bias)]`` for mixed-task heads.
+        deltas: module name -> ``f(x) = x dW^T``, ``(..., d_in) -> (..., d_out)`` (``"train"``).
     """
 
     kind: str
@@ -47,6 +50,7 @@ class Route:
     slots: torch.Tensor | None = None
     heads: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = \
         field(default_factory=dict)
+    deltas: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
 class Router:
@@ -108,6 +112,8 @@ class SubspaceLinear(nn.Module):
         route = self.router.route
         if route is None:
             return y
+        if route.kind == "train":
+            return y + route.deltas[self.name](x).to(y.dtype)
         z = F.linear(x.to(self.u.dtype), self.vt)  # (..., k_in), shared by every task
         if route.kind == "single":
             z = z @ self.cores[route.slot]

@@ -26,7 +26,7 @@ follow. Per-row routing expects the wrapped layers on one device.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,6 +38,7 @@ from vlora.errors import IncompatibleAdaptersError, SubspaceError, VLoRAError
 from vlora.io import save_adapter
 from vlora.layer import Route, Router, RowHead, SubspaceLinear
 from vlora.subspace import SharedSubspace
+from vlora.task import TaskProjection
 
 
 def _normalize(name: str) -> str:
@@ -65,6 +66,11 @@ def _linear_shape(name: str, module: nn.Module) -> tuple[int, int]:
         return tuple(module.weight.shape[::-1])
     raise IncompatibleAdaptersError(
         f"module {name} is a {type(module).__name__}; vlora adapts nn.Linear and Conv1D only")
+
+
+def _core(task: TaskProjection, module: str) -> torch.Tensor:
+    """``M = L_A L_B^T`` ``(k_in, k_out)`` of one module, in float64 (cast on store)."""
+    return task.coords_a[module].double() @ task.coords_b[module].double().T
 
 
 class VLoRAModel(nn.Module):
@@ -178,9 +184,38 @@ class VLoRAModel(nn.Module):
     def clear_task(self) -> None:
         """Back to the bare base model, the model's own non-LoRA tensors restored."""
         self._check_state()
+        self._reset()
+
+    def _reset(self) -> None:
+        """The bare base: no route, the model's own non-LoRA tensors (no state check)."""
         self._apply_extras(None)
         self._router.route = None
         self._active = None
+
+    def set_train_route(self, deltas: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """Make every forward run ``base(x) + deltas[module](x)`` in each wrapped module: a
+        trainer's differentiable adapter path (:class:`vlora.training.SubspaceTrainer`). The
+        model's own non-LoRA tensors (its heads) are in place, so they may train alongside;
+        ``set_task`` or ``clear_task`` ends it."""
+        self._check_state()
+        missing = sorted(set(self._layers) - set(deltas))
+        if missing:
+            raise VLoRAError(f"set_train_route: no delta for modules {missing[:5]}")
+        self._reset()
+        self._router.route = Route("train", deltas=dict(deltas))
+
+    def refresh_task(self, task_id: str) -> None:
+        """Re-read ``task_id`` from the subspace after its coordinates or non-LoRA tensors
+        were replaced there (a trainer's ``write_back``): cached cores and tensors are stale."""
+        self._check_state()
+        applied = self._applied
+        self._apply_extras(None)
+        self._extras.pop(task_id, None)
+        if task_id in self._slots:
+            t = self.subspace.get_task(task_id)
+            for name, layer in self._layers.items():
+                layer.store_cores(self._slots[task_id], _core(t, name)[None])
+        self._apply_extras(applied)
 
     @contextmanager
     def tasks(self, task_ids: Sequence[str | None] | None = None,
@@ -256,7 +291,7 @@ class VLoRAModel(nn.Module):
         for name, original in self._merged.items():
             self._layers[name].base_layer.weight.copy_(original)
         self._merged = None
-        self.clear_task()
+        self._reset()
 
     def reconstruct_state_dict(self, task_id: str) -> dict[str, torch.Tensor]:
         """The PEFT adapter state dict of ``task_id`` (``B^ = U L_B``, ``A^ = L_A^T V^T``,
@@ -276,7 +311,7 @@ class VLoRAModel(nn.Module):
         """Put the original modules back (task cleared, merge undone); returns the model."""
         if self._merged is not None:
             self.unmerge()
-        self.clear_task()
+        self._reset()  # no state check: unwrapping is the way out after the bases moved
         for name in [*self._layers, *self._heads]:
             parent, attr, module = self._named[name]
             setattr(parent, attr, module)
@@ -346,8 +381,7 @@ class VLoRAModel(nn.Module):
         tasks = [self.subspace.get_task(t) for t in new]
         start = 1 + len(self._slots)
         for name, layer in self._layers.items():
-            layer.store_cores(start, torch.stack(
-                [t.coords_a[name].double() @ t.coords_b[name].double().T for t in tasks]))
+            layer.store_cores(start, torch.stack([_core(t, name) for t in tasks]))
         self._slots.update({t: start + i for i, t in enumerate(new)})
 
     def _plan(self, task_ids, task_weights, task_order) -> tuple[Route | None, str | None]:

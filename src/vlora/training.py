@@ -1,0 +1,341 @@
+"""Training a task inside a shared subspace (Share; DESIGN.md section 3, "Training a task").
+
+The trainable parameters of a task are its coordinates ``L_B`` ``(k_out, r)`` and
+``L_A`` ``(k_in, r)`` per module, optionally with ``phi`` extra directions per side,
+``E_u`` ``(d_out, phi)`` and ``E_v`` ``(d_in, phi)``, orthonormal and orthogonal to
+the bases, whose own coordinates ``X_B``, ``X_A`` ``(phi, r)`` train too::
+
+    dW = [U E_u] [L_B; X_B] [L_A; X_A]^T [V E_v]^T
+
+Every adapted module of the model adds ``x dW^T`` to its output through
+:class:`~vlora.model.VLoRAModel`'s ``"train"`` route, so ``loss.backward()`` reaches
+the coordinates and any optimiser trains them. Example::
+
+    st = SubspaceTrainer(sub, "new_task", model=base_model, lr=5e-2, head_lr=5e-3)
+    base_model.train()
+    for batch in batches:
+        st.step(st.model(**batch).loss)
+    st.write_back()            # the trained task is now a task of ``sub``
+
+Nothing reads raw LoRA factors: the trained function, the stored task and the
+absorb all depend on the coordinates through ``dW`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlora import linalg
+from vlora.adapter import LoRAWeights
+from vlora.layer import RowHead
+from vlora.model import VLoRAModel
+from vlora.subspace import AbsorbReport, SharedSubspace
+from vlora.task import TaskProjection, adapter_weight
+
+F64 = torch.float64
+HEAD_NAMES = ("classifier", "score")  # transformers' heads PEFT puts in modules_to_save
+
+
+def _task_config(subspace: SharedSubspace, rank: int, heads: list[str]) -> dict[str, Any]:
+    """The config of a task born in the subspace: the base model and task type of the
+    tasks already there, scale 1 (``lora_alpha = r``)."""
+    template = subspace.get_task(subspace.tasks[0]).config if subspace.tasks else {}
+    config = {k: template[k] for k in ("base_model_name_or_path", "task_type") if k in template}
+    config.setdefault("base_model_name_or_path", subspace.base_model)
+    config.update(peft_type="LORA", r=rank, lora_alpha=rank, modules_to_save=heads or None,
+                  target_modules=sorted({m.rsplit(".", 1)[-1] for m in subspace.modules}))
+    return config
+
+
+def orthogonal_init(subspace: SharedSubspace, task_id: str, rank: int | None = None,
+                    init_scale: float | None = None, seed: int = 0) -> TaskProjection:
+    """Register ``task_id`` with ``dW = 0`` that still receives gradients, and return it.
+
+    Per module, ``L_A`` ``(k_in, rank)`` has i.i.d. normal entries of standard deviation
+    ``init_scale`` (default ``1/sqrt(d_in)``, about the size of PEFT's initial ``A``) and
+    ``L_B`` ``(k_out, rank)`` is zero: ``dW = U L_B L_A^T V^T = 0`` exactly, and the
+    gradient of ``L_B`` is not zero. ``rank`` defaults to the subspace's task rank.
+    """
+    rank = rank or max((r for t in subspace.tasks for r in subspace.get_task(t).ranks().values()),
+                       default=0) or 8
+    gen = torch.Generator().manual_seed(seed)
+    cb, ca = {}, {}
+    for m, basis in subspace.modules.items():
+        std = init_scale if init_scale is not None else 1.0 / math.sqrt(basis.d_in)
+        ca[m] = (torch.randn(basis.k_in, rank, generator=gen, dtype=F64) * std).to(basis.V.dtype)
+        cb[m] = basis.U.new_zeros(basis.k_out, rank)
+    zero = {m: 0.0 for m in subspace.modules}
+    proj = TaskProjection(task_id, cb, ca, dict(zero), dict(zero),
+                          {m: torch.zeros(0, dtype=F64) for m in subspace.modules},
+                          weight=0.0, config=_task_config(subspace, rank, []))
+    subspace.add_task(proj)
+    return proj
+
+
+def _complement(basis: torch.Tensor, phi: int, gen: torch.Generator) -> torch.Tensor:
+    """``(d, phi)`` orthonormal columns orthogonal to ``span(basis)``, random but seeded."""
+    d = basis.shape[0]
+    q = torch.linalg.qr(basis.to(F64)).Q  # bases may be quantized, so not exactly orthonormal
+    g = torch.randn(d, min(phi, d - q.shape[1]), generator=gen, dtype=F64)
+    for _ in range(2):  # twice is enough for orthogonality to working precision
+        g = g - q @ (q.T @ g)
+    return linalg.fix_signs(torch.linalg.qr(g).Q)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:  # a head another model type has (score vs classifier)
+        return None
+
+
+class _ModuleDelta(nn.Module):
+    """``x -> x dW^T`` for one module, ``(..., d_in) -> (..., d_out)``.
+
+    Buffers ``u`` ``(d_out, k_out + phi_out)`` = ``[U E_u]`` and ``vt``
+    ``(k_in + phi_in, d_in)`` = ``[V E_v]^T``; parameters ``lb``, ``la`` (the task's
+    coordinates) and, when ``phi > 0``, ``xb`` ``(phi_out, r)``, ``xa`` ``(phi_in, r)``.
+    """
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, lb: torch.Tensor, la: torch.Tensor,
+                 eu: torch.Tensor, ev: torch.Tensor, init_scale: float, gen: torch.Generator):
+        super().__init__()
+        self.k_out, self.k_in = u.shape[1], v.shape[1]
+        self.register_buffer("u", torch.cat([u, eu.to(u)], 1).contiguous())
+        self.register_buffer("vt", torch.cat([v, ev.to(v)], 1).T.contiguous())
+        self.lb, self.la = nn.Parameter(lb.to(u)), nn.Parameter(la.to(u))
+        self.phi = eu.shape[1] + ev.shape[1]
+        if self.phi:  # the extra directions start like the task: dW = 0, gradients flow
+            r = lb.shape[1]
+            self.xb = nn.Parameter(u.new_zeros(eu.shape[1], r))
+            self.xa = nn.Parameter((torch.randn(ev.shape[1], r, generator=gen, dtype=F64)
+                                    * init_scale).to(u))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coordinates in ``[U E_u]`` ``(k_out + phi_out, r)`` and ``[V E_v]`` ``(k_in + phi_in, r)``."""
+        if not self.phi:
+            return self.lb, self.la
+        return torch.cat([self.lb, self.xb]), torch.cat([self.la, self.xa])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lb, la = self.factors()
+        z = F.linear(x.to(self.vt.dtype), self.vt)  # (..., k_in + phi_in)
+        return F.linear((z @ la) @ lb.T, self.u)
+
+
+class TrainingModule(nn.Module):
+    """The wrapped model with a task's coordinates as submodules: one module to move with
+    ``.to()`` or to hand to a transformers ``Trainer``. Forward is the model's."""
+
+    def __init__(self, model: VLoRAModel, deltas: nn.ModuleList):
+        super().__init__()
+        self.model = model
+        self.deltas = deltas
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)  # config, device, ... of the base model
+
+
+class SubspaceTrainer:
+    """Train task ``task_id`` of ``subspace`` as coordinates inside it (Share).
+
+    Args:
+        subspace: the shared subspace; a task not in it is created by :func:`orthogonal_init`.
+            A task already there continues from its stored coordinates and heads.
+        task_id: the task to train.
+        model: the base model (wrapped here in place by a :class:`VLoRAModel`) or a
+            VLoRAModel of ``subspace``. Its base weights are frozen; its heads train.
+        lr: learning rate of the coordinates with the default optimiser (AdamW, no weight
+            decay). They carry dW in far fewer numbers than a LoRA, each moved about ``lr``
+            per Adam step, so they want a larger lr than a LoRA recipe's (about
+            ``s lr sqrt(r (d_out + d_in) / (p (k_out + k_in)))`` moves dW as fast).
+        head_lr: learning rate of the heads (default ``lr``).
+        optimizer: ``f(param_groups) -> torch.optim.Optimizer`` to use any other.
+        num_expand: ``phi`` extra directions per side and module (folded in by ``write_back``).
+        pseudo_rank: rank ``p`` of the trained coordinates (default: the task's, or the
+            subspace's task rank); an existing task of higher rank is truncated to ``p``.
+        train_modules_to_save: train the heads (``modules_to_save`` of the subspace's
+            tasks, else ``classifier``/``score``) alongside; or a list of module names.
+        init_scale, seed: of :func:`orthogonal_init` and of the extra directions.
+
+    Coordinates are created on each wrapped layer's device, in float32 (float64 for a
+    float64 model); move :attr:`module` (not the model alone) to change device later.
+    """
+
+    def __init__(self, subspace: SharedSubspace, task_id: str, model: Any, *, lr: float = 1e-3,
+                 head_lr: float | None = None,
+                 optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
+                 num_expand: int = 0, pseudo_rank: int | None = None,
+                 train_modules_to_save: bool | Iterable[str] = True,
+                 init_scale: float | None = None, seed: int = 0):
+        self.subspace, self.task_id, self.num_expand = subspace, task_id, num_expand
+        vm = model if isinstance(model, VLoRAModel) else VLoRAModel(model, subspace)
+        if vm.subspace is not subspace:
+            raise ValueError("model is a VLoRAModel of another subspace")
+        if task_id not in subspace:
+            orthogonal_init(subspace, task_id, pseudo_rank, init_scale, seed)
+        task = subspace.get_task(task_id)
+        gen = torch.Generator().manual_seed(seed + 1)
+        deltas = []
+        for m, basis in subspace.modules.items():
+            lb, la = task.coords_b[m].to(F64), task.coords_a[m].to(F64)
+            if pseudo_rank is not None and pseudo_rank > lb.shape[1]:
+                raise ValueError(f"pseudo_rank {pseudo_rank} > task {task_id!r}'s rank {lb.shape[1]}")
+            if pseudo_rank is not None and pseudo_rank < lb.shape[1]:
+                lb, la = linalg.truncate_core(lb, la, pseudo_rank)
+            layer = vm._layers[m]
+            dtype = F64 if layer.u.dtype == F64 else torch.float32
+            u, v = basis.U.to(layer.u.device, dtype), basis.V.to(layer.u.device, dtype)
+            std = init_scale if init_scale is not None else 1.0 / math.sqrt(basis.d_in)
+            deltas.append(_ModuleDelta(u, v, lb, la, _complement(basis.U, num_expand, gen),
+                                       _complement(basis.V, num_expand, gen), std, gen))
+        self.module = TrainingModule(vm, nn.ModuleList(deltas))
+        self.model = vm
+        self._modules = list(subspace.modules)
+        # First the route, which puts the model's own heads back in place: those train.
+        vm.set_train_route({m: d for m, d in zip(self._modules, deltas)})
+        for p in vm.model.parameters():
+            p.requires_grad_(False)
+        self.heads = self._find_heads(vm, task, train_modules_to_save)
+        for p in self.heads.values():
+            p.requires_grad_(True)
+        groups = [{"params": self.coordinates(), "lr": lr, "name": "coordinates"}]
+        if self.heads:
+            groups.append({"params": list(self.heads.values()), "lr": head_lr or lr, "name": "heads"})
+        self.optimizer = optimizer(groups) if optimizer else torch.optim.AdamW(groups, lr=lr,
+                                                                               weight_decay=0.0)
+
+    @staticmethod
+    def _find_heads(vm: VLoRAModel, task: TaskProjection,
+                    which: bool | Iterable[str]) -> dict[str, nn.Parameter]:
+        """Head parameters keyed as the task's ``extra`` (``classifier.weight``), started from
+        the task's stored heads when it has them."""
+        if which is True:
+            names = sorted({n for t in vm.subspace.tasks
+                            for n in vm.subspace.get_task(t).config.get("modules_to_save") or ()})
+            modules = {n: _submodule(vm.model, n) for n in names or HEAD_NAMES}
+            modules = {n: mod for n, mod in modules.items() if mod is not None}
+        else:
+            modules = {n: vm.model.get_submodule(n) for n in which or ()}
+        heads = {}
+        for name, module in modules.items():
+            module = module.base_layer if isinstance(module, RowHead) else module
+            for pname, p in module.named_parameters():
+                key = f"{name}.{pname}"
+                if key in task.extra:  # continue from the task's own head (shapes may differ)
+                    p.data = task.extra[key].to(p.device, p.dtype, copy=True)
+                heads[key] = p
+        return heads
+
+    # ------------------------------------------------------------------ training
+    def coordinates(self) -> list[nn.Parameter]:
+        """The adapter's trainable parameters (``L_B``, ``L_A`` and the extra coordinates)."""
+        return list(self.module.deltas.parameters())
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Everything that trains: coordinates, then heads."""
+        return self.coordinates() + list(self.heads.values())
+
+    @property
+    def num_trainable_params(self) -> dict[str, int]:
+        """``{"adapter": ..., "heads": ...}``: trainable numbers, heads counted apart."""
+        return {"adapter": sum(p.numel() for p in self.coordinates()),
+                "heads": sum(p.numel() for p in self.heads.values())}
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward, one optimiser step, zero the gradients; returns the loss."""
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        # The bases with their extra directions are saved too: a resumed run must not
+        # depend on drawing the same random directions again.
+        out = {}
+        for m, d in zip(self._modules, self.module.deltas):
+            parts = {"L_B": d.lb, "L_A": d.la, "U": d.u, "Vt": d.vt}
+            if d.phi:
+                parts.update(X_B=d.xb, X_A=d.xa)
+            out.update({f"{m}::{k}": t for k, t in parts.items()})
+        out.update({f"head::{k}": p for k, p in self.heads.items()})
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Coordinates, ``[U E_u]``, ``[V E_v]^T`` and heads on the CPU, keyed ``module::L_B``."""
+        return {k: t.detach().cpu().contiguous() for k, t in self._tensors().items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a :meth:`state_dict` back in (same task layout: shapes must match)."""
+        for k, t in self._tensors().items():
+            t.copy_(state[k])
+
+    # ---------------------------------------------------------------- write back
+    def _heads_and_config(self, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The heads as the task's ``extra`` (CPU copies) and the task's config."""
+        heads = {k: p.detach().cpu().clone() for k, p in self.heads.items()}
+        return heads, _task_config(self.subspace, rank, sorted({k.rpartition(".")[0] for k in heads}))
+
+    def to_lora(self) -> LoRAWeights:
+        """The trained task as a LoRA at scale 1: ``B = [U E_u] [L_B; X_B]``
+        ``(d_out, r)``, ``A = [L_A; X_A]^T [V E_v]^T`` ``(r, d_in)``, with its heads."""
+        a, b = {}, {}
+        with torch.no_grad():
+            for m, d in zip(self._modules, self.module.deltas):
+                lb, la = d.factors()
+                b[m] = (d.u.to(F64) @ lb.to(F64)).float().cpu()
+                a[m] = (la.to(F64).T @ d.vt.to(F64)).float().cpu()
+        heads, config = self._heads_and_config(lb.shape[1])
+        return LoRAWeights(list(a), a, b, {m: 1.0 for m in a}, heads, config)
+
+    def write_back(self, refine_iters: int = 10, exact_errors: bool = True
+                   ) -> dict[str, AbsorbReport]:
+        """Store the trained task in the subspace; returns each old task's absorb report.
+
+        With ``num_expand == 0`` the coordinates are stored exactly (no projection error,
+        no other task moves: the report is empty) and the model serves the task at once.
+        Otherwise the task, extra directions included, is absorbed
+        (:meth:`SharedSubspace.absorb`): the bases learn its new directions, every task is
+        re-expressed, and the model must be wrapped again (``unwrap()``) to serve them.
+        """
+        if self.num_expand == 0:
+            self.subspace.add_task(self._projection(), replace=True)
+            self.model.refresh_task(self.task_id)
+            return {}
+        lora, old = self.to_lora(), self.subspace.remove_task(self.task_id)
+        try:
+            return self.subspace.absorb(lora, self.task_id, refine_iters, exact_errors)
+        except Exception:
+            self.subspace.add_task(old)  # an absorb validates before any basis moves
+            raise
+
+    @torch.no_grad()
+    def _projection(self) -> TaskProjection:
+        """The task as stored coordinates: exact, so its error is 0 and its norm and
+        spectrum are those of ``dW = (U L_B)(V L_A)^T`` (float64, never dense)."""
+        cb, ca, norm, spec = {}, {}, {}, {}
+        for m, d in zip(self._modules, self.module.deltas):
+            basis = self.subspace.modules[m]
+            cb[m], ca[m] = d.lb.detach().to("cpu", basis.U.dtype), d.la.detach().to("cpu", basis.V.dtype)
+            _, s, _ = linalg.canonical(basis.U.to(F64) @ cb[m].to(F64),
+                                       (basis.V.to(F64) @ ca[m].to(F64)).T)
+            norm[m], spec[m] = float(s.square().sum()), s
+        heads, config = self._heads_and_config(cb[m].shape[1])
+        return TaskProjection(self.task_id, cb, ca, norm, {m: 0.0 for m in norm}, spec,
+                              adapter_weight(sum(norm.values()), self.subspace.weighting),
+                              extra=heads, config=config)

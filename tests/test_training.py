@@ -1,0 +1,255 @@
+"""Training a task inside the subspace (Share): gradients, exact write-back, absorb, gauge
+freedom and the transformers Trainer path, on the real MiniLM test bed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytest.importorskip("yaml")
+
+from vlora import LoRAWeights, SharedSubspace, load_adapter  # noqa: E402
+from vlora.examples import example_adapter_dirs  # noqa: E402
+from vlora.model import VLoRAModel  # noqa: E402
+from vlora.testbed import (  # noqa: E402
+    build_testbed,
+    load_adapter_model,
+    load_minilm_classifier,
+    load_task,
+    tokenize,
+)
+from vlora.training import SubspaceTrainer, orthogonal_init  # noqa: E402
+
+NEW_TASKS = ["rt_subjectivity", "chat_topic_es", "chat_topic_it"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine's few cores are shared: more threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> tuple[list[LoRAWeights], list[str]]:
+    """Real adapters of the test bed: the shipped examples, else three tiny fresh ones."""
+    dirs = example_adapter_dirs()
+    if len(dirs) < 3:
+        dirs = build_testbed(["rt_sentiment", "chat_topic_en", "word_polarity"], [0],
+                             cache_dir=tmp_path_factory.mktemp("tb"), progress=False, steps=8,
+                             batch_size=8, max_train=64, max_eval=16, threads=None)
+    tasks = [json.loads((d / "metrics.json").read_text())["task"] for d in dirs]
+    return [load_adapter(d) for d in dirs], tasks
+
+
+@pytest.fixture(scope="module")
+def new_task(adapters):
+    """A real task none of the subspace's adapters was trained on."""
+    task = next(t for t in NEW_TASKS if t not in adapters[1])
+    tr_x, tr_y, ev_x, ev_y, labels = load_task(task, max_train=192, max_eval=96, seed=0)
+    return task, tr_x, tr_y, ev_x, ev_y, labels
+
+
+def fresh_subspace(adapters, **kw) -> SharedSubspace:
+    ads, tasks = adapters
+    return SharedSubspace.from_adapters(ads, task_ids=tasks, **{"num_components": 8, **kw})
+
+
+def batch_of(new_task, n=8, start=0):
+    _, tr_x, tr_y, *_ = new_task
+    return tokenize(tr_x[start:start + n], 32), torch.tensor(tr_y[start:start + n])
+
+
+def loss_of(st, enc, y):
+    return torch.nn.functional.cross_entropy(st.model(**enc).logits, y)
+
+
+def trainer(sub, new_task, seed=0, **kw) -> SubspaceTrainer:
+    labels = new_task[-1]
+    return SubspaceTrainer(sub, "new", model=load_minilm_classifier(len(labels), seed),
+                           lr=kw.pop("lr", 1e-2), seed=seed, **kw)
+
+
+def test_orthogonal_init_is_zero_and_gets_gradients(adapters, new_task):
+    sub = fresh_subspace(adapters, num_components=None, variance_threshold=0.6)
+    ks = {(b.k_out, b.k_in) for b in sub.modules.values()}
+    assert len(ks) > 1  # modules of different k
+    t = orthogonal_init(sub, "zero", rank=3, seed=1)
+    assert t.error == 0 and t.weight == 0 and "zero" in sub
+    for m, b in sub.modules.items():
+        assert t.coords_b[m].shape == (b.k_out, 3) and t.coords_a[m].shape == (b.k_in, 3)
+        assert not sub.core("zero", m).any() and t.coords_a[m].abs().sum() > 0
+    enc, y = batch_of(new_task)
+    base = load_minilm_classifier(len(new_task[-1]), 0)
+    with torch.no_grad():
+        ref = base(**enc).logits
+    st = SubspaceTrainer(sub, "zero", model=base, num_expand=2, train_modules_to_save=False)
+    out = st.model(**enc).logits
+    assert torch.equal(out.detach(), ref)  # dW = 0 exactly: the bare base, bit for bit
+    torch.nn.functional.cross_entropy(out, y).backward()
+    for d in st.module.deltas:
+        assert d.lb.grad.abs().sum() > 0 and d.xb.grad.abs().sum() > 0
+
+
+def test_one_step_moves_the_loss_and_only_the_coordinates(adapters, new_task):
+    sub = fresh_subspace(adapters)
+    st = trainer(sub, new_task, train_modules_to_save=False)
+    before = {k: v.clone() for k, v in st.model.model.state_dict().items()}
+    coords = [(d.lb.detach().clone(), d.la.detach().clone()) for d in st.module.deltas]
+    enc, y = batch_of(new_task)
+    first = st.step(loss_of(st, enc, y))
+    assert loss_of(st, enc, y).item() != pytest.approx(first, abs=1e-5)
+    after = st.model.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # base weights, bitwise
+    for d, (lb, la) in zip(st.module.deltas, coords):
+        assert not torch.equal(d.lb, lb)
+        assert torch.equal(d.la, la)  # while L_B = 0 the gradient of L_A is exactly zero
+    assert st.num_trainable_params == {"adapter": sum(8 * (b.k_out + b.k_in) for b in sub.modules.values()),
+                                       "heads": 0}
+    with_heads = trainer(fresh_subspace(adapters), new_task)
+    assert with_heads.num_trainable_params["heads"] == 384 * len(new_task[-1]) + len(new_task[-1])
+    assert all(not p.requires_grad for n, p in with_heads.model.model.named_parameters()
+               if not n.startswith("classifier"))
+
+
+def test_write_back_without_expansion_is_exact(adapters, new_task, tmp_path):
+    sub = fresh_subspace(adapters)
+    st = trainer(sub, new_task, pseudo_rank=4)
+    st.model.model.train()
+    for i in range(3):
+        st.step(loss_of(st, *batch_of(new_task, start=8 * i)))
+    st.model.model.eval()
+    enc, _ = batch_of(new_task, n=16, start=40)
+    with torch.no_grad():
+        trained = st.model(**enc).logits
+    assert st.write_back() == {}  # nothing else moved
+    t = sub.get_task("new")
+    assert t.error == 0 and t.ranks() == {m: 4 for m in sub.modules} and "classifier.weight" in t.extra
+    for m, d in zip(sub.modules, st.module.deltas):
+        assert torch.equal(t.coords_b[m], d.lb.detach()) and torch.equal(t.coords_a[m], d.la.detach())
+    st.model.set_task("new")
+    with torch.no_grad():
+        torch.testing.assert_close(st.model(**enc).logits, trained, atol=1e-5, rtol=0)
+    # Served from the subspace alone: another base model, another head, same function.
+    vm = VLoRAModel(load_minilm_classifier(len(new_task[-1]), 7), sub)
+    with torch.no_grad():
+        torch.testing.assert_close(vm(**enc, task_ids=["new"] * 16).logits, trained, atol=1e-5, rtol=0)
+    # An adapter like any other: exported, PEFT computes the same function.
+    vm.export("new", tmp_path / "new")
+    peft_model = load_adapter_model(tmp_path / "new", len(new_task[-1]))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**enc).logits, trained, atol=1e-5, rtol=0)
+
+
+def test_write_back_with_expansion_absorbs_the_new_directions(adapters, new_task):
+    sub = fresh_subspace(adapters)
+    old = list(sub.tasks)
+    st = trainer(sub, new_task, num_expand=2, lr=5e-2)
+    st.model.model.train()
+    for i in range(3):
+        st.step(loss_of(st, *batch_of(new_task, start=8 * i)))
+    d0, m0 = st.module.deltas[0], next(iter(sub.modules))
+    eu, k_out = d0.u[:, d0.k_out:].double(), d0.k_out
+    assert float((d0.u[:, :k_out].double().T @ eu).abs().max()) < 1e-6  # orthogonal to U
+    report = st.write_back()
+    assert sorted(report) == sorted(old) and all(r.drift >= 0 for r in report.values())
+    assert sub.tasks[-1] == "new" and "classifier.weight" in sub.get_task("new").extra
+    # The new basis reaches into the directions that were outside the old one.
+    assert float((sub.modules[m0].U.double().T @ eu).norm()) > 1e-3
+    model = st.model.unwrap()  # the bases moved: unwrap (allowed now) and wrap again
+    assert not any(type(m).__name__ == "SubspaceLinear" for m in model.modules())
+    VLoRAModel(model, sub).set_task("new")
+
+
+def test_gauge_free(adapters, new_task):
+    """Training depends on the adapters through dW only: gauged adapters give the same
+    trained task; and a gauge on the trained coordinates changes nothing stored."""
+    ads, tasks = adapters
+    gen = torch.Generator().manual_seed(3)
+    gauged = []
+    for a in ads:
+        b, aa = {}, {}
+        for m in a.layer_names:
+            g = torch.randn(a.lora_a[m].shape[0], a.lora_a[m].shape[0], generator=gen, dtype=torch.float64)
+            g = g + 4 * torch.eye(g.shape[0], dtype=torch.float64)
+            b[m] = (a.lora_b[m].double() @ g).float()
+            aa[m] = (torch.linalg.solve(g, a.lora_a[m].double())).float()
+        gauged.append(LoRAWeights(a.layer_names, aa, b, a.scales, a.extra, a.config))
+    enc, y = batch_of(new_task)
+    runs = []
+    for items in (ads, gauged):
+        st = trainer(SharedSubspace.from_adapters(items, task_ids=tasks, num_components=8), new_task)
+        runs.append((st.step(loss_of(st, enc, y)), st.step(loss_of(st, enc, y)), st))
+    assert runs[0][:2] == pytest.approx(runs[1][:2], abs=1e-4)
+    st = runs[0][2]
+    with torch.no_grad():
+        ref = st.model(**enc).logits
+        cores = {m: d.lb.double() @ d.la.double().T for m, d in zip(st.subspace.modules, st.module.deltas)}
+        for d in st.module.deltas:
+            r = d.lb.shape[1]
+            g = torch.randn(r, r, generator=gen, dtype=torch.float64) + 4 * torch.eye(r, dtype=torch.float64)
+            d.lb.copy_(d.lb.double() @ g)
+            d.la.copy_(d.la.double() @ torch.linalg.inv(g).T)
+        torch.testing.assert_close(st.model(**enc).logits, ref, atol=1e-5, rtol=0)
+    st.write_back()
+    for m in cores:
+        torch.testing.assert_close(st.subspace.core("new", m), cores[m], atol=1e-5, rtol=1e-4)
+
+
+def test_hf_trainer_trains_only_the_coordinates_and_resumes(adapters, new_task, tmp_path):
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from vlora.integrations.huggingface import COORDINATES_NAME, VLoRATrainer
+    from vlora.testbed import minilm_tokenizer
+    from vlora.testbed.train import majority_accuracy, predict
+
+    _, tr_x, tr_y, ev_x, ev_y, labels = new_task
+    tok = minilm_tokenizer()
+    data = [{**tok(x, truncation=True, max_length=32), "labels": y} for x, y in zip(tr_x, tr_y)]
+
+    def run(steps, resume=None):
+        sub = fresh_subspace(adapters)
+        st = trainer(sub, new_task)
+        args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=steps,
+                                 learning_rate=5e-2, save_steps=20, logging_steps=1, report_to=[],
+                                 use_cpu=True, disable_tqdm=True, seed=0, warmup_steps=2)
+        hf = VLoRATrainer(st, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tok))
+        frozen = {n: p.clone() for n, p in st.model.model.named_parameters() if not p.requires_grad}
+        hf.train(resume_from_checkpoint=resume)
+        held = {id(p) for g in hf.optimizer.param_groups for p in g["params"]}
+        assert held == {id(p) for p in st.parameters()}  # exactly these, nothing of the base
+        assert all(torch.equal(p, frozen[n]) for n, p in st.model.model.named_parameters() if n in frozen)
+        return st, hf
+
+    st, hf = run(24)
+    losses = [h["loss"] for h in hf.state.log_history if "loss" in h]
+    acc = sum(int(p == g) for p, g in zip(predict(st.model, ev_x, max_length=32), ev_y)) / len(ev_y)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert acc > majority_accuracy(ev_y) + 0.05
+    ckpt = tmp_path / "checkpoint-20"
+    assert {p.name for p in ckpt.iterdir()} >= {COORDINATES_NAME, "optimizer.pt", "trainer_state.json"}
+    assert not any(p.name.startswith("model") for p in ckpt.iterdir())  # no base weights
+    resumed, _ = run(24, resume=str(ckpt))
+    for a, b in zip(st.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda_where_the_model_is(adapters, new_task):
+    sub = fresh_subspace(adapters)
+    model = load_minilm_classifier(len(new_task[-1]), 0).cuda()
+    st = SubspaceTrainer(sub, "new", model=model, lr=1e-2, num_expand=2)
+    assert all(p.is_cuda for p in st.parameters())
+    enc, y = batch_of(new_task)
+    enc, y = enc.to("cuda"), y.cuda()
+    first = st.step(loss_of(st, enc, y))
+    assert loss_of(st, enc, y).item() != pytest.approx(first, abs=1e-5)
+    st.module.cpu()  # the coordinates move with the model
+    assert not any(p.is_cuda for p in st.parameters())
+    assert st.write_back()
