@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from synthetic import MODULES, planted, regauge
-from vlora import IncompatibleAdaptersError, LoRAWeights, SharedSubspace, linalg, save_adapter
+from vlora import IncompatibleAdaptersError, LoRAWeights, SharedSubspace, save_adapter
 from vlora.analysis import (
     SimilarityMatrix,
     adapter_diff,
@@ -21,12 +21,6 @@ from vlora.analysis import (
 )
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with linalg.fixed_threads(1):
-        yield
 
 
 def families(sizes=(3, 4, 2), noise=0.3) -> list[LoRAWeights]:

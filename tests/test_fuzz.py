@@ -39,12 +39,9 @@ def seeds(make_peft_adapter):
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # no fsync cost per case
     root = Path(tempfile.mkdtemp(prefix="vlora-fuzz-", dir=shm))
     minilm, _ = make_peft_adapter("rt")  # a real PEFT LoRA of MiniLM (shared with test_io)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: thread wake-ups would dominate
     try:
         yield fuzz.make_seeds(root / "seeds", minilm)
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -33,13 +33,6 @@ FULL = 32  # min(d_out, d_in) of the planted adapters: a rank that truncates not
 WEIGHTS = [1.0, 0.75, -0.5]  # exact in float32 too, so PEFT's float32 weight tensor is exact
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # LAPACK at 2+ threads on a shared 2-core machine is 50x slower, and not bit-stable
-    with linalg.fixed_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def ads() -> list[LoRAWeights]:
     """Three float64 adapters of one model with ranks 4, 6, 4 and different scales."""

@@ -38,15 +38,6 @@ def logits(model, batch, **kw):
         return model(**batch, **kw).logits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's few cores are shared: more threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def minilm_sub(make_peft_adapter):
     """Three real PEFT adapters of MiniLM (each with its own 3-label head), k = 6 < 12."""

@@ -27,15 +27,6 @@ from vlora.training import SubspaceTrainer, orthogonal_init  # noqa: E402
 NEW_TASKS = ["rt_subjectivity", "chat_topic_es", "chat_topic_it"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine's few cores are shared: more threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> tuple[list[LoRAWeights], list[str]]:
     """Real adapters of the test bed: the shipped examples, else three tiny fresh ones."""
