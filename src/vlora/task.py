@@ -126,9 +126,14 @@ def error_sq(us: torch.Tensor, v_t: torch.Tensor, basis: ModuleBasis, core: torc
 
 
 def adapter_weight(norm_sq_total: float, weighting: str) -> float:
+    """A task's weight in basis fits: 1 (``"energy"``) or ``1 / ||dW||^2`` (``"task"``).
+
+    An adapter whose ``||dW||^2`` is so small that its inverse overflows (subnormal) is
+    numerically zero and, like an all-zero adapter, gets weight 0."""
     if weighting == "energy":
         return 1.0
-    return 1.0 / norm_sq_total if norm_sq_total > 0 else 0.0
+    inverse = 1.0 / norm_sq_total if norm_sq_total > 0 else 0.0
+    return inverse if math.isfinite(inverse) else 0.0
 
 
 def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleBasis],
