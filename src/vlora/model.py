@@ -73,7 +73,20 @@ def _core(task: TaskProjection, module: str) -> torch.Tensor:
     return task.coords_a[module].double() @ task.coords_b[module].double().T
 
 
-class VLoRAModel(nn.Module):
+class Delegating(nn.Module):
+    """A wrapper module that answers what it lacks from ``self.model`` (``config``,
+    ``device``, ``generation_config``, ...), so it stands in for the model it wraps."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class VLoRAModel(Delegating):
     """A base model serving the tasks of a subspace, alone or mixed in one batch.
 
     Args:
@@ -143,13 +156,6 @@ class VLoRAModel(nn.Module):
         self._merged: dict[str, torch.Tensor] | None = None  # module -> original weight
         self._in_context = 0
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)  # config, device, generation_config, ...
 
     # ------------------------------------------------------------------ tasks
     @property

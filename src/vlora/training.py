@@ -34,7 +34,7 @@ from torch import nn
 from vlora import linalg
 from vlora.adapter import LoRAWeights
 from vlora.layer import RowHead
-from vlora.model import VLoRAModel
+from vlora.model import Delegating, VLoRAModel
 from vlora.subspace import AbsorbReport, SharedSubspace
 from vlora.task import TaskProjection, adapter_weight
 
@@ -129,7 +129,7 @@ class _ModuleDelta(nn.Module):
         return F.linear((z @ la) @ lb.T, self.u)
 
 
-class TrainingModule(nn.Module):
+class TrainingModule(Delegating):
     """The wrapped model with a task's coordinates as submodules: one module to move with
     ``.to()`` or to hand to a transformers ``Trainer``. Forward is the model's."""
 
@@ -140,14 +140,6 @@ class TrainingModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)  # config, device, ... of the base model
 
 
 class SubspaceTrainer:
