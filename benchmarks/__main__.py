@@ -51,10 +51,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("mode", choices=["all", "quick"])
     ap.add_argument("--testbed", default=str(Path.home() / ".cache" / "vlora" / "bench-testbed"),
-                    help="folder with one-seed/ and independent/ adapter folders")
+                    help="test-bed cache (``all`` trains what is missing; see benchmarks/testbed.py)")
     args = ap.parse_args(argv)
     quick = args.mode == "quick"
-    times = {}
+    times, testbed_s = {}, 0.0
     if quick:
         from vlora.examples import example_adapter_dirs
         dirs = [str(d) for d in example_adapter_dirs()]
@@ -64,24 +64,31 @@ def main(argv=None) -> None:
         times["serving"] = run("serving", "--quick", "--threads", "1")
         times["continual"] = run("continual", "--quick")
     else:
-        root = Path(args.testbed)
-        one, ind = testbed_dirs(root, "one-seed"), testbed_dirs(root, "independent")
-        if not one:
-            sys.exit(f"no adapters under {root}/one-seed: train them first (see benchmarks/README)")
-        times["fidelity"] = run("fidelity", "--one-seed", *one, *(["--independent", *ind] if ind else []))
+        from benchmarks import testbed
+        start = time.perf_counter()
+        regimes = testbed.ensure(Path(args.testbed))
+        testbed_s = time.perf_counter() - start  # training is outside the suite's time
+        one, ind = ([str(d) for d in regimes[r]] for r in ("one-seed", "independent"))
+        times["fidelity"] = run("fidelity", "--one-seed", *one, "--independent", *ind)
         times["scale"] = run("scale")
         times["serving"] = run("serving", "--threads", "1")
         times["continual"] = run("continual")
     suffix = "_quick" if quick else ""
-    parts = [("Fidelity against bytes", f"fidelity{suffix}.md"), ("Scale", f"scale{suffix}.md"),
-             ("Serving", "serving.md"), ("Continual learning (Share)", f"continual{suffix}.md")]
+    from benchmarks import plots
+    figures = {png.stem.removesuffix(suffix): png.name for png in plots.main(["--quick"] if quick else [])}
+    parts = [("Fidelity against bytes", "fidelity"), ("Scale", "scale"), ("Serving", "serving"),
+             ("Continual learning (Share)", "continual")]
     out = ["# vlora benchmark results", "",
            f"Produced by `python -m benchmarks {args.mode}` on {time.strftime('%Y-%m-%d')}.", "",
-           machine(), "", "Seconds per part: " + json.dumps({k: round(v) for k, v in times.items()}), ""]
-    for title, name in parts:
-        path = RESULTS / name
-        body = path.read_text() if path.exists() else "(not produced)\n"
-        out += [f"<!-- {title}: from results/{name} -->", re.sub(r"^(#+) ", r"#\1 ", body, flags=re.M), ""]
+           machine(), "", "Seconds per part: " + json.dumps({k: round(v) for k, v in times.items()})
+           + (f" (test bed ready in {testbed_s:.0f} s, not counted)" if not quick else ""), ""]
+    for title, part in parts:
+        path = RESULTS / f"{part}{suffix}.md"
+        body = path.read_text() if path.exists() else f"# {title}\n\n(not produced)\n"
+        out += [f"<!-- {title}: from results/{path.name} -->", re.sub(r"^(#+) ", r"#\1 ", body, flags=re.M)]
+        if part in figures:
+            out += [f"![{title}](results/{figures[part]})"]
+        out.append("")
     target = HERE / ("RESULTS_quick.md" if quick else "RESULTS.md")
     target.write_text("\n".join(out))
     print(f"wrote {target}")

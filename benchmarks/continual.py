@@ -226,15 +226,20 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small CI smoke run")
     p.add_argument("--cache-dir", default=None, help=f"test-bed cache (default {default_cache_dir()})")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--k", type=int, help="subspace dimension per side (default: the setup's)")
+    p.add_argument("--p", type=int, help="pseudo-rank of the trained coordinates")
+    p.add_argument("--phi", type=int, nargs="+", help="variants to run (default: 0 and the setup's)")
+    p.add_argument("--name", help="results file name (default: the setup's)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # reproducible decompositions; shared CPU machines
-    setup = QUICK if a.quick else FULL
+    setup = dict(QUICK if a.quick else FULL)
+    setup.update({k: v for k, v in dict(k=a.k, p=a.p, name=a.name).items() if v is not None})
     # Quick adapters use another recipe: another folder, or they would replace the full ones.
     cache = Path(a.cache_dir or default_cache_dir()) / ("quick" if a.quick else "")
     t0 = time.perf_counter()
     tasks = setup["base"] + setup["new"]
     dirs = dict(zip(tasks, build_testbed(tasks, [SEED], cache, threads=1, **setup["recipe"])))
-    variants = [run_variant(setup, dirs, phi) for phi in (0, setup["phi"])]
+    variants = [run_variant(setup, dirs, phi) for phi in (a.phi or (0, setup["phi"]))]
     result = dict(setup=setup, recipe={**DEFAULTS, **setup["recipe"], "target_modules": ["query", "value"]},
                   variants=variants, seconds=time.perf_counter() - t0)
     out = Path(a.out)

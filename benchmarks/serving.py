@@ -18,7 +18,7 @@ side, so the subspace holds every task exactly and vlora pays for ``k``, not ``r
     python benchmarks/serving.py --quick      # MiniLM only
     python benchmarks/serving.py              # MiniLM and SmolLM2 (GGUF load ~1 min)
 
-Writes ``benchmarks/results/serving.json`` and ``serving.md``.
+Writes ``benchmarks/results/serving.json`` and ``serving.md`` (``serving_quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -71,15 +71,24 @@ def subspace_of(pm, n: int, k: int) -> SharedSubspace:
                                         num_components=k)
 
 
-def median_seconds(fn, repeats: int) -> float:
+def interleaved(calls, repeats: int, model: str, phases: dict) -> list[dict]:
+    """Median seconds of each call, timed round robin (one warm-up round first) so that a
+    shared machine's drift hits every method alike."""
+    times = [[] for _ in calls]
     with torch.inference_mode():
-        fn()  # warm-up: caches, allocator, lazy inits
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for round_ in range(repeats + 1):
+            for i, (*_, once) in enumerate(calls):
+                seconds = once()
+                if round_:
+                    times[i].append(seconds)
+    results = []
+    for (phase, method, tasks, _), ts in zip(calls, times):
+        seconds, tokens = statistics.median(ts), phases[phase][1]
+        results.append({"model": model, "phase": phase, "method": method, "tasks": tasks,
+                        "seconds": seconds, "tokens_per_s": tokens / seconds})
+        print(f"{model:8s} {phase:8s} {method:24s} tasks={tasks:3d} {tokens / seconds:10.1f} tok/s",
+              flush=True)
+    return results
 
 
 def switch_latency(switch, names: list[str], repeats: int = 200) -> float:
@@ -117,43 +126,78 @@ def run_model(name: str, base, task_type: str, targets: list[str], args, causal:
         step = {"input_ids": torch.randint(5, vocab, (args.rows, 1), generator=g),
                 "cache": cache, "use_cache": True}
         phases["decode"] = (step, args.rows)
-    results = []
+    calls = []  # (phase, method, tasks, fn), timed round robin below
 
-    def timed(phase, method, tasks, call):
-        inputs, tokens = phases[phase]
+    def timed(phase, method, tasks, call, setup=lambda: None):
+        inputs, _ = phases[phase]
 
         def once():
+            setup()
+            start = time.perf_counter()
             call(inputs)
+            seconds = time.perf_counter() - start
             if phase == "decode":
                 cache.crop(-1)  # every step decodes the same position
-        seconds = median_seconds(once, args.repeats)
-        results.append({"model": name, "phase": phase, "method": method, "tasks": tasks,
-                        "seconds": seconds, "tokens_per_s": tokens / seconds})
-        print(f"{name:8s} {phase:8s} {method:24s} tasks={tasks:3d} {tokens / seconds:10.1f} tok/s",
-              flush=True)
+            return seconds
+        calls.append((phase, method, tasks, once))
+
+    def use(mode=None, task=None):
+        def setup():
+            pm.set_adapter("t0")
+            vm.mixed = mode or "bmm"
+            if task:
+                vm.set_task(task)
+            else:
+                vm.clear_task()
+        return setup
 
     for phase in phases:
-        timed(phase, "base", 1, lambda x: vbase(**x))
-        timed(phase, "peft merged", 1, lambda x: merged(**x))
-        pm.set_adapter("t0")
-        timed(phase, "peft single", 1, lambda x: pm(**x))
-        vm.set_task("t0")
-        timed(phase, "vlora single", 1, lambda x: vm(**x))
-        vm.clear_task()
+        timed(phase, "base", 1, lambda x: vbase(**x), use())
+        timed(phase, "peft merged", 1, lambda x: merged(**x), use())
+        timed(phase, "peft single", 1, lambda x: pm(**x), use())
+        timed(phase, "vlora single", 1, lambda x: vm(**x), use(task="t0"))
         for count in TASK_COUNTS:
             names = [f"t{i % count}" for i in range(args.rows)]
-            timed(phase, "peft mixed", count, lambda x, names=names: pm(**x, adapter_names=names))
+            timed(phase, "peft mixed", count, lambda x, names=names: pm(**x, adapter_names=names), use())
             for mixed in ("bmm", "grouped"):
-                vm.mixed = mixed
                 timed(phase, f"vlora mixed ({mixed})", count,
-                      lambda x, names=names: vm(**x, task_ids=names))
-        vm.mixed = "bmm"
+                      lambda x, names=names: vm(**x, task_ids=names), use(mixed))
+    results = interleaved(calls, args.repeats, name, phases)
+    use()()
     switch = {"model": name, "vlora first set_task (computes cores) s": cold,
               "vlora set_task s": switch_latency(vm.set_task, ["t0", "t1"]),
               "peft set_adapter s": switch_latency(pm.set_adapter, ["t0", "t1"])}
     print(f"{name:8s} switch: " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in switch.items()
                                               if k != "model"), flush=True)
     return {"results": results, "switch": switch}
+
+
+def targets(by: dict, switches: list[dict]) -> list[str]:
+    """The inference issue's targets, each met or missed, for every vlora mixed mode."""
+    lines = ["## Targets", "",
+             "vlora mixed batch: at least 0.9x the base model in prefill and 0.8x in decode (worst "
+             "task count), never slower than PEFT's mixed batch, 1.5x PEFT's when decoding 32 tasks.", "",
+             "| model, phase | mode | worst vs base | worst vs PEFT mixed | 32 tasks vs PEFT mixed "
+             "| verdict |",
+             "|---|---|---|---|---|---|"]
+    for model, phase in dict.fromkeys((mo, ph) for mo, ph, _, _ in by):
+        base = by[model, phase, "base", 1]
+        for mode in ("bmm", "grouped"):
+            ours = {n: by.get((model, phase, f"vlora mixed ({mode})", n)) for n in TASK_COUNTS}
+            peft = {n: by.get((model, phase, "peft mixed", n)) for n in TASK_COUNTS}
+            if None in ours.values() or None in peft.values():
+                continue
+            vs_base = min(ours.values()) / base
+            vs_peft = min(ours[n] / peft[n] for n in TASK_COUNTS)
+            at32 = ours[32] / peft[32]
+            floor = 0.9 if phase == "prefill" else 0.8
+            ok = vs_base >= floor and vs_peft >= 1.0 and (phase != "decode" or at32 >= 1.5)
+            lines.append(f"| {model}, {phase} | {mode} | {vs_base:.2f}x | {vs_peft:.2f}x | {at32:.2f}x "
+                         f"| {'met' if ok else 'MISSED'} |")
+    worst = max(s["vlora set_task s"] for s in switches)
+    lines += ["", f"Task switch: {worst * 1e6:.0f} us at worst (target under 1 ms: "
+              f"{'met' if worst < 1e-3 else 'MISSED'}).", ""]
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -173,6 +217,7 @@ def markdown(report: dict) -> str:
                      else "" for n in TASK_COUNTS]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += targets(by, report["switch"])
     lines += ["## Task switch latency", "", "| model | what | microseconds |", "|---|---|---|"]
     for s in report["switch"]:
         lines += [f"| {s['model']} | {k[:-2]} | {v * 1e6:.1f} |" for k, v in s.items() if k != "model"]
@@ -181,15 +226,16 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="MiniLM only, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, 16 tokens, 3 repeats")
     parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=None, help="default 64 (16 with --quick)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (quick) or 5")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 5)
+    args.tokens = args.tokens or (16 if args.quick else 64)
     if args.threads:
         torch.set_num_threads(args.threads)
     from vlora.testbed.models import load_minilm_classifier, load_smollm2
@@ -205,8 +251,9 @@ def main() -> None:
               "results": [r for run in runs for r in run["results"]],
               "switch": [run["switch"] for run in runs]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "serving.md").write_text(markdown(report))
+    name = "serving_quick" if args.quick else "serving"
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
 
 
