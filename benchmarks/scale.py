@@ -1,12 +1,16 @@
-"""Scale: time and peak memory of building a subspace from N synthetic adapters.
+"""Scale: time and peak memory of building a subspace from N synthetic adapters, against
+vlora-dev 1.0.0, and the time of absorbing one more adapter at that N.
 
-Adapters are shaped like real ones (d=1024, r=16, 16 modules by default) and share a
-planted 48-dimensional subspace per module plus noise, so the fit has real work to do.
-Each build runs in a fresh subprocess whose peak RSS (VmHWM) is read, because
-tracemalloc does not see torch tensors. Batch keeps every adapter in memory; streaming
-keeps the bases plus one chunk.
+Two shape families: square 1024x1024 modules (r=16), and a 7B model's q/v projections
+(4096x4096, r=16) for as many modules as the time allows. Adapters share a planted
+48-dimensional subspace per module plus noise, so the fit has real work to do. They are
+written to a temporary folder (deleted after each family), N+1 of them: every N takes the
+first N, the last one is absorbed. Each build runs in a fresh subprocess whose peak RSS
+(VmHWM) is read, because tracemalloc does not see torch tensors. Batch keeps every adapter
+in memory; streaming keeps the bases plus one chunk. vlora-dev runs in its own venv
+(vlora_dev.py) with the same k per module and side; it has no byte budget.
 
-    python -m benchmarks.scale --sizes 10 100 1000
+    python -m benchmarks.scale
     python -m benchmarks.scale --quick
 """
 
@@ -19,11 +23,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+METHODS = ("vlora", "vlora-dev 1.0.0")
 
 
 def make_adapters(root: Path, n: int, d: int, r: int, modules: int, dim: int = 48,
@@ -48,26 +54,42 @@ def make_adapters(root: Path, n: int, d: int, r: int, modules: int, dim: int = 4
 
 
 CHILD = r"""
-import json, sys, time, torch
+import copy, json, sys, time, torch
 from pathlib import Path
-from vlora import SharedSubspace
-mode, root, k, iters = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-paths = sorted(root.iterdir())
+from vlora import SharedSubspace, load_adapter
+torch.set_num_threads(1)
+req = json.loads(sys.stdin.read())
+paths = [Path(p) for p in req["paths"]]
 t0 = time.perf_counter()
-if mode == "streaming":
-    sub = SharedSubspace.from_adapters_streaming(paths, num_components=k)
+if req["mode"] == "streaming":
+    sub = SharedSubspace.from_adapters_streaming(paths, num_components=req["k"])
 else:
-    sub = SharedSubspace.from_adapters(paths, num_components=k, refine_iters=iters)
-seconds = time.perf_counter() - t0
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    sub = SharedSubspace.from_adapters(paths, num_components=req["k"], refine_iters=req["refine_iters"])
+row = {"seconds": time.perf_counter() - t0}
+row["peak_rss_mb"] = int([l for l in open("/proc/self/status")
+                          if l.startswith("VmHWM")][0].split()[1]) / 1024
 stats = sub.compression_stats()
-print(json.dumps({"seconds": seconds, "peak_rss_mb": int(hwm) / 1024,
-                  "mean_error": stats["mean_error"], "ratio": stats["compression_ratio"]}))
+row.update(stored_mb=stats["stored_bytes"] / 2**20, ratio=stats["compression_ratio"],
+           k=max(max(b.k_out, b.k_in) for b in sub.modules.values()), mean_error=stats["mean_error"])
+if req["absorb"]:
+    extra, twin = load_adapter(req["absorb"]), copy.deepcopy(sub)
+    t0 = time.perf_counter()
+    twin.absorb_incremental(extra, "absorbed")
+    row["absorb_incremental_seconds"] = time.perf_counter() - t0
+    if req.get("absorb_full", True):
+        t0 = time.perf_counter()
+        sub.absorb(extra, "absorbed", refine_iters=req["refine_iters"])
+        row["absorb_seconds"] = time.perf_counter() - t0
+print(json.dumps(row))
 """
 
 
-def run_child(mode: str, root: Path, k: int, iters: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(root), str(k), str(iters)],
+def child_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_vlora(req: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(req), env=child_env(),
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -79,48 +101,170 @@ def baseline_rss() -> float:
     return int(out.stdout.strip()) / 1024
 
 
+def skip_reason(fam: dict, n: int, method: str, what: str, dev: bool) -> str | None:
+    """Why ``what`` (a build mode, or "absorb") of ``method`` is not run at N=n, or None."""
+    if method != "vlora" and not dev:
+        return "vlora-dev not run"
+    limit = fam["limits"].get((method, what))
+    return f"N > {limit[0]}: {limit[1]}" if limit and n > limit[0] else None
+
+
+def run_family(fam: dict, args, dev: bool, tmp: Path) -> tuple[dict, list[dict]]:
+    """Every build of one shape family at each N, adapters generated once for the largest N.
+    Each method absorbs one more adapter after its first build at each N.
+    Returns the family's description (with what was skipped) and its rows."""
+    from benchmarks import vlora_dev
+    root = tmp / fam["name"]
+    t0 = time.perf_counter()
+    paths = make_adapters(root, max(fam["sizes"]) + 1, fam["d"], fam["r"], fam["modules"])
+    extra = paths.pop()
+    out = {**{k: v for k, v in fam.items() if k != "limits"}, "generate_seconds": time.perf_counter() - t0,
+           "skipped": []}
+    rows = []
+    print(f"{fam['name']}: {len(paths) + 1} adapters in {out['generate_seconds']:.0f} s", flush=True)
+
+    def skip(n, method, what, why):
+        out["skipped"].append({"n": n, "method": method, "mode": what, "why": why})
+        print(f"  skip N={n} {method} {what}: {why}", flush=True)
+
+    for n in fam["sizes"]:
+        disk = sum(f.stat().st_size for p in paths[:n] for f in p.iterdir())
+        for method in METHODS:
+            absorb = True
+            for mode in ("batch", "streaming"):
+                why = skip_reason(fam, n, method, mode, dev)
+                if why:
+                    skip(n, method, mode, why)
+                    continue
+                req = {"paths": [str(p) for p in paths[:n]], "mode": mode, "k": args.k,
+                       "refine_iters": args.refine_iters, "absorb": str(extra) if absorb else None}
+                if absorb and (why := skip_reason(fam, n, method, "absorb", dev)):
+                    skip(n, method, "absorb", why)
+                    req["absorb_full"] = False
+                absorb = False
+                try:
+                    row = run_vlora(req) if method == "vlora" else vlora_dev.call({"op": "scale", **req})
+                except subprocess.CalledProcessError as e:
+                    skip(n, method, mode, f"failed: {e.stderr.strip().splitlines()[-1:]}")
+                    continue
+                except vlora_dev.VloraDevUnavailable as e:
+                    skip(n, method, mode, f"failed: {e}")
+                    continue
+                row = {"family": fam["name"], "n": n, "method": method, "mode": mode,
+                       "adapters_mb": disk / 2**20, **row}
+                print("  " + json.dumps(row), flush=True)
+                rows.append(row)
+    shutil.rmtree(root)
+    return out, rows
+
+
+def families(args) -> list[dict]:
+    """The shape families and, per (method, build mode or absorb), the largest N run."""
+    dev = "vlora-dev 1.0.0"
+    stream_dev = "vlora-dev's streaming re-projects every earlier task per adapter, O(N^2)"
+    if args.quick:
+        return [{"name": "quick", "label": "256x256", "d": 256, "r": 16, "modules": 4,
+                 "sizes": [8, 32], "limits": {}}]
+    return [
+        {"name": "square", "label": "1024x1024", "d": 1024, "r": 16, "modules": args.modules,
+         "sizes": args.sizes,
+         "limits": {(dev, "streaming"): (args.dev_stream_max, stream_dev),
+                    (dev, "absorb"): (args.dev_absorb_max, "vlora-dev's absorb is a batch rebuild "
+                                      "on N+1 reconstructed adapters, over the time budget")}},
+        {"name": "7b-qv", "label": "4096x4096 (7B q/v)", "d": 4096, "r": 16,
+         "modules": args.modules_7b, "sizes": args.sizes_7b,
+         "limits": {("vlora", "absorb"): (args.absorb_max_7b, "vlora's full absorb costs a batch refit"),
+                    (dev, "streaming"): (args.dev_stream_max_7b, stream_dev)}},
+    ]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--d", type=int, default=1024)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--modules", type=int, default=16)
-    ap.add_argument("--k", type=int, default=48)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], help="N, 1024x1024 family")
+    ap.add_argument("--modules", type=int, default=2, help="modules, 1024x1024 family")
+    ap.add_argument("--sizes-7b", type=int, nargs="+", default=[10, 100], help="N, 7B q/v family")
+    ap.add_argument("--modules-7b", type=int, default=2, help="modules, 7B q/v family")
+    ap.add_argument("--dev-stream-max", type=int, default=100, help="largest N vlora-dev streams")
+    ap.add_argument("--dev-stream-max-7b", type=int, default=10, help="the same, 7B q/v family")
+    ap.add_argument("--dev-absorb-max", type=int, default=100, help="largest N of vlora-dev's absorb")
+    ap.add_argument("--absorb-max-7b", type=int, default=10, help="largest N of vlora's full absorb, 7B")
+    ap.add_argument("--k", type=int, default=48, help="components per module and side, both libraries")
     ap.add_argument("--refine-iters", type=int, default=2)
+    ap.add_argument("--no-vlora-dev", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small sizes, for CI")
     args = ap.parse_args(argv)
     if args.quick:
-        args.sizes, args.d, args.modules, args.k = [8, 32], 256, 4, 24
-    results = {"config": vars(args), "torch_threads": torch.get_num_threads(),
-               "baseline_rss_mb": baseline_rss(), "rows": []}
+        args.k = 24
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    results = {"config": vars(args), "torch_threads": 1, "cpus": os.cpu_count(),
+               "baseline_rss_mb": baseline_rss(), "families": [], "rows": []}
+    dev = not args.no_vlora_dev
+    if dev:
+        from benchmarks.vlora_dev import VloraDevUnavailable, call
+        try:
+            results["vlora_dev_baseline_rss_mb"] = call({"op": "version"})["peak_rss_mb"]
+        except VloraDevUnavailable as e:
+            dev, results["vlora_dev_not_run"] = False, str(e)
+            print(f"vlora-dev not run: {e}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="vlora-scale-"))
     try:
-        for n in args.sizes:
-            root = tmp / f"n{n}"
-            root.mkdir()
-            make_adapters(root, n, args.d, args.r, args.modules)
-            disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-            for mode in ("batch", "streaming"):
-                row = {"n": n, "mode": mode, "adapters_mb": disk / 2**20,
-                       **run_child(mode, root, args.k, args.refine_iters)}
-                print(json.dumps(row), flush=True)
-                results["rows"].append(row)
-            shutil.rmtree(root)
+        for fam in families(args):
+            meta, rows = run_family(fam, args, dev, tmp)
+            results["families"].append(meta)
+            results["rows"] += rows
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    results["total_seconds"] = time.perf_counter() - t_start
     RESULTS.mkdir(exist_ok=True)
     name = "scale_quick" if args.quick else "scale"
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
-    lines = [f"# Scale ({args.d}x{args.d}, r={args.r}, {args.modules} modules, k={args.k})", "",
-             f"Python-process baseline RSS: {results['baseline_rss_mb']:.0f} MB", "",
-             "| N | mode | seconds | s per adapter | peak RSS MB | adapters on disk MB | mean err |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        lines.append(f"| {r['n']} | {r['mode']} | {r['seconds']:.1f} | {r['seconds'] / r['n']:.3f} "
-                     f"| {r['peak_rss_mb']:.0f} | {r['adapters_mb']:.0f} | {r['mean_error']:.4f} |")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (RESULTS / f"{name}.md").write_text(report(results))
+    print(report(results))
     return results
+
+
+def report(results: dict) -> str:
+    cfg = results["config"]
+    lines = ["# Scale: building a subspace from N synthetic adapters, vlora against vlora-dev 1.0.0", "",
+             f"{results['cpus']} CPUs, torch at 1 thread; one run per cell; k={cfg['k']} per module "
+             "and side for both libraries (vlora-dev has no byte budget), vlora's batch fit and "
+             f"full absorb with refine_iters={cfg['refine_iters']}. Adapters are generated to a temporary "
+             "folder that is deleted after each family. Peak RSS is the whole process's "
+             f"(baseline with torch imported: vlora {results['baseline_rss_mb']:.0f} MB"
+             + (f", vlora-dev {results['vlora_dev_baseline_rss_mb']:.0f} MB"
+                if "vlora_dev_baseline_rss_mb" in results else "")
+             + "). Mean error is the relative dW error over tasks. Baseline: vlora-dev 1.0.0 "
+             "(PyPI), run in its own venv.", ""]
+    if "vlora_dev_not_run" in results:
+        lines += [f"vlora-dev not run: {results['vlora_dev_not_run']}", ""]
+    for fam in results["families"]:
+        lines += [f"## {fam['label']}, r={fam['r']}, {fam['modules']} modules", "",
+                  f"Generating {max(fam['sizes']) + 1} adapters took {fam['generate_seconds']:.0f} s.", "",
+                  "| N | method | mode | seconds | s per adapter | peak RSS MB | k | stored MB | ratio "
+                  "| mean err | adapters on disk MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = [r for r in results["rows"] if r["family"] == fam["name"]]
+        for r in rows:
+            lines.append(f"| {r['n']} | {r['method']} | {r['mode']} | {r['seconds']:.1f} "
+                         f"| {r['seconds'] / r['n']:.3f} | {r['peak_rss_mb']:.0f} | {r['k']} "
+                         f"| {r['stored_mb']:.1f} | {r['ratio']:.1f}x | {r['mean_error']:.4f} "
+                         f"| {r['adapters_mb']:.0f} |")
+        lines += ["", "Absorbing one more adapter into the subspace just built at N (seconds; "
+                  "vlora: absorb refits on every stored task, absorb_incremental updates the bases "
+                  "only; vlora-dev: absorb reruns its SVD on every reconstructed task):", "",
+                  "| N | method | after | absorb | absorb_incremental |", "|---|---|---|---|---|"]
+        for r in rows:
+            if "absorb_incremental_seconds" in r:
+                full = r.get("absorb_seconds")
+                lines.append(f"| {r['n']} | {r['method']} | {r['mode']} "
+                             f"| {'skipped' if full is None else f'{full:.2f}'} "
+                             f"| {r['absorb_incremental_seconds']:.2f} |")
+        if fam["skipped"]:
+            lines += ["", "Skipped:", ""]
+            lines += [f"- N={s['n']} {s['method']} {s['mode']}: {s['why']}" for s in fam["skipped"]]
+        lines.append("")
+    lines.append(f"Whole run: {results['total_seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,22 +1,23 @@
 """Serving throughput of many LoRA tasks: base model, PEFT and vlora, single and mixed batches.
 
 For each model, a batch of ``--rows`` sequences whose rows belong to 1, 4, 16 or 32
-distinct tasks (round robin), timed as the median of ``--repeats`` runs:
+distinct tasks (round robin), timed as the median of ``--repeats`` rounds; each round
+times every method once, in turn, so a shared machine's drift hits them alike:
 
 * prefill: ``--tokens`` tokens per row (MiniLM, a classifier with a head per task;
   SmolLM2, a causal LM);
 * decode (causal LM only): one token per row on a KV cache of ``--tokens`` tokens.
 
-Methods: the bare base; PEFT with one adapter merged (``merge_and_unload``); PEFT with
-one adapter active; PEFT mixed batches (``adapter_names=`` per row); vlora with one
+Methods: the bare base; PEFT with one adapter merged (``merge_and_unload``); PEFT mixed
+batches (``adapter_names=`` per row); vlora with one
 task (``set_task``); vlora mixed batches (``task_ids=`` per row), with per-row cores
 applied by ``bmm`` and ``grouped``. Plus task-switch latency.
 
 The adapters (rank ``--rank``) are planted in a ``--k``-dimensional subspace per module
 side, so the subspace holds every task exactly and vlora pays for ``k``, not ``r * N``.
 
-    python benchmarks/serving.py --quick      # MiniLM only
-    python benchmarks/serving.py              # MiniLM and SmolLM2 (GGUF load ~1 min)
+    python -m benchmarks.serving --quick      # MiniLM only, 16 tokens per row
+    python -m benchmarks.serving              # MiniLM and SmolLM2 (~10 min on 1 core)
 
 Writes ``benchmarks/results/serving.json`` and ``serving.md`` (``serving_quick.*`` with ``--quick``).
 """
@@ -154,7 +155,6 @@ def run_model(name: str, base, task_type: str, targets: list[str], args, causal:
     for phase in phases:
         timed(phase, "base", 1, lambda x: vbase(**x), use())
         timed(phase, "peft merged", 1, lambda x: merged(**x), use())
-        timed(phase, "peft single", 1, lambda x: pm(**x), use())
         timed(phase, "vlora single", 1, lambda x: vm(**x), use(task="t0"))
         for count in TASK_COUNTS:
             names = [f"t{i % count}" for i in range(args.rows)]
@@ -226,15 +226,14 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="MiniLM only, 16 tokens, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, 16 tokens")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=None, help="default 64 (16 with --quick)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=None, help="default 3 (quick) or 5")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    args.repeats = args.repeats or (3 if args.quick else 5)
     args.tokens = args.tokens or (16 if args.quick else 64)
     if args.threads:
         torch.set_num_threads(args.threads)
