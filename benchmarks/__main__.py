@@ -59,12 +59,53 @@ def machine() -> str:
     return "\n".join(lines)
 
 
+PARTS = [("Fidelity against bytes", "fidelity"), ("Scale", "scale"), ("Serving", "serving"),
+         ("Continual learning (Share)", "continual")]
+
+
+def write_results(quick: bool) -> Path:
+    """RESULTS(_quick).md from the parts' results and the last suite run's ``suite*.json``;
+    a part re-run alone after that suite is named as such."""
+    suffix = "_quick" if quick else ""
+    from benchmarks import plots
+    figures = {png.stem.removesuffix(suffix): png.name for png in plots.main(["--quick"] if quick else [])}
+    suite_file = RESULTS / f"suite{suffix}.json"
+    suite = json.loads(suite_file.read_text())
+    out = ["# vlora benchmark results", "",
+           f"Produced by `python -m benchmarks {'quick' if quick else 'all'}` on {suite['date']}.", "",
+           machine(), "", f"Suite wall time {suite['wall']:.0f} s; seconds per part: "
+           + json.dumps({k: round(v) for k, v in suite["times"].items()})
+           + (f" (test bed ready in {suite['testbed_s']:.0f} s, not counted)" if not quick else "")]
+    rerun = [part for _, part in PARTS if (RESULTS / f"{part}{suffix}.json").exists()
+             and (RESULTS / f"{part}{suffix}.json").stat().st_mtime > suite_file.stat().st_mtime]
+    if rerun:
+        out.append(f"Re-run alone after the suite (`python -m benchmarks.<part>`, then "
+                   f"`python -m benchmarks report`): {', '.join(rerun)}.")
+    out.append("")
+    for title, part in PARTS:
+        path = RESULTS / f"{part}{suffix}.md"
+        body = path.read_text() if path.exists() else f"# {title}\n\n(not produced)\n"
+        out += [f"<!-- {title}: from results/{path.name} -->", re.sub(r"^(#+) ", r"#\1 ", body, flags=re.M)]
+        if part in figures:
+            out += [f"![{title}](results/{figures[part]})"]
+        out.append("")
+    target = HERE / f"RESULTS{suffix}.md"
+    target.write_text("\n".join(out))
+    print(f"wrote {target}")
+    return target
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("mode", choices=["all", "quick"])
+    ap.add_argument("mode", choices=["all", "quick", "report"],
+                    help="report: rebuild RESULTS.md from the results there are (after re-running one part)")
+    ap.add_argument("--quick", action="store_true", help="with report: RESULTS_quick.md")
     ap.add_argument("--testbed", default=str(Path.home() / ".cache" / "vlora" / "bench-testbed"),
                     help="test-bed cache (``all`` trains what is missing; see benchmarks/testbed.py)")
     args = ap.parse_args(argv)
+    if args.mode == "report":
+        write_results(args.quick)
+        return
     quick = args.mode == "quick"
     testbed_s = 0.0
     if quick:
@@ -83,33 +124,17 @@ def main(argv=None) -> None:
         regimes = testbed.ensure(Path(args.testbed))
         testbed_s = time.perf_counter() - start  # training is outside the suite's time
         one, ind = ([str(d) for d in regimes[r]] for r in ("one-seed", "independent"))
-        # Two cores: fidelity + scale beside continual; serving alone, timings need quiet.
+        # Two cores, one thread per part: fidelity beside continual then scale; serving
+        # last and alone (its timings need a quiet machine), on both cores.
         suite = time.perf_counter()
-        times = lanes([("fidelity", "--one-seed", *one, "--independent", *ind, "--limit", "100"),
-                       ("scale",)],
-                      [("continual",)])
-        times["serving"] = run("serving", "--threads", "1")
+        times = lanes([("fidelity", "--one-seed", *one, "--independent", *ind, "--limit", "100",
+                        "--ratios", "10", "20", "--sizes", "4", "8", "16", "32")],
+                      [("continual",), ("scale",)])
+        times["serving"] = run("serving", "--threads", "2")
     wall = time.perf_counter() - suite
-    suffix = "_quick" if quick else ""
-    from benchmarks import plots
-    figures = {png.stem.removesuffix(suffix): png.name for png in plots.main(["--quick"] if quick else [])}
-    parts = [("Fidelity against bytes", "fidelity"), ("Scale", "scale"), ("Serving", "serving"),
-             ("Continual learning (Share)", "continual")]
-    out = ["# vlora benchmark results", "",
-           f"Produced by `python -m benchmarks {args.mode}` on {time.strftime('%Y-%m-%d')}.", "",
-           machine(), "", f"Suite wall time {wall:.0f} s; seconds per part: "
-           + json.dumps({k: round(v) for k, v in times.items()})
-           + (f" (test bed ready in {testbed_s:.0f} s, not counted)" if not quick else ""), ""]
-    for title, part in parts:
-        path = RESULTS / f"{part}{suffix}.md"
-        body = path.read_text() if path.exists() else f"# {title}\n\n(not produced)\n"
-        out += [f"<!-- {title}: from results/{path.name} -->", re.sub(r"^(#+) ", r"#\1 ", body, flags=re.M)]
-        if part in figures:
-            out += [f"![{title}](results/{figures[part]})"]
-        out.append("")
-    target = HERE / ("RESULTS_quick.md" if quick else "RESULTS.md")
-    target.write_text("\n".join(out))
-    print(f"wrote {target}")
+    (RESULTS / f"suite{'_quick' if quick else ''}.json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d"), "wall": wall, "times": times, "testbed_s": testbed_s}))
+    write_results(quick)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-vlora-dev", action="store_true", help="skip the real vlora-dev 1.0.0 baseline")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fidelity"))
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # reproducible decompositions; the suite runs parts side by side
     results: dict = {"regimes": {}}
     use_dev = not args.no_vlora_dev
     if use_dev:

@@ -377,6 +377,9 @@ class SharedSubspace:
         """Re-express every task in ``new_modules`` (quantizing the coordinates with
         ``coord_quant = (bits, method, block)``) and report drift and error."""
         from vlora.quantize import dequantize, quantize
+        # Old-to-new coordinate maps, once per module (not once per task).
+        maps = {m: (new_modules[m].U.to(F64).T @ old.U.to(F64), new_modules[m].V.to(F64).T @ old.V.to(F64))
+                for m, old in self.modules.items()}
         report = {}
         for tid, t in self._tasks.items():
             original = _original_if_at_hand(t) if exact_errors else None
@@ -384,9 +387,8 @@ class SharedSubspace:
             nb, na, res, quant = {}, {}, {}, {}
             for m, old in self.modules.items():
                 new = new_modules[m]
-                ou, nu = old.U.to(F64), new.U.to(F64)
-                cb = (nu.T @ ou) @ t.coords_b[m].to(F64)
-                ca = (new.V.to(F64).T @ old.V.to(F64)) @ t.coords_a[m].to(F64)
+                cb = maps[m][0] @ t.coords_b[m].to(F64)
+                ca = maps[m][1] @ t.coords_a[m].to(F64)
                 nb[m], na[m] = cb.to(old.U.dtype), ca.to(old.V.dtype)
                 if coord_quant is not None:
                     quant[f"{m}::B"], quant[f"{m}::A"] = (quantize(x, *coord_quant) for x in (nb[m], na[m]))
