@@ -127,7 +127,7 @@ def main(argv=None) -> None:
         # Two cores, one thread per part: fidelity beside continual then scale; serving
         # last and alone (its timings need a quiet machine), on both cores.
         suite = time.perf_counter()
-        times = lanes([("fidelity", "--one-seed", *one, "--independent", *ind, "--limit", "100",
+        times = lanes([("fidelity", "--one-seed", *one, "--independent", *ind,
                         "--ratios", "10", "20", "--sizes", "4", "8", "16", "32")],
                       [("continual",), ("scale",)])
         times["serving"] = run("serving", "--threads", "2")

@@ -32,20 +32,22 @@ from vlora import SharedSubspace, load_adapter
 from vlora.model import VLoRAModel
 from vlora.testbed import build_testbed, default_cache_dir, load_minilm_classifier, load_task, tokenize
 from vlora.testbed.train import DEFAULTS, _batches, predict, read_eval_json
-from vlora.training import SubspaceTrainer
+from vlora.training import SubspaceTrainer, lora_equivalent_lr
 
 SEED = 0
 # k = 64 = 8 base adapters x rank 8: the subspace keeps every direction the base tasks
 # learnt; p = 2 keeps a task 24x smaller than its LoRA. (k = 32, p = 4 was measured too:
 # 3.0 points below the LoRAs, as new tasks had only 11-24% of their energy inside.)
-FULL = dict(name="continual", k=64, p=2, phi=2, seeds=[0, 1, 2],
+# b_lr_scale: the B-side coordinate lr is this times lora_equivalent_lr's, chosen on rows
+# carved from the training data (python -m benchmarks.continual_tune; results/continual_tuning.md).
+FULL = dict(name="continual", k=64, p=2, phi=2, seeds=[0, 1, 2], b_lr_scale=2.0,
             base=["rt_sentiment", "rt_subjectivity", "debate_trump_clinton", "convention_party",
                   "gop_convention_year", "word_polarity", "chat_topic_en", "lang_id"],
             # The first four of debate_role, chat_topic_es, moral_foundation, roget_category,
             # chat_turn whose LoRA beats the majority class (debate_role's does not: 0.411 =
             # majority, so it could not tell training methods apart).
             new=["chat_topic_es", "moral_foundation", "roget_category", "chat_turn"], recipe={})
-QUICK = dict(name="continual_quick", k=24, p=4, phi=2, seeds=[0],
+QUICK = dict(name="continual_quick", k=24, p=4, phi=2, seeds=[0], b_lr_scale=2.0,
              base=["rt_sentiment", "chat_topic_en", "word_polarity"],
              new=["chat_topic_es", "rt_subjectivity"],
              recipe=dict(steps=16, max_train=256, max_eval=80))
@@ -68,29 +70,25 @@ def score(sub: SharedSubspace, tasks: list[str], dirs: dict[str, Path]) -> dict[
     return out
 
 
-def coordinate_lr(sub: SharedSubspace, setup: dict) -> float:
-    """The LoRA recipe's lr, scaled so that one Adam step moves dW about as far.
-
-    Adam moves every trainable number by about ``lr`` per step, so one step changes a
-    LoRA's ``dW = s B A`` by about ``s lr sqrt(numbers)`` (in the B direction) and the
-    coordinates' ``dW`` by ``lr' sqrt(numbers')``: ``lr' = s lr sqrt(n_LoRA / n_coords)``
-    per module, averaged. Fixed before any run, from shapes alone (heads keep ``lr``).
-    """
+def coordinate_lr(sub: SharedSubspace, setup: dict) -> dict[str, float]:
+    """The LoRA recipe's learning rates carried over by :func:`lora_equivalent_lr`, the B
+    side scaled by ``setup["b_lr_scale"]`` (heads keep the recipe's lr)."""
     r = {**DEFAULTS, **setup["recipe"]}
-    ratios = [r["r"] * (b.d_out + b.d_in) / (setup["p"] * (b.k_out + b.k_in))
-              for b in sub.modules.values()]
-    return r["lr"] * r["lora_alpha"] / r["r"] * statistics.fmean(ratios) ** 0.5
+    rates = lora_equivalent_lr(sub, r["lr"], r["lora_alpha"], r["r"], setup["p"])
+    return {**rates, "lr": rates["lr"] * setup["b_lr_scale"]}
 
 
 def train_in_subspace(sub: SharedSubspace, task: str, setup: dict, phi: int,
-                      lr: float, seed: int = SEED, task_id: str | None = None) -> SubspaceTrainer:
+                      lr: dict[str, float], seed: int = SEED, task_id: str | None = None,
+                      rows: tuple[list, list, list] | None = None) -> SubspaceTrainer:
     """Train ``task`` inside ``sub`` (as ``task_id``) with the recipe of its full LoRA of
-    the same ``seed`` (testbed.train_adapter: head init, training subset, batch order)."""
+    the same ``seed`` (testbed.train_adapter: head init, training subset, batch order), on
+    its training rows or on ``rows`` = (texts, labels, label names)."""
     r = {**DEFAULTS, **setup["recipe"]}
-    tr_x, tr_y, _, _, labels = load_task(task, r["max_train"], r["max_eval"], seed)
+    tr_x, tr_y, labels = rows or [load_task(task, r["max_train"], r["max_eval"], seed)[i] for i in (0, 1, 4)]
     torch.manual_seed(seed)
     model = load_minilm_classifier(len(labels), seed)
-    st = SubspaceTrainer(sub, task_id or task, model=model, lr=lr, head_lr=r["lr"], num_expand=phi,
+    st = SubspaceTrainer(sub, task_id or task, model=model, **lr, head_lr=r["lr"], num_expand=phi,
                          pseudo_rank=setup["p"], seed=seed)
     steps, warmup = r["steps"], max(1, r["steps"] // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -104,7 +102,7 @@ def train_in_subspace(sub: SharedSubspace, task: str, setup: dict, phi: int,
     return st
 
 
-def other_seeds(sub: SharedSubspace, task: str, setup: dict, lr: float,
+def other_seeds(sub: SharedSubspace, task: str, setup: dict, lr: dict[str, float],
                 lora_dirs: dict[int, Path]) -> tuple[list[float], list[float]]:
     """(LoRA, trained in the subspace) accuracy of ``task`` for every seed but the first:
     one run is too noisy to tell a 2-point gap (eval splits of 100-400 rows). phi = 0 only:
@@ -209,14 +207,15 @@ def markdown(result: dict) -> str:
              f"Subspace: {len(s['base'])} test-bed adapters ({', '.join(s['base'])}), k = {s['k']} "
              f"per side; new tasks in order: {', '.join(s['new'])}. Pseudo-rank p = {s['p']}. "
              f"Recipe of the full LoRAs and of training in the subspace: {result['recipe']} "
-             f"(coordinates at the lr of `coordinate_lr`, heads at the recipe's). "
+             f"(coordinates at the learning rates of `vlora.training.lora_equivalent_lr`, heads at the recipe's). "
              f"Wall time {result['seconds']:.0f} s.", "",
              "Columns: the full LoRA's accuracy (majority class); the share of its energy inside "
              "the subspace when the task arrives; the accuracy of that LoRA projected (phi = 0); "
              "the task trained in the subspace; as stored after write-back (phi = 0: exact, not "
              "re-scored); after all later tasks; forgetting = stored - after.", ""]
     for v in result["variants"]:
-        lines += [f"## phi = {v['phi']} (coordinate lr {v['coordinate_lr']:.3g})", "",
+        lr = v["coordinate_lr"]
+        lines += [f"## phi = {v['phi']} (coordinate lr: B side {lr['lr']:.3g}, A side {lr['a_lr']:.3g})", "",
                   "| task | LoRA (majority) | LoRA energy in | LoRA projected | trained | stored "
                   "| after later | forgetting | trainable adapter / heads | vs LoRA | bytes/task (+heads) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -53,6 +53,14 @@ def test_compress_by_ratio_and_budget(adapters, tmp_path):
     assert data["stored_bytes"] <= 6000
 
 
+def test_compress_quantized_counts_the_quantized_bytes(adapters, tmp_path):
+    data = json.loads(run("compress", *adapters, "-o", tmp_path / "q", "--ratio", "4", "--bits", "6",
+                          "--json").output)
+    assert data["compression_ratio"] >= 4
+    assert all(b.quant for b in SharedSubspace.load(tmp_path / "q").modules.values())
+    run("compress", *adapters, "-o", tmp_path / "x", "--bits", "3", code=2)
+
+
 def test_add_remove_validate_diff(adapters, tmp_path):
     sub = tmp_path / "sub"
     run("compress", *adapters[:4], "-o", sub, "-k", "3", "-q")

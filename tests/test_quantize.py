@@ -5,10 +5,11 @@ import torch
 
 from synthetic import MODULES, dense_error, planted
 from vlora import SharedSubspace, save_adapter
-from vlora.quantize import dequantize, quantize
+from vlora.quantize import dequantize, pack, quantize, unpack
 
 
-@pytest.mark.parametrize("bits,method,tol", [(8, "symmetric", 1 / 254), (4, "symmetric", 1 / 14),
+@pytest.mark.parametrize("bits,method,tol", [(8, "symmetric", 1 / 254), (6, "symmetric", 1 / 62),
+                                              (5, "symmetric", 1 / 30), (4, "symmetric", 1 / 14),
                                               (4, "nf4", 0.16)])
 def test_round_trip_error_is_within_half_a_step(bits, method, tol):
     x = torch.randn(100, 7, generator=torch.Generator().manual_seed(0))
@@ -19,14 +20,30 @@ def test_round_trip_error_is_within_half_a_step(bits, method, tol):
     assert float((back - x).abs().max()) <= tol * float(x.abs().max()) + 1e-7
 
 
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+def test_codes_are_packed_little_endian_and_unpack_exactly(bits):
+    codes = torch.randint(0, 2 ** bits, (96,), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    data = pack(codes, bits)
+    assert data.dtype == torch.uint8 and data.numel() == 96 * bits // 8
+    assert torch.equal(unpack(data, bits), codes)
+    # bit i of the stream is bit (i mod bits) of code i // bits, lowest bits first
+    stream = [(int(data[i // 8]) >> (i % 8)) & 1 for i in range(96 * bits)]
+    assert all(stream[i] == (int(codes[i // bits]) >> (i % bits)) & 1 for i in range(96 * bits))
+    if bits == 4:  # two codes per byte, the first in the low nibble
+        assert torch.equal(data, codes[0::2] | (codes[1::2] << 4))
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="bits"):
         quantize(torch.zeros(4, 4), bits=3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quantize(torch.zeros(4, 4), bits=5, block=12)
     with pytest.raises(ValueError, match="nf4"):
         quantize(torch.zeros(4, 4), bits=8, method="nf4")
 
 
-@pytest.mark.parametrize("bits,method,coords", [(8, "symmetric", False), (4, "nf4", True)])
+@pytest.mark.parametrize("bits,method,coords", [(8, "symmetric", False), (4, "nf4", True),
+                                                (6, "symmetric", True)])
 def test_subspace_quantize_reports_exact_errors_and_saves_small(tmp_path, bits, method, coords):
     ads = planted(6, noise=0.3, d_out=256, d_in=192)  # big enough that bases dominate the file
     paths = []
@@ -54,4 +71,4 @@ def test_subspace_quantize_reports_exact_errors_and_saves_small(tmp_path, bits, 
         assert torch.equal(loaded.get_task(t).coords_b[MODULES[0]], sub.get_task(t).coords_b[MODULES[0]])
     stats = loaded.compression_stats()
     assert stats["basis_bytes"] < sum(4 * (b.d_out * b.k_out + b.d_in * b.k_in)
-                                      for b in loaded.modules.values()) / (3.5 if bits == 8 else 5)
+                                      for b in loaded.modules.values()) / {8: 3.5, 6: 4.5, 4: 5}[bits]

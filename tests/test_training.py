@@ -22,7 +22,7 @@ from vlora.testbed import (  # noqa: E402
     load_task,
     tokenize,
 )
-from vlora.training import SubspaceTrainer, orthogonal_init  # noqa: E402
+from vlora.training import SubspaceTrainer, lora_equivalent_lr, orthogonal_init  # noqa: E402
 
 NEW_TASKS = ["rt_subjectivity", "chat_topic_es", "chat_topic_it"]
 
@@ -107,6 +107,36 @@ def test_one_step_moves_the_loss_and_only_the_coordinates(adapters, new_task):
     assert with_heads.num_trainable_params["heads"] == 384 * len(new_task[-1]) + len(new_task[-1])
     assert all(not p.requires_grad for n, p in with_heads.model.model.named_parameters()
                if not n.startswith("classifier"))
+
+
+def test_each_side_of_the_coordinates_steps_at_its_own_rate(adapters, new_task):
+    """Adam's first step moves every number by about its lr: L_B (and X_B) by ``lr``,
+    L_A (and X_A) by ``a_lr``, even with extra directions."""
+    st = trainer(fresh_subspace(adapters), new_task, lr=4e-2, a_lr=4e-3, num_expand=2,
+                 train_modules_to_save=False)
+    enc, y = batch_of(new_task)
+    st.step(loss_of(st, enc, y))  # L_B moves off zero, so L_A now gets gradients
+    d = st.module.deltas[0]
+    before = {n: p.detach().clone() for n, p in d.named_parameters()}
+    st.step(loss_of(st, enc, y))
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in d.named_parameters()}
+    # Adam's step is at most lr / (1 - beta1) = 10 lr per number on its second step
+    assert 4e-2 * 0.5 < max(moved["lb"], moved["xb"]) <= 4e-1 + 1e-6
+    assert 4e-3 * 0.5 < max(moved["la"], moved["xa"]) <= 4e-2 + 1e-6
+    assert {g["name"]: g["lr"] for g in st.optimizer.param_groups} == {"coordinates_b": 4e-2,
+                                                                       "coordinates_a": 4e-3}
+
+
+def test_lora_equivalent_lr_follows_the_shapes(adapters):
+    """B side: ``s lr sqrt(r (d_out + d_in) / (p (k_out + k_in)))``; A side: ``lr``."""
+    sub = fresh_subspace(adapters)
+    b = next(iter(sub.modules.values()))
+    assert all((m.d_out, m.d_in, m.k_out, m.k_in) == (b.d_out, b.d_in, b.k_out, b.k_in)
+               for m in sub.modules.values())
+    rates = lora_equivalent_lr(sub, lr=5e-3, lora_alpha=16, r=8, pseudo_rank=2)
+    expected = 5e-3 * 2 * (8 * (b.d_out + b.d_in) / (2 * (b.k_out + b.k_in))) ** 0.5
+    assert rates == {"lr": pytest.approx(expected), "a_lr": 5e-3}
+    assert lora_equivalent_lr(sub, 5e-3, 16, 8)["lr"] == pytest.approx(expected / 2)  # p = r
 
 
 def test_write_back_without_expansion_is_exact(adapters, new_task, tmp_path):

@@ -21,7 +21,7 @@ from vlora.model import VLoRAModel
 from vlora.router import AdapterMatchRouter, TaskRouter
 from vlora.subspace import AbsorbReport, SharedSubspace
 from vlora.task import TaskProjection
-from vlora.training import SubspaceTrainer, orthogonal_init
+from vlora.training import SubspaceTrainer, lora_equivalent_lr, orthogonal_init
 from vlora.vllm_check import check_vllm_adapter
 
 try:
@@ -33,6 +33,7 @@ __all__ = [
     "AbsorbReport", "AdapterError", "AdapterMatchRouter", "IncompatibleAdaptersError",
     "LoRAWeights", "SharedSubspace", "SubspaceError", "SubspaceTrainer", "TaskNotFoundError",
     "TaskProjection", "TaskRouter", "UnsupportedAdapterError", "VLoRAError", "VLoRAModel",
-    "__version__", "check_vllm_adapter", "load_adapter", "load_adapter_from_hub", "orthogonal_init",
+    "__version__", "check_vllm_adapter", "load_adapter", "load_adapter_from_hub", "lora_equivalent_lr",
+    "orthogonal_init",
     "save_adapter",
 ]

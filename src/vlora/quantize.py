@@ -1,7 +1,10 @@
-"""Really-small storage of bases and coordinates: 8-bit and 4-bit (symmetric or NF4).
+"""Really-small storage of bases and coordinates: 4 to 8 bits (symmetric), or NF4.
 
-A :class:`QuantizedTensor` holds the integer codes (two 4-bit codes per byte) and one
-float32 scale per block of ``block`` consecutive values of a column. Dequantized bases
+A :class:`QuantizedTensor` holds the integer codes, bit-packed little-endian (two 4-bit
+codes per byte, four 6-bit codes per three bytes), and one float32 scale per block of
+``block`` consecutive values of a column. Fewer bits buy more directions at the same
+bytes: at 10x fewer bytes than real MiniLM LoRAs, 5 or 6 bits keep a lower dW error than
+8 (their rounding error is far below the truncation error they save) and 4 a higher one. Dequantized bases
 are no longer exactly orthonormal, so errors against them use :func:`general_error_sq`,
 never the orthonormal shortcuts.
 """
@@ -20,6 +23,7 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
                     0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                     0.7229568362236023, 1.0])
 METHODS = ("symmetric", "nf4")
+BITS = (4, 5, 6, 8)
 
 
 @dataclass
@@ -45,11 +49,14 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, bits: int = 8, method: str = "symmetric",
              block: int = 64) -> QuantizedTensor:
-    """Blockwise absmax quantization of a 2-D float tensor."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    """Blockwise absmax quantization of a 2-D float tensor; ``block * bits`` must be a
+    whole number of bytes (so every block starts on a byte)."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, not {bits}")
     if method not in METHODS or (method == "nf4" and bits != 4):
-        raise ValueError(f"method must be 'symmetric' (4 or 8 bits) or 'nf4' (4 bits), not {method!r}")
+        raise ValueError(f"method must be 'symmetric' (4 to 8 bits) or 'nf4' (4 bits), not {method!r}")
+    if block < 1 or block * bits % 8:
+        raise ValueError(f"block * bits must be a positive multiple of 8, not {block} * {bits}")
     blocks = _blocks(x.detach().cpu().to(torch.float32), block)
     scales = blocks.abs().amax(1).clamp_min(1e-30)
     unit = blocks / scales[:, None]
@@ -58,17 +65,29 @@ def quantize(x: torch.Tensor, bits: int = 8, method: str = "symmetric",
     else:
         levels = 2 ** (bits - 1) - 1
         codes = (torch.round(unit * levels) + levels).to(torch.uint8)  # 0 .. 2*levels
-    codes = codes.reshape(-1)
-    if bits == 4:
-        codes = codes[0::2] | (codes[1::2] << 4)
-    return QuantizedTensor(codes, scales, tuple(x.shape), bits, method, block)
+    return QuantizedTensor(pack(codes.reshape(-1), bits), scales, tuple(x.shape), bits, method, block)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(n,)`` uint8 codes below ``2**bits`` -> ``(n * bits / 8,)`` bytes, little-endian."""
+    if bits == 8:
+        return codes
+    shifts = torch.arange(8, dtype=torch.uint8)
+    stream = ((codes[:, None] >> shifts[:bits]) & 1).reshape(-1, 8)  # the bits, lowest first
+    return (stream << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``(n * bits / 8,)`` bytes -> ``(n,)`` uint8 codes."""
+    if bits == 8:
+        return data
+    shifts = torch.arange(8, dtype=torch.uint8)
+    stream = ((data[:, None] >> shifts) & 1).reshape(-1, bits)
+    return (stream << shifts[:bits]).sum(1, dtype=torch.uint8)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
-    codes = q.codes
-    if q.bits == 4:
-        codes = torch.stack([codes & 0x0F, codes >> 4], 1).reshape(-1)
-    codes = codes.reshape(-1, q.block)
+    codes = unpack(q.codes, q.bits).reshape(-1, q.block)
     if q.method == "nf4":
         unit = NF4[codes.long()]
     else:

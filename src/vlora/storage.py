@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 
 from vlora.atomic import atomic_write, fsync_dir, fsync_write, read_regular, safetensors_blob
 from vlora.errors import SubspaceError
-from vlora.quantize import METHODS, QuantizedTensor, dequantize
+from vlora.quantize import BITS, METHODS, QuantizedTensor, dequantize
 from vlora.task import ModuleBasis, TaskProjection
 
 if TYPE_CHECKING:
@@ -96,8 +96,9 @@ def _get(tensors: dict[str, torch.Tensor], key: str, meta: dict[str, Any] | None
     if not meta:
         return tensors[key], None
     bits, method, block, shape = (meta.get(k) for k in ("bits", "method", "block", "shape"))
-    if bits not in (4, 8) or type(bits) is not int or method not in METHODS \
+    if bits not in BITS or type(bits) is not int or method not in METHODS \
             or method == "nf4" and bits != 4 or type(block) is not int or not 0 < block <= 1 << 20 \
+            or block * bits % 8 \
             or not isinstance(shape, list) or len(shape) != 2 \
             or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape):
         raise SubspaceError(f"quantized tensor {key}: bad quantization metadata {meta!r}")

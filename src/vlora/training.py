@@ -11,7 +11,8 @@ Every adapted module of the model adds ``x dW^T`` to its output through
 :class:`~vlora.model.VLoRAModel`'s ``"train"`` route, so ``loss.backward()`` reaches
 the coordinates and any optimiser trains them. Example::
 
-    st = SubspaceTrainer(sub, "new_task", model=base_model, lr=5e-2, head_lr=5e-3)
+    rates = lora_equivalent_lr(sub, lr=5e-3, lora_alpha=16, r=8)  # a LoRA recipe's pace
+    st = SubspaceTrainer(sub, "new_task", model=base_model, **rates, head_lr=5e-3)
     base_model.train()
     for batch in batches:
         st.step(st.model(**batch).loss)
@@ -142,6 +143,24 @@ class TrainingModule(Delegating):
         return self.model(*args, **kwargs)
 
 
+def lora_equivalent_lr(subspace: SharedSubspace, lr: float, lora_alpha: float, r: int,
+                       pseudo_rank: int | None = None) -> dict[str, float]:
+    """``{"lr": ..., "a_lr": ...}`` for :class:`SubspaceTrainer` from a LoRA recipe
+    (``lr``, ``lora_alpha``, rank ``r``) that trains as fast, fixed from shapes alone.
+
+    Adam moves every trainable number by about its lr per step. One step moves a LoRA's
+    ``dW = s B A`` (``s = lora_alpha / r``) along B by about ``s lr sqrt(r (d_out + d_in))``
+    and the coordinates' dW by ``lr' sqrt(p (k_out + k_in))``, so the B side gets
+    ``lr' = s lr sqrt(r (d_out + d_in) / (p (k_out + k_in)))`` (per module, averaged in
+    the square); the A side keeps ``lr`` (see ``a_lr`` in :class:`SubspaceTrainer`).
+    """
+    if not subspace.modules:
+        raise ValueError("the subspace has no modules")
+    p = pseudo_rank or r
+    ratios = [r * (b.d_out + b.d_in) / (p * (b.k_out + b.k_in)) for b in subspace.modules.values()]
+    return {"lr": lr * lora_alpha / r * (sum(ratios) / len(ratios)) ** 0.5, "a_lr": lr}
+
+
 class SubspaceTrainer:
     """Train task ``task_id`` of ``subspace`` as coordinates inside it (Share).
 
@@ -151,10 +170,15 @@ class SubspaceTrainer:
         task_id: the task to train.
         model: the base model (wrapped here in place by a :class:`VLoRAModel`) or a
             VLoRAModel of ``subspace``. Its base weights are frozen; its heads train.
-        lr: learning rate of the coordinates with the default optimiser (AdamW, no weight
-            decay). They carry dW in far fewer numbers than a LoRA, each moved about ``lr``
-            per Adam step, so they want a larger lr than a LoRA recipe's (about
-            ``s lr sqrt(r (d_out + d_in) / (p (k_out + k_in)))`` moves dW as fast).
+        lr: learning rate of the B-side coordinates (``L_B``, ``X_B``) with the default
+            optimiser (AdamW, no weight decay). They carry dW in far fewer numbers than a
+            LoRA, each moved about ``lr`` per Adam step, so they want a larger lr than a
+            LoRA recipe's: :func:`lora_equivalent_lr` gives the one that moves dW as fast.
+        a_lr: learning rate of the A-side coordinates (``L_A``, ``X_A``; default ``lr``).
+            ``L_A`` starts at the size of a LoRA's ``A``, so the LoRA recipe's own lr moves
+            it as fast, relative to its size, as that recipe moves ``A``; the B-side lr
+            there makes ``L_A`` outgrow its start within a few steps and dW's effective
+            step grow with it (measured: unstable across seeds).
         head_lr: learning rate of the heads (default ``lr``).
         optimizer: ``f(param_groups) -> torch.optim.Optimizer`` to use any other.
         num_expand: ``phi`` extra directions per side and module (folded in by ``write_back``).
@@ -169,7 +193,7 @@ class SubspaceTrainer:
     """
 
     def __init__(self, subspace: SharedSubspace, task_id: str, model: Any, *, lr: float = 1e-3,
-                 head_lr: float | None = None,
+                 a_lr: float | None = None, head_lr: float | None = None,
                  optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
                  num_expand: int = 0, pseudo_rank: int | None = None,
                  train_modules_to_save: bool | Iterable[str] = True,
@@ -205,7 +229,10 @@ class SubspaceTrainer:
         self.heads = self._find_heads(vm, task, train_modules_to_save)
         for p in self.heads.values():
             p.requires_grad_(True)
-        groups = [{"params": self.coordinates(), "lr": lr, "name": "coordinates"}]
+        side_b = [p for d in deltas for p in ([d.lb, d.xb] if d.phi else [d.lb])]
+        side_a = [p for d in deltas for p in ([d.la, d.xa] if d.phi else [d.la])]
+        groups = [{"params": side_b, "lr": lr, "name": "coordinates_b"},
+                  {"params": side_a, "lr": a_lr or lr, "name": "coordinates_a"}]
         if self.heads:
             groups.append({"params": list(self.heads.values()), "lr": head_lr or lr, "name": "heads"})
         self.optimizer = optimizer(groups) if optimizer else torch.optim.AdamW(groups, lr=lr,

@@ -10,6 +10,7 @@ import torch
 from rich.table import Table
 
 from vlora.cli.common import console, human_bytes, parse_size, print_json, progress_enabled, split_ids
+from vlora.compress import compress as fit_to_bytes
 from vlora.errors import SubspaceError
 from vlora.io import load_adapter, save_adapter
 from vlora.storage import lock
@@ -69,6 +70,9 @@ def _load(path: str) -> SharedSubspace:
 @click.option("--variance-threshold", type=float, help="Keep this share of energy per module, e.g. 0.9.")
 @click.option("--budget", help="Total bytes for bases plus coordinates, e.g. 20MB.")
 @click.option("--ratio", type=float, help="Compression ratio of LoRA bytes to reach, e.g. 10.")
+@click.option("--bits", type=click.Choice(["4", "5", "6", "8"]),
+              help="Store bases and coordinates in this many bits; --budget/--ratio then count "
+                   "the quantized bytes, so fewer bits buy more directions.")
 @click.option("--task-ids", help="Comma-separated ids, one per adapter (default: folder names).")
 @click.option("--streaming", is_flag=True, help="Read adapters a chunk at a time (bounded memory).")
 @click.option("--missing-modules", type=click.Choice(["error", "skip", "zero"]), default="error",
@@ -76,7 +80,7 @@ def _load(path: str) -> SharedSubspace:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is already a subspace.")
 @QUIET
 @JSON
-def compress(adapters, output, num_components, k_out, k_in, variance_threshold, budget, ratio,
+def compress(adapters, output, num_components, k_out, k_in, variance_threshold, budget, ratio, bits,
              task_ids, streaming, missing_modules, force, quiet, as_json):
     """Compress LoRA adapter folders into one shared subspace.
 
@@ -84,6 +88,7 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
     Examples:
       vlora compress adapters/* -o sub -k 16
       vlora compress adapters/* -o sub --ratio 10
+      vlora compress adapters/* -o sub --ratio 10 --bits 6
       vlora compress a/ b/ c/ -o sub --task-ids sales,legal,support --budget 2MB
     """
     chosen = [x is not None for x in (num_components, k_out or k_in, variance_threshold, budget, ratio)]
@@ -102,16 +107,14 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
         sub = SharedSubspace.from_adapters_streaming(
             list(adapters), task_ids=ids, num_components=k or 16,
             variance_threshold=variance_threshold, progress=progress)
+        if bits:
+            sub.quantize(int(bits), coordinates=True)
     else:
         loaded = [load_adapter(p) for p in adapters]
-        if ratio is not None:
-            lora_bytes = sum(4 * a.lora_a[m].numel() + 4 * a.lora_b[m].numel()
-                             for a in loaded for m in a.layer_names)
-            budget = str(lora_bytes / ratio)
-        sub = SharedSubspace.from_adapters(
-            loaded, task_ids=ids, num_components=k, variance_threshold=variance_threshold,
-            budget=parse_size(budget) if budget else None, missing_modules=missing_modules,
-            progress=progress)
+        sub = fit_to_bytes(loaded, ids, budget=parse_size(budget) if budget else None, ratio=ratio,
+                           bits=int(bits) if bits else None, num_components=k,
+                           variance_threshold=variance_threshold,
+                           missing_modules=missing_modules, progress=progress)
     sub.save(output)
     data = summary(sub)
     if as_json:

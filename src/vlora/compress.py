@@ -1,0 +1,72 @@
+"""Fit a subspace to a byte target, in float32 or quantized: ``vlora compress --ratio 10 --bits 6``.
+
+A byte budget counts what is stored: bases plus every task's coordinates (heads apart).
+Quantized, the fit gets a larger float32 budget, scaled until the quantized subspace
+lands just under the target, so fewer bits buy more directions at the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from vlora.adapter import LoRAWeights
+from vlora.errors import SubspaceError
+from vlora.io import load_adapter
+from vlora.subspace import SharedSubspace
+
+BUDGET_TRIES = 6
+
+
+def lora_bytes(adapters: Sequence[LoRAWeights]) -> int:
+    """Bytes of the adapters' LoRA factors in float32 (what a ratio is counted against)."""
+    return sum(4 * (a.lora_a[m].numel() + a.lora_b[m].numel()) for a in adapters for m in a.layer_names)
+
+
+def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequence[str] | None = None,
+             *, budget: float | None = None, ratio: float | None = None, bits: int | None = None,
+             method: str = "symmetric", quantize_coordinates: bool = True,
+             **fit_kwargs: Any) -> SharedSubspace:
+    """Fit a :class:`SharedSubspace` on ``adapters`` whose stored bytes meet a target.
+
+    Args:
+        adapters: LoRAWeights or adapter folders, all of one base model.
+        task_ids: one id per adapter (default: folder names).
+        budget: total stored bytes (bases plus coordinates), or
+        ratio: LoRA bytes (float32) over stored bytes, e.g. ``10``.
+        bits: store bases (and, with ``quantize_coordinates``, coordinates) in 4, 5, 6
+            or 8 bits (:meth:`SharedSubspace.quantize`); None keeps float32.
+        method: ``"symmetric"`` or ``"nf4"`` (4 bits).
+        **fit_kwargs: passed to :meth:`SharedSubspace.from_adapters` (``num_components``
+            and the like when no byte target is given).
+
+    Raises:
+        ValueError: both ``budget`` and ``ratio``, or a non-positive one.
+        SubspaceError: no fit of the requested bits lands under the budget.
+    """
+    if budget is not None and ratio is not None:
+        raise ValueError("give a budget or a ratio, not both")
+    if (budget is not None and budget <= 0) or (ratio is not None and ratio <= 0):
+        raise ValueError(f"budget and ratio must be positive, not {budget or ratio}")
+    items = [a if isinstance(a, LoRAWeights) else load_adapter(a) for a in adapters]
+    if ratio is not None:
+        budget = lora_bytes(items) / ratio
+    if budget is None:
+        sub = SharedSubspace.from_adapters(items, task_ids, **fit_kwargs)
+        if bits is not None:
+            sub.quantize(bits, method, coordinates=quantize_coordinates)
+        return sub
+    # Quantized, each number costs about bits/32 of a float: the fit gets that much more
+    # budget, corrected for the block scales until the stored bytes fit.
+    factor, tries, stored = 32 / (bits or 32), BUDGET_TRIES if bits else 1, 0
+    for _ in range(tries):
+        sub = SharedSubspace.from_adapters(items, task_ids, budget=budget * factor, **fit_kwargs)
+        if bits is not None:
+            sub.quantize(bits, method, coordinates=quantize_coordinates)
+        stored = sub.compression_stats()["stored_bytes"]
+        if stored <= budget:
+            return sub
+        factor *= 0.995 * budget / stored
+    raise SubspaceError(f"no {bits or 32}-bit fit of {len(items)} adapters lands under {budget:.0f} "
+                        f"bytes (closest: {stored} bytes; every module keeps at least one direction)")

@@ -1,0 +1,41 @@
+"""Fitting to a byte target: the stored bytes meet it, and fewer bits buy more directions."""
+
+import pytest
+
+from synthetic import planted
+from vlora.compress import compress, lora_bytes
+from vlora.errors import SubspaceError
+
+
+@pytest.fixture(scope="module")
+def adapters():
+    return planted(6, noise=0.3, d_out=128, d_in=96, r=8)  # noise spreads the spectrum
+
+
+@pytest.mark.parametrize("bits", [None, 8, 6, 5])
+def test_stored_bytes_land_just_under_the_target(adapters, bits):
+    budget = lora_bytes(adapters) / 4
+    stats = compress(adapters, ratio=4, bits=bits).compression_stats()
+    assert stats["stored_bytes"] <= budget
+    assert stats["stored_bytes"] >= 0.9 * budget  # the bytes are spent, not left over
+    assert compress(adapters, budget=budget, bits=bits).compression_stats()["stored_bytes"] \
+        == stats["stored_bytes"]
+
+
+def test_fewer_bits_keep_more_directions_and_less_error_at_equal_bytes(adapters):
+    fits = {bits: compress(adapters, ratio=4, bits=bits) for bits in (None, 8, 6)}
+    ks = {b: sum(m.k_out + m.k_in for m in s.modules.values()) for b, s in fits.items()}
+    errors = {b: s.compression_stats()["mean_error"] for b, s in fits.items()}
+    assert ks[None] < ks[8] < ks[6]
+    assert errors[None] > errors[8] > errors[6]  # errors against what is stored, rounding included
+    assert all(fits[6].modules[m].quant for m in fits[6].modules)
+
+
+def test_bad_targets_are_refused_with_our_errors(adapters):
+    with pytest.raises(ValueError, match="not both"):
+        compress(adapters, budget=1e5, ratio=4)
+    with pytest.raises(ValueError, match="positive"):
+        compress(adapters, ratio=0)
+    for bits in (None, 6):
+        with pytest.raises(SubspaceError, match="lands under 100 bytes"):
+            compress(adapters, budget=100, bits=bits)
