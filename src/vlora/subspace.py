@@ -155,11 +155,15 @@ class SharedSubspace:
                      for m in shapes if m in a.lora_a) for a in items]
         weights = [adapter_weight(n, weighting) for n in norms]
         spectra, starts = {}, {}
+        # A fixed k needs only the top k of each stack (the fast top-k path on wide modules);
+        # a budget or an energy threshold needs the whole spectrum to choose k.
+        top = (num_components if isinstance(num_components, tuple) else (num_components,) * 2) \
+            if budget is None and variance_threshold is None else (None, None)
         with linalg.fixed_threads():
             for m in track(list(shapes), "Stack spectra", len(shapes), progress):
                 present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
                 facs = [_factors(a, m) for a, _ in present]
-                (u, su), (v, sv) = _stacks(facs, [w for _, w in present], shapes[m])
+                (u, su), (v, sv) = _stacks(facs, [w for _, w in present], shapes[m], *top)
                 spectra[m], starts[m] = (su, sv), (u, v)
         # With a byte budget, a lower pseudo-rank buys more shared directions: try a few
         # and keep the one with the lowest mean error (the library's choice, see DESIGN.md).
