@@ -26,15 +26,19 @@ import statistics
 
 import torch
 
-from vlora import LoRAWeights, SharedSubspace
-from vlora.compress import compress
+from vlora import LoRAWeights, SharedSubspace, linalg
+from vlora.compress import compress, lora_bytes
 from vlora.stats import svd_baseline_error
 
 F64 = torch.float64
 
 
-def lora_bytes(adapters: list[LoRAWeights]) -> int:
-    return 4 * sum(a.num_lora_params() for a in adapters)
+def svd_errors(adapters: list[LoRAWeights], numbers: float) -> list[float]:
+    """Per-adapter truncated SVD at ``numbers`` stored numbers per adapter, from each
+    module's singular values (of the gauge-free factors: no dense dW is formed)."""
+    shapes = adapters[0].shapes()
+    return [svd_baseline_error({m: linalg.canonical(a.lora_b[m], a.lora_a[m], a.scales[m])[1]
+                                for m in a.layer_names}, shapes, numbers) for a in adapters]
 
 
 def dense(a: LoRAWeights) -> dict[str, torch.Tensor]:
@@ -113,10 +117,7 @@ def compare_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float,
     budget = lora_bytes(adapters) / ratio
     sub = SharedSubspace.from_adapters(adapters, task_ids=ids, budget=budget)
     stats = sub.compression_stats()
-    numbers = stats["stored_bytes"] / 4 / len(adapters)
-    shapes = adapters[0].shapes()
-    svd = [svd_baseline_error({m: torch.linalg.svdvals(a.delta_weight(m)) for m in a.layer_names},
-                              shapes, numbers) for a in adapters]
+    svd = svd_errors(adapters, stats["stored_bytes"] / 4 / len(adapters))
     pca, k_pca = flat_pca(adapters, stats["stored_bytes"])
     row = {"n": len(adapters), "ratio_target": ratio, "ratio": stats["compression_ratio"],
            "stored_bytes": stats["stored_bytes"], "vlora": stats["mean_error"],
@@ -145,10 +146,7 @@ def quantized_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float
     """
     sub = compress(adapters, ids, ratio=ratio, bits=bits)
     stats = sub.compression_stats()
-    numbers = stats["stored_bytes"] / len(adapters) / (bits / 8 + 4 / 64)
-    shapes = adapters[0].shapes()
-    svd = [svd_baseline_error({m: torch.linalg.svdvals(a.delta_weight(m)) for m in a.layer_names},
-                              shapes, numbers) for a in adapters]
+    svd = svd_errors(adapters, stats["stored_bytes"] / len(adapters) / (bits / 8 + 4 / 64))
     return sub, {"bits": bits, "ratio": stats["compression_ratio"], "vlora": stats["mean_error"],
                  "vlora_max": stats["max_error"], "svd": statistics.mean(svd)}
 

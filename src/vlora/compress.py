@@ -21,7 +21,7 @@ BUDGET_TRIES = 6
 
 def lora_bytes(adapters: Sequence[LoRAWeights]) -> int:
     """Bytes of the adapters' LoRA factors in float32 (what a ratio is counted against)."""
-    return sum(4 * (a.lora_a[m].numel() + a.lora_b[m].numel()) for a in adapters for m in a.layer_names)
+    return 4 * sum(a.num_lora_params() for a in adapters)
 
 
 def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequence[str] | None = None,

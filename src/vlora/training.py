@@ -232,7 +232,7 @@ class SubspaceTrainer:
         side_b = [p for d in deltas for p in ([d.lb, d.xb] if d.phi else [d.lb])]
         side_a = [p for d in deltas for p in ([d.la, d.xa] if d.phi else [d.la])]
         groups = [{"params": side_b, "lr": lr, "name": "coordinates_b"},
-                  {"params": side_a, "lr": a_lr or lr, "name": "coordinates_a"}]
+                  {"params": side_a, "lr": lr if a_lr is None else a_lr, "name": "coordinates_a"}]
         if self.heads:
             groups.append({"params": list(self.heads.values()), "lr": head_lr or lr, "name": "heads"})
         self.optimizer = optimizer(groups) if optimizer else torch.optim.AdamW(groups, lr=lr,
