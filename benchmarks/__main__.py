@@ -117,7 +117,7 @@ def main(argv=None) -> None:
                         "--limit", "50", "--no-vlora-dev", "--out", str(RESULTS / "fidelity_quick")),
                        ("scale", "--quick", "--no-vlora-dev")],
                       [("continual", "--quick")])
-        # a smoke run: 3 rounds (the full run's 11 are for tight timings)
+        # a smoke run: 3 rounds (the full run's 7 are for tight timings)
         times["serving"] = run("serving", "--quick", "--threads", "1", "--repeats", "3", "1")
     else:
         from benchmarks import testbed

@@ -94,7 +94,8 @@ def train_in_subspace(sub: SharedSubspace, task: str, setup: dict, phi: int,
     model = load_minilm_classifier(len(labels), seed)
     st = SubspaceTrainer(sub, task_id or task, model=model, **lr, head_lr=r["lr"], num_expand=phi,
                          pseudo_rank=setup["p"], seed=seed)
-    steps, warmup = r["steps"], max(1, r["steps"] // 10)
+    steps = round(r["steps"] * setup.get("steps_scale", 1.0))
+    warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         st.optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
     labels_t, gen = torch.tensor(tr_y), torch.Generator().manual_seed(seed)

@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--k", type=int, help="subspace dimension (default: the full setup's)")
     p.add_argument("--p", type=int, help="pseudo-rank (default: the full setup's)")
+    p.add_argument("--steps-scale", type=float, nargs="+", default=[1.0],
+                   help="training steps in the subspace, times the LoRA recipe's (each compared)")
     p.add_argument("--phi", type=int, default=0, help="extra directions per side")
     p.add_argument("--base", nargs="+", help="tasks of the subspace (default: the full setup's)")
     p.add_argument("--name", default="continual_tuning", help="results file name")
@@ -56,10 +58,12 @@ def main(argv=None) -> int:
                                        num_components=setup["k"])
     table = {}
     for scale in a.scales:
-        setup["b_lr_scale"] = scale
-        table[scale] = {t: [validation_accuracy(sub, t, setup, s, a.phi) for s in a.seeds]
-                        for t in setup["new"]}
-        print(scale, json.dumps(table[scale]), flush=True)
+        for steps in a.steps_scale:
+            setup.update(b_lr_scale=scale, steps_scale=steps)
+            key = f"{scale}" if len(a.steps_scale) == 1 else f"{scale}, {steps}x steps"
+            table[key] = {t: [validation_accuracy(sub, t, setup, s, a.phi) for s in a.seeds]
+                          for t in setup["new"]}
+            print(key, json.dumps(table[key]), flush=True)
     mean = {s: statistics.fmean(statistics.fmean(v) for v in row.values()) for s, row in table.items()}
     best = max(mean, key=mean.get)
     lines = ["# B-side learning-rate scale of the continual benchmark, on validation rows", "",
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
              f"{len(setup['base'])} tasks: {', '.join(setup['base'])}), seeds "
              f"{', '.join(map(str, a.seeds))}; trained on 3/4 of each task's training rows, "
              "scored on the other quarter. Accuracy per seed.", "",
-             "| scale | " + " | ".join(setup["new"]) + " | mean |", "|---|" + "---|" * (len(setup["new"]) + 1)]
+             "| scale (, steps) | " + " | ".join(setup["new"]) + " | mean |", "|---|" + "---|" * (len(setup["new"]) + 1)]
     lines += [f"| {s} | " + " | ".join(", ".join(f"{x:.3f}" for x in row[t]) for t in setup["new"])
               + f" | {mean[s]:.4f} |" for s, row in table.items()]
     lines += ["", f"Best: {best} (mean {mean[best]:.4f}).", ""]

@@ -17,7 +17,7 @@ The adapters (rank ``--rank``) are planted in a ``--k``-dimensional subspace per
 side, so the subspace holds every task exactly and vlora pays for ``k``, not ``r * N``.
 
     python -m benchmarks.serving --quick      # MiniLM only, 16 tokens per row
-    python -m benchmarks.serving              # MiniLM and SmolLM2 (~10 min on 1 core)
+    python -m benchmarks.serving              # MiniLM and SmolLM2 (~10 min on 2 cores)
 
 Writes ``benchmarks/results/serving.json`` and ``serving.md`` (``serving_quick.*`` with ``--quick``).
 """
@@ -103,7 +103,7 @@ def switch_latency(switch, names: list[str], repeats: int = 200) -> float:
 
 
 def run_model(name: str, base, task_type: str, targets: list[str], args, causal: bool,
-              repeats: int) -> dict:
+              repeats: int, tokens: int) -> dict:
     n = max(TASK_COUNTS)
     merged_src = copy.deepcopy(base)
     vbase = copy.deepcopy(base)
@@ -119,9 +119,9 @@ def run_model(name: str, base, task_type: str, targets: list[str], args, causal:
     merged = merged.merge_and_unload().eval()
     vocab = base.config.vocab_size
     g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(5, vocab, (args.rows, args.tokens), generator=g),
-             "attention_mask": torch.ones(args.rows, args.tokens, dtype=torch.long)}
-    phases = {"prefill": (batch, args.rows * args.tokens)}
+    batch = {"input_ids": torch.randint(5, vocab, (args.rows, tokens), generator=g),
+             "attention_mask": torch.ones(args.rows, tokens, dtype=torch.long)}
+    phases = {"prefill": (batch, args.rows * tokens)}
     if causal:
         with torch.inference_mode():
             cache = vbase(**batch, use_cache=True).cache
@@ -207,7 +207,7 @@ def targets(by: dict, switches: list[dict]) -> list[str]:
 def markdown(report: dict) -> str:
     c = report["config"]
     lines = [f"# Serving benchmark ({'quick' if c['quick'] else 'full'})", "",
-             f"{c['rows']} rows x {c['tokens']} tokens, LoRA rank {c['rank']}, subspace k={c['k']}, "
+             f"{c['rows']} rows x {' / '.join(map(str, c['tokens']))} tokens (MiniLM / SmolLM2), LoRA rank {c['rank']}, subspace k={c['k']}, "
              f"torch {c['torch']} on {c['machine']} with {c['threads']} thread(s), median of "
              f"{' / '.join(map(str, c['repeats']))} rounds (MiniLM / SmolLM2; decode 5x more). "
              "Tokens per second (decode: one new token per row).", ""]
@@ -233,24 +233,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="MiniLM only, 16 tokens")
     parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=None, help="default 64 (16 with --quick)")
+    parser.add_argument("--tokens", type=int, nargs=2, default=None, metavar=("MINILM", "SMOLLM2"),
+                        help="tokens per row, per model (default 64 32: SmolLM2's prefill at 64 "
+                             "took half the suite's serving time; 16 16 with --quick)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--repeats", type=int, nargs=2, default=[11, 3], metavar=("MINILM", "SMOLLM2"),
-                        help="timed rounds after a warm-up round, per model (default 11 3: with 3, "
+    parser.add_argument("--repeats", type=int, nargs=2, default=[7, 3], metavar=("MINILM", "SMOLLM2"),
+                        help="timed rounds after a warm-up round, per model (default 7 3: with 3, "
                              "two methods of identical cost differed by 13%% on MiniLM)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    args.tokens = args.tokens or (16 if args.quick else 64)
+    args.tokens = args.tokens or ([16, 16] if args.quick else [64, 32])
     if args.threads:
         torch.set_num_threads(args.threads)
     from vlora.testbed.models import load_minilm_classifier, load_smollm2
     runs = [run_model("MiniLM", load_minilm_classifier(num_labels=3), "SEQ_CLS",
-                      ["query", "key", "value"], args, causal=False, repeats=args.repeats[0])]
+                      ["query", "key", "value"], args, causal=False, repeats=args.repeats[0],
+                      tokens=args.tokens[0])]
     if not args.quick:
         runs.append(run_model("SmolLM2", load_smollm2()[0], "CAUSAL_LM",
                               ["q_proj", "k_proj", "v_proj", "o_proj"], args, causal=True,
-                              repeats=args.repeats[1]))
+                              repeats=args.repeats[1], tokens=args.tokens[1]))
     report = {"config": {"quick": args.quick, "rows": args.rows, "tokens": args.tokens,
                          "rank": args.rank, "k": args.k, "repeats": args.repeats,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,

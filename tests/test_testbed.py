@@ -93,6 +93,19 @@ def test_example_adapter_reproduces_its_accuracy(adapter_dir):
     assert abs(acc - metrics["accuracy"]) <= 0.02
 
 
+def test_predict_batches_by_length_but_answers_in_input_order():
+    from vlora.testbed.train import load_adapter_model, predict, read_eval_json
+
+    d = example_adapter_dirs()[0]
+    ev = read_eval_json(d / "eval.json")
+    model = load_adapter_model(d, len(ev["label_names"]))
+    texts = ev["texts"][:40]
+    one_by_one = [predict(model, [t])[0] for t in texts]
+    assert predict(model, texts, batch_size=8) == one_by_one
+    assert len(set(one_by_one)) > 1  # otherwise the order could not show
+    assert predict(model, []) == []
+
+
 def test_smoke_training_writes_a_loadable_cached_adapter(tmp_path):
     kwargs = dict(steps=3, batch_size=8, max_train=24, max_eval=16)
     m = train_adapter("chat_topic_en", 0, tmp_path / "one", **kwargs)

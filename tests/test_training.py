@@ -236,15 +236,18 @@ def test_hf_trainer_trains_only_the_coordinates_and_resumes(adapters, new_task, 
 
     def run(steps, resume=None):
         sub = fresh_subspace(adapters)
-        st = trainer(sub, new_task)
+        st = trainer(sub, new_task, lr=5e-2, a_lr=2e-2, head_lr=3e-2)
         args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=steps,
-                                 learning_rate=5e-2, save_steps=20, logging_steps=1, report_to=[],
+                                 save_steps=20, logging_steps=1, report_to=[],
                                  use_cpu=True, disable_tqdm=True, seed=0, warmup_steps=2)
         hf = VLoRATrainer(st, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tok))
         frozen = {n: p.clone() for n, p in st.model.model.named_parameters() if not p.requires_grad}
         hf.train(resume_from_checkpoint=resume)
         held = {id(p) for g in hf.optimizer.param_groups for p in g["params"]}
         assert held == {id(p) for p in st.parameters()}  # exactly these, nothing of the base
+        # each side at its own rate, the schedule scaling them alike
+        assert {g["name"]: g["initial_lr"] for g in hf.optimizer.param_groups} == {
+            "coordinates_b": 5e-2, "coordinates_a": 2e-2, "heads": 3e-2}
         assert all(torch.equal(p, frozen[n]) for n, p in st.model.model.named_parameters() if n in frozen)
         return st, hf
 
@@ -259,6 +262,17 @@ def test_hf_trainer_trains_only_the_coordinates_and_resumes(adapters, new_task, 
     resumed, _ = run(24, resume=str(ckpt))
     for a, b in zip(st.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_hf_trainer_warns_that_its_single_learning_rate_is_not_used(adapters, new_task, tmp_path):
+    from transformers import TrainingArguments
+
+    from vlora.integrations.huggingface import VLoRATrainer
+
+    st = trainer(fresh_subspace(adapters), new_task, lr=5e-2, a_lr=5e-3)
+    args = TrainingArguments(str(tmp_path), learning_rate=1e-4, report_to=[], use_cpu=True)
+    with pytest.warns(UserWarning, match="ignores args.learning_rate=0.0001"):
+        VLoRATrainer(st, args=args, train_dataset=[])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

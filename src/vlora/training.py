@@ -235,6 +235,7 @@ class SubspaceTrainer:
                   {"params": side_a, "lr": lr if a_lr is None else a_lr, "name": "coordinates_a"}]
         if self.heads:
             groups.append({"params": list(self.heads.values()), "lr": head_lr or lr, "name": "heads"})
+        self.param_groups = groups  # what any optimiser of this task should hold, and at which lr
         self.optimizer = optimizer(groups) if optimizer else torch.optim.AdamW(groups, lr=lr,
                                                                                weight_decay=0.0)
 
