@@ -214,7 +214,8 @@ def markdown(result: dict) -> str:
              f"Subspace: {len(s['base'])} test-bed adapters ({', '.join(s['base'])}), k = {s['k']} "
              f"per side; new tasks in order: {', '.join(s['new'])}. Pseudo-rank p = {s['p']}. "
              f"Recipe of the full LoRAs and of training in the subspace: {result['recipe']} "
-             f"(coordinates at the learning rates of `vlora.training.lora_equivalent_lr`, heads at the recipe's). "
+             "(coordinates at the learning rates of `vlora.training.lora_equivalent_lr`, "
+             "heads at the recipe's). "
              f"Wall time {result['seconds']:.0f} s.", "",
              "Columns: the full LoRA's accuracy (majority class); the share of its energy inside "
              "the subspace when the task arrives; the accuracy of that LoRA projected (phi = 0); "

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
              f"{len(setup['base'])} tasks: {', '.join(setup['base'])}), seeds "
              f"{', '.join(map(str, a.seeds))}; trained on 3/4 of each task's training rows, "
              "scored on the other quarter. Accuracy per seed.", "",
-             "| scale (, steps) | " + " | ".join(setup["new"]) + " | mean |", "|---|" + "---|" * (len(setup["new"]) + 1)]
+             "| scale (, steps) | " + " | ".join(setup["new"]) + " | mean |",
+             "|---|" + "---|" * (len(setup["new"]) + 1)]
     lines += [f"| {s} | " + " | ".join(", ".join(f"{x:.3f}" for x in row[t]) for t in setup["new"])
               + f" | {mean[s]:.4f} |" for s, row in table.items()]
     lines += ["", f"Best: {best} (mean {mean[best]:.4f}).", ""]

@@ -322,7 +322,8 @@ def report(results: dict) -> str:
         if "accuracy" in reg:
             acc, s, q = reg["accuracy"], reg["accuracy_summary"], reg["quantized"]
             kq, n = [a["kept_vlora_q"] for a in acc], [a["eval_rows"] for a in acc]
-            lines += [f"Accuracy kept at {s['ratio_target']:.0f}x fewer LoRA bytes, exports re-scored with PEFT "
+            lines += [f"Accuracy kept at {s['ratio_target']:.0f}x fewer LoRA bytes, exports re-scored "
+                      "with PEFT "
                       f"on each task's held-out split ({min(n)}-{max(n)} rows: one example is "
                       f"{1 / max(n):.2%}-{1 / min(n):.2%} of a task's accuracy). vlora float32 at "
                       f"{s['ratio']:.1f}x has dW "

@@ -207,7 +207,8 @@ def targets(by: dict, switches: list[dict]) -> list[str]:
 def markdown(report: dict) -> str:
     c = report["config"]
     lines = [f"# Serving benchmark ({'quick' if c['quick'] else 'full'})", "",
-             f"{c['rows']} rows x {' / '.join(map(str, c['tokens']))} tokens (MiniLM / SmolLM2), LoRA rank {c['rank']}, subspace k={c['k']}, "
+             f"{c['rows']} rows x {' / '.join(map(str, c['tokens']))} tokens (MiniLM / SmolLM2), "
+             f"LoRA rank {c['rank']}, subspace k={c['k']}, "
              f"torch {c['torch']} on {c['machine']} with {c['threads']} thread(s), median of "
              f"{' / '.join(map(str, c['repeats']))} rounds (MiniLM / SmolLM2; decode 5x more). "
              "Tokens per second (decode: one new token per row).", ""]

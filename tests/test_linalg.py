@@ -193,3 +193,16 @@ def test_refinement_through_the_fast_path_reaches_the_exact_objective(monkeypatc
         # are taken or not, and move the bases by ~1e-7 without changing the objective
         tol = 1e-8 if iters == 2 else 1e-6
         assert spectral(u @ u.T, ue @ ue.T) <= tol and spectral(v @ v.T, ve @ ve.T) <= tol
+
+
+def test_rounding_gauge_keeps_the_core_in_one_gauge_whatever_the_input_gauge():
+    lb, la = rand(12, 4, seed=3) @ rand(4, 6, seed=4), rand(9, 6, seed=5)  # core of rank 4
+    g = rand(6, 6, seed=6) + 3 * torch.eye(6, dtype=F64)
+    b1, a1 = linalg.rounding_gauge(lb, la)
+    b2, a2 = linalg.rounding_gauge(lb @ g, la @ torch.linalg.inv(g).T)
+    torch.testing.assert_close(b1 @ a1.T, lb @ la.T)
+    torch.testing.assert_close((b1, a1), (b2, a2))  # the same factors, not just the same core
+    assert b1.shape == lb.shape and a1.shape == la.shape
+    assert torch.linalg.matrix_rank(b1) == torch.linalg.matrix_rank(a1) == 4
+    zero_b = torch.zeros(12, 6, dtype=F64)
+    assert linalg.rounding_gauge(zero_b, la)[1] is la  # a fresh task keeps its random side

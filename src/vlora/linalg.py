@@ -338,3 +338,33 @@ def truncate_core(lb: torch.Tensor, la: torch.Tensor, p: int) -> tuple[torch.Ten
     u, s, v = canonical(lb, la.T)
     p = min(p, s.numel())
     return (u[:, :p] * s[:p]).to(lb.dtype), v[:, :p].to(la.dtype)
+
+
+def rounding_gauge(lb: torch.Tensor, la: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The core ``C = lb @ la^T`` as factors in one fixed gauge made for rounding them.
+
+    ``(P sqrt(S) R, Q sqrt(S) R)``, with ``C = P S Q^T`` its SVD (each pair of singular
+    vectors signed by ``P``'s largest entry; none past C's numerical rank) and ``R`` a
+    fixed random rotation of the ``r`` columns. Shapes as given: ``(k_out, r)``, ``(k_in, r)``.
+
+    The SVD makes blockwise rounding a function of ``C`` alone, not of how the adapter's
+    factors happened to be scaled or mixed (an ill-conditioned mix lost 6 to 14 times dW's
+    norm at 6 bits). The rotation spreads every singular direction over all columns so one
+    absmax scale fits a whole block, as in QuIP: at 10x fewer bytes and 6 bits, the mean dW
+    error of the real test bed went 0.142 -> 0.139 (one seed) and 0.150 -> 0.146
+    (independent seeds) against rounding the factors as projected.
+    A zero core (a task just initialised, whose ``la`` must stay random to get gradients)
+    is returned as it is.
+    """
+    if not lb.shape[1] or not bool(lb.any()) or not bool(la.any()):
+        return lb, la
+    u, s, v = canonical(lb, la.T)
+    signs = torch.sign(u[u.abs().argmax(0), torch.arange(u.shape[1])])
+    signs[signs == 0] = 1
+    q = numerical_rank(s)
+    root = s[:q].sqrt() * signs[:q]  # flipping both sides' vectors keeps C
+    r = lb.shape[1]
+    out_b, out_a = torch.zeros(lb.shape, dtype=F64), torch.zeros(la.shape, dtype=F64)
+    out_b[:, :q], out_a[:, :q] = u[:, :q] * root, v[:, :q] * root
+    rot = torch.linalg.qr(torch.randn(r, r, dtype=F64, generator=torch.Generator().manual_seed(r)))[0]
+    return (out_b @ rot).to(lb), (out_a @ rot).to(la)

@@ -395,6 +395,7 @@ class SharedSubspace:
                 ca = maps[m][1] @ t.coords_a[m].to(F64)
                 nb[m], na[m] = cb.to(old.U.dtype), ca.to(old.V.dtype)
                 if coord_quant is not None:
+                    nb[m], na[m] = (x.to(old.U.dtype) for x in linalg.rounding_gauge(cb, ca))
                     quant[f"{m}::B"], quant[f"{m}::A"] = (quantize(x, *coord_quant) for x in (nb[m], na[m]))
                     nb[m], na[m] = dequantize(quant[f"{m}::B"]), dequantize(quant[f"{m}::A"])
                 if t.coords_b[m].shape[1] == 0:
