@@ -120,9 +120,10 @@ def main(argv=None) -> None:
         # a smoke run: 3 rounds (the full run's 7 are for tight timings)
         times["serving"] = run("serving", "--quick", "--threads", "1", "--repeats", "3", "1")
     else:
-        from benchmarks import testbed
+        from benchmarks import continual, testbed
         start = time.perf_counter()
         regimes = testbed.ensure(Path(args.testbed))
+        continual.adapters(continual.FULL)
         testbed_s = time.perf_counter() - start  # training is outside the suite's time
         one, ind = ([str(d) for d in regimes[r]] for r in ("one-seed", "independent"))
         # Two cores, one thread per part: fidelity beside continual then scale; serving

@@ -54,7 +54,8 @@ FULL = dict(name="continual", k=76, p=2, phi=2, seeds=[0, 1, 2], b_lr_scale=2.0,
 QUICK = dict(name="continual_quick", k=24, p=4, phi=2, seeds=[0], b_lr_scale=2.0,
              base=["rt_sentiment", "chat_topic_en", "word_polarity"],
              new=["chat_topic_es", "rt_subjectivity"],
-             recipe=dict(steps=16, max_train=256, max_eval=80))
+             recipe=dict(steps=16, max_train=256, max_eval=80),
+             folder="quick")  # another recipe: another folder, or they would replace the full ones
 
 
 def accuracy(model, eval_dir: Path) -> float:
@@ -94,7 +95,7 @@ def train_in_subspace(sub: SharedSubspace, task: str, setup: dict, phi: int,
     model = load_minilm_classifier(len(labels), seed)
     st = SubspaceTrainer(sub, task_id or task, model=model, **lr, head_lr=r["lr"], num_expand=phi,
                          pseudo_rank=setup["p"], seed=seed)
-    steps = round(r["steps"] * setup.get("steps_scale", 1.0))
+    steps = setup.get("new_steps") or r["steps"]
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         st.optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
@@ -216,7 +217,9 @@ def markdown(result: dict) -> str:
              f"Recipe of the full LoRAs and of training in the subspace: {result['recipe']} "
              "(coordinates at the learning rates of `vlora.training.lora_equivalent_lr`, "
              "heads at the recipe's). "
-             f"Wall time {result['seconds']:.0f} s.", "",
+             + (f"The new tasks' LoRAs and their training in the subspace take {s['new_steps']} steps. "
+                if s.get("new_steps") else "")
+             + f"Wall time {result['seconds']:.0f} s.", "",
              "Columns: the full LoRA's accuracy (majority class); the share of its energy inside "
              "the subspace when the task arrives; the accuracy of that LoRA projected (phi = 0); "
              "the task trained in the subspace; as stored after write-back (phi = 0: exact, not "
@@ -265,6 +268,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def adapters(setup: dict, cache_dir: str | None = None
+             ) -> tuple[dict[str, Path], dict[str, dict[int, Path]]]:
+    """The LoRAs of ``setup``, trained where missing (``python -m benchmarks all`` calls this
+    before its clock starts): ``({task: seed-0 folder}, {new task: {other seed: folder}})``."""
+    cache = Path(cache_dir or default_cache_dir()) / setup.get("folder", "")
+    new_recipe, new_cache = setup["recipe"], cache
+    if setup.get("new_steps"):
+        new_recipe = {**new_recipe, "steps": setup["new_steps"]}
+        new_cache = cache / f"steps{setup['new_steps']}"
+    dirs = dict(zip(setup["base"], build_testbed(setup["base"], [SEED], cache, threads=1, **setup["recipe"])))
+    dirs.update(zip(setup["new"], build_testbed(setup["new"], [SEED], new_cache, threads=1, **new_recipe)))
+    more = [s for s in setup["seeds"] if s != SEED]
+    return dirs, {t: dict(zip(more, build_testbed([t], more, new_cache, threads=1, **new_recipe)))
+                  for t in setup["new"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small CI smoke run")
@@ -275,19 +294,17 @@ def main(argv=None) -> int:
     p.add_argument("--phi", type=int, nargs="+", help="variants to run (default: 0 and the setup's)")
     p.add_argument("--seeds", type=int, nargs="+",
                    help="seeds of the phi = 0 runs (seed 0, always run, is the one stored)")
+    p.add_argument("--new-steps", type=int,
+                   help="steps of the new tasks' LoRAs and of their training in the subspace "
+                        "(default: the recipe's); those LoRAs are cached in <cache>/steps<N>")
     p.add_argument("--name", help="results file name (default: the setup's)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # reproducible decompositions; shared CPU machines
     setup = dict(QUICK if a.quick else FULL)
-    setup.update({k: v for k, v in dict(k=a.k, p=a.p, name=a.name, seeds=a.seeds).items() if v is not None})
-    # Quick adapters use another recipe: another folder, or they would replace the full ones.
-    cache = Path(a.cache_dir or default_cache_dir()) / ("quick" if a.quick else "")
+    setup.update({k: v for k, v in dict(k=a.k, p=a.p, name=a.name, seeds=a.seeds,
+                                        new_steps=a.new_steps).items() if v is not None})
     t0 = time.perf_counter()
-    tasks = setup["base"] + setup["new"]
-    dirs = dict(zip(tasks, build_testbed(tasks, [SEED], cache, threads=1, **setup["recipe"])))
-    more = [s for s in setup["seeds"] if s != SEED]
-    seed_dirs = {t: dict(zip(more, build_testbed([t], more, cache, threads=1, **setup["recipe"])))
-                 for t in setup["new"]}
+    dirs, seed_dirs = adapters(setup, a.cache_dir)
     variants = [run_variant(setup, dirs, phi, seed_dirs) for phi in (a.phi or (0, setup["phi"]))]
     result = dict(setup=setup, recipe={**DEFAULTS, **setup["recipe"], "target_modules": ["query", "value"]},
                   variants=variants, seconds=time.perf_counter() - t0)

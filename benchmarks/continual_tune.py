@@ -1,4 +1,5 @@
-"""Choose the B-side learning-rate scale of the continual benchmark on validation rows.
+"""Choose the B-side learning-rate scale (and compare step counts) of the continual benchmark
+on validation rows.
 
 For each scale of :func:`vlora.training.lora_equivalent_lr`'s B-side lr (the A side keeps
 the LoRA recipe's), every new task of the full continual setup is trained inside its
@@ -42,8 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--k", type=int, help="subspace dimension (default: the full setup's)")
     p.add_argument("--p", type=int, help="pseudo-rank (default: the full setup's)")
-    p.add_argument("--steps-scale", type=float, nargs="+", default=[1.0],
-                   help="training steps in the subspace, times the LoRA recipe's (each compared)")
+    p.add_argument("--steps", type=int, nargs="+", default=[DEFAULTS["steps"]],
+                   help="training steps in the subspace (each compared; the LoRAs' recipe has "
+                        f"{DEFAULTS['steps']}: compare against LoRAs trained as long)")
     p.add_argument("--phi", type=int, default=0, help="extra directions per side")
     p.add_argument("--base", nargs="+", help="tasks of the subspace (default: the full setup's)")
     p.add_argument("--name", default="continual_tuning", help="results file name")
@@ -58,9 +60,9 @@ def main(argv=None) -> int:
                                        num_components=setup["k"])
     table = {}
     for scale in a.scales:
-        for steps in a.steps_scale:
-            setup.update(b_lr_scale=scale, steps_scale=steps)
-            key = f"{scale}" if len(a.steps_scale) == 1 else f"{scale}, {steps}x steps"
+        for steps in a.steps:
+            setup.update(b_lr_scale=scale, new_steps=steps)
+            key = f"{scale}" if a.steps == [DEFAULTS["steps"]] else f"{scale}, {steps} steps"
             table[key] = {t: [validation_accuracy(sub, t, setup, s, a.phi) for s in a.seeds]
                           for t in setup["new"]}
             print(key, json.dumps(table[key]), flush=True)
