@@ -61,6 +61,10 @@ def machine() -> str:
 
 PARTS = [("Fidelity against bytes", "fidelity"), ("Scale", "scale"), ("Serving", "serving"),
          ("Continual learning (Share)", "continual")]
+# Runs outside the suite's clock that qualify a part's figures, quoted after them when present.
+CONTROLS = [("Control: continual learning with LoRAs trained twice as long",
+             "python -m benchmarks.continual --new-steps 120 --phi 0 --name continual_steps120",
+             "continual_steps120")]
 
 
 def write_results(quick: bool) -> Path:
@@ -89,6 +93,11 @@ def write_results(quick: bool) -> Path:
         if part in figures:
             out += [f"![{title}](results/{figures[part]})"]
         out.append("")
+    for title, command, name in [] if quick else CONTROLS:
+        path = RESULTS / f"{name}.md"
+        if path.exists():
+            body = re.sub(r"^(#+) ", r"##\1 ", path.read_text(), flags=re.M)
+            out += [f"## {title}", "", f"Run alone, not part of the suite: `{command}`.", "", body, ""]
     target = HERE / f"RESULTS{suffix}.md"
     target.write_text("\n".join(out))
     print(f"wrote {target}")
