@@ -14,7 +14,7 @@ Per new task: accuracy of (a) its full LoRA, (b) the task trained in the subspac
 as stored after write-back), (c) after all later absorbs; trainable parameters of the
 adapter (heads counted apart) and bytes stored per task.
 
-    python -m benchmarks.continual            # 16 subspace tasks, 4 new ones (~13 min CPU)
+    python -m benchmarks.continual            # 16 subspace tasks, 4 new ones (~12 min, 1 core)
     python -m benchmarks.continual --quick    # CI smoke, a few minutes
 """
 
@@ -108,15 +108,15 @@ def train_in_subspace(sub: SharedSubspace, task: str, setup: dict, phi: int,
     return st
 
 
-def other_seeds(sub: SharedSubspace, task: str, setup: dict, lr: dict[str, float],
+def other_seeds(sub: SharedSubspace, task: str, setup: dict, phi: int, lr: dict[str, float],
                 lora_dirs: dict[int, Path]) -> tuple[list[float], list[float]]:
     """(LoRA, trained in the subspace) accuracy of ``task`` for every seed but the first:
-    one run is too noisy to tell a 2-point gap (eval splits of 100-400 rows). phi = 0 only:
-    these runs are scored and dropped, nothing is written back."""
+    one run is too noisy to tell a 2-point gap (eval splits of 100-400 rows). These runs
+    are scored as trained and dropped: nothing is written back (or absorbed)."""
     loras, trained = [], []
     for seed, d in lora_dirs.items():
         loras.append(json.loads((d / "metrics.json").read_text())["accuracy"])
-        st = train_in_subspace(sub, task, setup, 0, lr, seed, task_id=f"{task}__seed{seed}")
+        st = train_in_subspace(sub, task, setup, phi, lr, seed, task_id=f"{task}__seed{seed}")
         trained.append(accuracy(st.model, d))
         st.model.unwrap()
         sub.remove_task(f"{task}__seed{seed}")
@@ -155,8 +155,8 @@ def run_variant(setup: dict, dirs: dict[str, Path], phi: int,
         metrics = json.loads((dirs[task] / "metrics.json").read_text())
         stored, drifts = sub.get_task(task), [r.drift for r in report.values()]
         loras, trains = [metrics["accuracy"]], [trained]
-        if not phi and seed_dirs.get(task):
-            more = other_seeds(sub, task, setup, lr, seed_dirs[task])
+        if seed_dirs.get(task):
+            more = other_seeds(sub, task, setup, phi, lr, seed_dirs[task])
             loras, trains = loras + more[0], trains + more[1]
         rows.append(dict(lora_acc_seeds=loras, trained_acc_seeds=trains,
             task=task, lora_acc=metrics["accuracy"], majority_acc=metrics["majority_accuracy"],
@@ -182,7 +182,7 @@ def run_variant(setup: dict, dirs: dict[str, Path], phi: int,
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Means over tasks; the gap to the LoRAs over every seed run (seed 0 alone for phi > 0)."""
+    """Means over tasks; the gap to the LoRAs over every seed run."""
     mean = statistics.fmean
     return dict(
         mean_lora_acc=mean(r["lora_acc"] for r in rows),
@@ -242,7 +242,8 @@ def markdown(result: dict) -> str:
         m = v["summary"]
         if m["seeds"] > 1:
             lines += ["", f"Seeds {', '.join(map(str, s['seeds']))} (LoRA and training in the "
-                      "subspace alike; seed 0 is the one stored), accuracy per seed, LoRA / subspace: "
+                      "subspace alike; seed 0 is the one stored, the others are scored as trained and "
+                      "dropped), accuracy per seed, LoRA / subspace: "
                       + "; ".join(f"{r['task']} " + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in
                                                             zip(r["lora_acc_seeds"], r["trained_acc_seeds"]))
                                   for r in v["rows"])
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
     p.add_argument("--p", type=int, help="pseudo-rank of the trained coordinates")
     p.add_argument("--phi", type=int, nargs="+", help="variants to run (default: 0 and the setup's)")
     p.add_argument("--seeds", type=int, nargs="+",
-                   help="seeds of the phi = 0 runs (seed 0, always run, is the one stored)")
+                   help="seeds of every variant (seed 0, always run, is the one stored)")
     p.add_argument("--new-steps", type=int,
                    help="steps of the new tasks' LoRAs and of their training in the subspace "
                         "(default: the recipe's); those LoRAs are cached in <cache>/steps<N>")
