@@ -9,6 +9,7 @@ stacks of such factors are decomposed through small matrices.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import math
 from collections.abc import Iterator, Sequence
@@ -60,14 +61,18 @@ def inner(b1: torch.Tensor, a1: torch.Tensor, s1: float,
     return float(s1 * s2 * torch.sum(bb * aa.T))
 
 
+def column_signs(basis: torch.Tensor) -> torch.Tensor:
+    """``(cols,)`` +-1: the sign of each column's largest-magnitude entry (+1 for a zero column)."""
+    if basis.numel() == 0:
+        return basis.new_ones(basis.shape[1])
+    signs = torch.sign(basis[basis.abs().argmax(dim=0), torch.arange(basis.shape[1])])
+    signs[signs == 0] = 1
+    return signs
+
+
 def fix_signs(basis: torch.Tensor) -> torch.Tensor:
     """Flip each column so that its largest-magnitude entry is positive."""
-    if basis.numel() == 0:
-        return basis
-    idx = basis.abs().argmax(dim=0)
-    signs = torch.sign(basis[idx, torch.arange(basis.shape[1])])
-    signs[signs == 0] = 1
-    return basis * signs
+    return basis * column_signs(basis)
 
 
 def numerical_rank(s: torch.Tensor, rtol: float = RANK_RTOL) -> int:
@@ -359,12 +364,15 @@ def rounding_gauge(lb: torch.Tensor, la: torch.Tensor) -> tuple[torch.Tensor, to
     if not lb.shape[1] or not bool(lb.any()) or not bool(la.any()):
         return lb, la
     u, s, v = canonical(lb, la.T)
-    signs = torch.sign(u[u.abs().argmax(0), torch.arange(u.shape[1])])
-    signs[signs == 0] = 1
     q = numerical_rank(s)
-    root = s[:q].sqrt() * signs[:q]  # flipping both sides' vectors keeps C
-    r = lb.shape[1]
+    root = s[:q].sqrt() * column_signs(u)[:q]  # flipping both sides' vectors keeps C
     out_b, out_a = torch.zeros(lb.shape, dtype=F64), torch.zeros(la.shape, dtype=F64)
     out_b[:, :q], out_a[:, :q] = u[:, :q] * root, v[:, :q] * root
-    rot = torch.linalg.qr(torch.randn(r, r, dtype=F64, generator=torch.Generator().manual_seed(r)))[0]
+    rot = _rotation(lb.shape[1])
     return (out_b @ rot).to(lb), (out_a @ rot).to(la)
+
+
+@functools.cache
+def _rotation(r: int) -> torch.Tensor:
+    """A fixed ``(r, r)`` random rotation (seeded by r), made once per rank."""
+    return torch.linalg.qr(torch.randn(r, r, dtype=F64, generator=torch.Generator().manual_seed(r)))[0]

@@ -393,9 +393,10 @@ class SharedSubspace:
                 new = new_modules[m]
                 cb = maps[m][0] @ t.coords_b[m].to(F64)
                 ca = maps[m][1] @ t.coords_a[m].to(F64)
+                if coord_quant is not None:
+                    cb, ca = linalg.rounding_gauge(cb, ca)  # round C, not the adapter's gauge
                 nb[m], na[m] = cb.to(old.U.dtype), ca.to(old.V.dtype)
                 if coord_quant is not None:
-                    nb[m], na[m] = (x.to(old.U.dtype) for x in linalg.rounding_gauge(cb, ca))
                     quant[f"{m}::B"], quant[f"{m}::A"] = (quantize(x, *coord_quant) for x in (nb[m], na[m]))
                     nb[m], na[m] = dequantize(quant[f"{m}::B"]), dequantize(quant[f"{m}::A"])
                 if t.coords_b[m].shape[1] == 0:
