@@ -23,6 +23,7 @@ import torch
 
 from vlora import linalg
 from vlora.adapter import LoRAWeights
+from vlora.budget import choose_ks, coordinate_numbers, core_ranks
 from vlora.errors import IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
 from vlora.io import config_for, load_adapter
 from vlora.progress import track
@@ -131,8 +132,10 @@ class SharedSubspace:
             refine_iters: alternating refinement rounds after the stacked-SVD start.
             missing_modules: ``"error"``, ``"skip"`` or ``"zero"`` (see check_modules).
             pseudo_rank: store each task's core at this rank (Share's p). With a
-                ``budget`` and no ``pseudo_rank``, ranks r, 3r/4, r/2 and r/4 are tried
-                and the one with the lowest mean error is kept.
+                ``budget`` and no ``pseudo_rank``, the coordinate bytes of ranks r, 3r/4,
+                r/2 and r/4 are tried, each shared out over the tasks' cores module by
+                module (:func:`vlora.budget.core_ranks`), and the one with the lowest
+                mean error is kept.
             progress: draw progress bars.
 
         With no k option, k is the full numerical rank of each stack (every task exact).
@@ -167,18 +170,25 @@ class SharedSubspace:
                 spectra[m], starts[m] = (su, sv), (u, v)
         # With a byte budget, a lower pseudo-rank buys more shared directions: try a few
         # and keep the one with the lowest mean error (the library's choice, see DESIGN.md).
+        # Each candidate's coordinate bytes are then shared out over the tasks' cores.
         max_rank = max(a.rank for a in items)
-        candidates = [pseudo_rank] if pseudo_rank is not None or budget is None else sorted(
+        adaptive = budget is not None and pseudo_rank is None
+        candidates = [pseudo_rank] if not adaptive else sorted(
             {max_rank, max(1, (3 * max_rank) // 4), max(1, max_rank // 2), max(1, max_rank // 4)},
             reverse=True)
         best = None
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
-            ks = _choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
-                            budget, adaptive_k)
-            sub = cls._fit(items, ids, weights, shapes, starts, ks, refine_iters, p, progress,
-                           weighting=weighting, base_model=items[0].base_model,
-                           missing_modules=missing_modules)
+            ks = choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
+                           budget, adaptive_k)
+            sub = cls._fit(items, ids, weights, shapes, starts, ks, refine_iters,
+                           None if adaptive else p, progress, weighting=weighting,
+                           base_model=items[0].base_model, missing_modules=missing_modules)
+            if adaptive and p < max_rank:
+                tasks = [sub.get_task(t) for t in ids]
+                ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p))
+                for a, tid in zip(items, ids):
+                    sub.add_task(sub.project(a, tid, pseudo_rank=ranks[tid]), replace=True)
             score = sum(sub.task_error(t) for t in ids)
             if best is None or score < best[0]:
                 best = (score, sub)
@@ -220,7 +230,7 @@ class SharedSubspace:
                                     f"({len(self._tasks)} tasks)") from None
 
     def project(self, adapter: AdapterLike, task_id: str,
-                pseudo_rank: int | None = None) -> TaskProjection:
+                pseudo_rank: int | dict[str, int] | None = None) -> TaskProjection:
         """Coordinates of an adapter in the current bases, with error and coverage.
         Changes nothing; pass the result to :meth:`add_task` to keep it."""
         from vlora.storage import validate_task_id
@@ -490,31 +500,3 @@ def _basis(u: torch.Tensor, v: torch.Tensor, facs: list[linalg.Factor],
     gu = linalg.gram_in_basis([ut * (st * c) for (ut, st, _), c in zip(facs, sw)], u)
     gv = linalg.gram_in_basis([vt * (st * c) for (_, st, vt), c in zip(facs, sw)], v)
     return ModuleBasis(u.float().contiguous(), v.float().contiguous(), gu, gv)
-
-
-def _choose_ks(spectra, shapes, total_rank, num_components, variance_threshold, budget,
-               adaptive_k) -> dict[str, tuple[int, int]]:
-    """k per module and side from exactly one of: fixed k, energy threshold, byte budget."""
-    given = [x is not None for x in (num_components, variance_threshold, budget)]
-    if sum(given) > 1:
-        raise ValueError("pass at most one of num_components, variance_threshold, budget")
-    if budget is not None:
-        gains = {(m, side): spectra[m][side].square() for m in spectra for side in (0, 1)}
-        # one direction costs its basis column plus one coordinate row per task rank
-        costs = {(m, side): 4.0 * (shapes[m][side] + total_rank) for m, side in gains}
-        ks = linalg.allocate_budget(gains, costs, float(budget))
-        return {m: (ks[(m, 0)], ks[(m, 1)]) for m in spectra}
-    if variance_threshold is not None:
-        if not 0 < variance_threshold <= 1:
-            raise ValueError("variance_threshold must be in (0, 1]")
-        ks = {m: (linalg.choose_k(su, threshold=variance_threshold),
-                  linalg.choose_k(sv, threshold=variance_threshold)) for m, (su, sv) in spectra.items()}
-        if not adaptive_k:
-            k = max(max(pair) for pair in ks.values())
-            ks = {m: (linalg.choose_k(su, k), linalg.choose_k(sv, k))
-                  for m, (su, sv) in spectra.items()}
-        return ks
-    k_out, k_in = (num_components if isinstance(num_components, tuple)
-                   else (num_components, num_components))
-    return {m: (linalg.choose_k(su, k_out), linalg.choose_k(sv, k_in))
-            for m, (su, sv) in spectra.items()}

@@ -137,11 +137,12 @@ def adapter_weight(norm_sq_total: float, weighting: str) -> float:
 
 
 def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleBasis],
-                    weighting: str = "task", pseudo_rank: int | None = None,
+                    weighting: str = "task", pseudo_rank: int | dict[str, int] | None = None,
                     zero_missing: bool = False) -> TaskProjection:
     """Coordinates of ``adapter`` in ``bases`` and its exact error (float64, small matrices).
 
-    ``pseudo_rank`` stores each core at rank ``p`` by truncated SVD; ``zero_missing``
+    ``pseudo_rank`` stores each core at rank ``p`` by truncated SVD (one p, or one per
+    module: ``{module: p}``); ``zero_missing``
     treats modules the adapter lacks as ``dW = 0`` (rank-0 coordinates).
     """
     cb, ca, norm, res, spec = {}, {}, {}, {}, {}
@@ -157,8 +158,9 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
         u, v = basis.U.to(F64), basis.V.to(F64)
         lb = u.T @ (s * adapter.lora_b[m].to(F64))
         la = v.T @ adapter.lora_a[m].to(F64).T
-        if pseudo_rank is not None and pseudo_rank < lb.shape[1]:
-            lb, la = linalg.truncate_core(lb, la, pseudo_rank)
+        p = pseudo_rank.get(m) if isinstance(pseudo_rank, dict) else pseudo_rank
+        if p is not None and p < lb.shape[1]:
+            lb, la = linalg.truncate_core(lb, la, p)
         lb, la = lb.to(basis.U.dtype), la.to(basis.V.dtype)
         cb[m], ca[m] = lb, la
         norm[m] = float(st.square().sum())

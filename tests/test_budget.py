@@ -1,0 +1,97 @@
+"""Sharing a byte budget: each task's core rank per module (vlora.budget)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from synthetic import MODULES, dense_error, planted, regauge
+from vlora import LoRAWeights, SharedSubspace
+from vlora.budget import coordinate_numbers, core_ranks
+
+F64 = torch.float64
+
+
+def ids(n):
+    return [f"t{i}" for i in range(n)]
+
+
+def concentrated(adapter: LoRAWeights) -> LoRAWeights:
+    """The adapter with its energy squeezed into one direction per module."""
+    squeeze = torch.tensor([1.0, 0.01, 0.01, 0.01])
+    return LoRAWeights(adapter.layer_names, adapter.lora_a,
+                       {m: b * squeeze for m, b in adapter.lora_b.items()}, adapter.scales)
+
+
+def full_rank_fit(ads):
+    return SharedSubspace.from_adapters(ads, task_ids=ids(len(ads)), num_components=6)
+
+
+def weighted_objective(sub):
+    return sum(t.weight * sum(t.residual_sq.values()) for t in (sub.get_task(x) for x in sub.tasks))
+
+
+def test_a_task_with_its_energy_in_one_direction_gives_its_ranks_to_the_others():
+    ads = planted(6, noise=0.05)
+    ads[0] = concentrated(ads[0])
+    sub = full_rank_fit(ads)
+    tasks = [sub.get_task(t) for t in sub.tasks]
+    numbers = coordinate_numbers(tasks, sub.modules, 2)
+    ranks = core_ranks(tasks, sub.modules, numbers)
+    assert all(r == 1 for r in ranks["t0"].values())
+    assert sum(ranks["t1"].values()) > 2 * len(MODULES)
+    spent = sum(r * (sub.modules[m].k_out + sub.modules[m].k_in)
+                for per in ranks.values() for m, r in per.items())
+    assert numbers - 12 < spent <= numbers  # 12 = the dearest rank's cost here
+
+
+def test_shared_ranks_never_lose_to_one_pseudo_rank_at_equal_numbers():
+    ads = planted(8, noise=0.05, seed=3)
+    ads[2], ads[5] = concentrated(ads[2]), concentrated(ads[5])
+    sub = full_rank_fit(ads)
+    for p in (1, 2, 3):
+        tasks = [sub.get_task(t) for t in sub.tasks]
+        ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p))
+        shared, uniform = SharedSubspace(sub.modules), SharedSubspace(sub.modules)
+        for a, t in zip(ads, sub.tasks):
+            shared.add_task(shared.project(a, t, pseudo_rank=ranks[t]))
+            uniform.add_task(uniform.project(a, t, pseudo_rank=p))
+        if p == 1:  # every module keeps one rank: nothing left to share
+            assert weighted_objective(shared) == pytest.approx(weighted_objective(uniform), rel=1e-9)
+        else:
+            assert weighted_objective(shared) < 0.99 * weighted_objective(uniform)
+
+
+def test_errors_with_a_rank_per_module_are_exact():
+    ads = planted(5, noise=0.2)
+    sub = full_rank_fit(ads)
+    ranks = dict(zip(MODULES, (1, 3, 2)))
+    t = sub.project(ads[1], "x", pseudo_rank=ranks)
+    assert t.ranks() == ranks
+    sub.add_task(t)
+    assert t.error == pytest.approx(dense_error(ads[1], sub.reconstruct("x", F64)), rel=1e-5)
+
+
+def test_ranks_do_not_depend_on_the_gauge():
+    ads = planted(6, noise=0.1)
+    ads[0] = concentrated(ads[0])
+    sub = full_rank_fit(ads)
+    numbers = coordinate_numbers([sub.get_task(t) for t in sub.tasks], sub.modules, 2)
+    regauged = [sub.project(regauge(a, seed=i), t) for i, (a, t) in enumerate(zip(ads, sub.tasks))]
+    assert core_ranks(regauged, sub.modules, numbers) == \
+        core_ranks([sub.get_task(t) for t in sub.tasks], sub.modules, numbers)
+
+
+def test_a_budget_fit_stores_the_shared_ranks_and_keeps_them_through_save(tmp_path):
+    ads = planted(8, dim=10, noise=0.05)
+    ads[0] = concentrated(ads[0])
+    budget = 8000
+    sub = SharedSubspace.from_adapters(ads, task_ids=ids(8), budget=budget)
+    assert sub.compression_stats()["stored_bytes"] <= budget
+    ranks = [sum(sub.get_task(t).ranks().values()) for t in sub.tasks]
+    assert ranks[0] < max(ranks)
+    sub.save(tmp_path / "sub")
+    back = SharedSubspace.load(tmp_path / "sub")
+    for t in sub.tasks:
+        assert back.get_task(t).ranks() == sub.get_task(t).ranks()
+        assert back.task_error(t) == pytest.approx(sub.task_error(t), rel=1e-6)
