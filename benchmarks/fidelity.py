@@ -14,7 +14,8 @@ default; or from independent seeds) and each N, at a fixed ratio of LoRA bytes:
 
 Errors are relative dW errors, averaged over tasks. Accuracy kept (adapters exported from
 a subspace stored in 6 bits, re-scored with PEFT on each task's held-out split, every row
-by default) is measured for one ratio, beside vlora-dev's exports.
+by default) is measured for one ratio, beside per-adapter SVD at the same bytes and bits
+and vlora-dev's exports.
 
     python -m benchmarks.fidelity --one-seed DIR... --independent DIR...
 """
@@ -28,6 +29,8 @@ import torch
 
 from vlora import LoRAWeights, SharedSubspace, linalg
 from vlora.compress import compress, lora_bytes
+from vlora.io import config_for
+from vlora.quantize import dequantize, quantize
 from vlora.stats import svd_baseline_error
 
 F64 = torch.float64
@@ -136,19 +139,53 @@ def compare_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float,
     return row
 
 
+def svd_quantized(adapter: LoRAWeights, numbers: float, bits: int) -> tuple[LoRAWeights, float]:
+    """Per-adapter truncated SVD stored as vlora stores coordinates: ranks shared over the
+    modules greedily within ``numbers``, each module's factors put in the rounding gauge
+    and rounded to ``bits`` (blocks of 64). Returns the adapter as it would be loaded (rank
+    padded with zeros, scale 1) and its relative dW error, quantization counted."""
+    shapes = adapter.shapes()
+    can = {m: linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], adapter.scales[m])
+           for m in adapter.layer_names}
+    ranks = linalg.allocate_budget({m: s.square() for m, (_, s, _) in can.items()},
+                                   {m: float(sum(shapes[m])) for m in can}, numbers, minimum=0)
+    a, b, lost, total = {}, {}, 0.0, 0.0
+    for m, (u, s, v) in can.items():
+        q, r = ranks[m], adapter.lora_a[m].shape[0]
+        lb, la = torch.zeros(u.shape[0], r, dtype=F64), torch.zeros(v.shape[0], r, dtype=F64)
+        if q:
+            qb, qa = linalg.rounding_gauge(u[:, :q] * s[:q], v[:, :q])
+            lb[:, :q], la[:, :q] = (dequantize(quantize(x.float(), bits)).to(F64) for x in (qb, qa))
+        lost += quantize_error_sq(u * s, v, lb, la)
+        total += float(s.square().sum())
+        b[m], a[m] = lb.float(), la.T.contiguous().float()
+    out = LoRAWeights(list(adapter.layer_names), a, b, {m: 1.0 for m in a}, dict(adapter.extra),
+                      dict(adapter.config))
+    out.config = config_for(out)
+    return out, math.sqrt(lost / total) if total > 0 else 0.0
+
+
+def quantize_error_sq(us: torch.Tensor, v: torch.Tensor, lb: torch.Tensor, la: torch.Tensor) -> float:
+    """``||us v^T - lb la^T||^2`` in float64 through small Grams."""
+    return max(float((us.T @ us * (v.T @ v)).sum()) - 2 * float(((lb.T @ us) * (la.T @ v)).sum())
+               + float((lb.T @ lb * (la.T @ la)).sum()), 0.0)
+
+
 def quantized_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float,
-                       bits: int = 6) -> tuple[SharedSubspace, dict]:
+                       bits: int = 6) -> tuple[SharedSubspace, dict[str, LoRAWeights], dict]:
     """vlora with bases and coordinates stored in ``bits`` bits, at ``lora_bytes / ratio``
     (:func:`vlora.compress.compress`: the fit's float budget is scaled until the quantized
-    subspace lands just under the bytes). The baseline beside it: per-adapter SVD whose
-    factors also take ``bits`` bits (plus one float32 scale per 64 numbers, as vlora's
-    blocks), with its quantization error NOT counted, which favours it.
-    """
+    subspace lands just under the bytes), and beside it per-adapter SVD at the same bytes,
+    its factors also in ``bits`` bits plus one float32 scale per 64 numbers (its
+    quantization error counted, as vlora's is)."""
     sub = compress(adapters, ids, ratio=ratio, bits=bits)
     stats = sub.compression_stats()
-    svd = svd_errors(adapters, stats["stored_bytes"] / len(adapters) / (bits / 8 + 4 / 64))
-    return sub, {"bits": bits, "ratio": stats["compression_ratio"], "vlora": stats["mean_error"],
-                 "vlora_max": stats["max_error"], "svd": statistics.mean(svd)}
+    numbers = stats["stored_bytes"] / len(adapters) / (bits / 8 + 4 / 64)
+    svd = {t: svd_quantized(a, numbers, bits) for a, t in zip(adapters, ids)}
+    return sub, {t: x[0] for t, x in svd.items()}, {
+        "bits": bits, "ratio": stats["compression_ratio"], "vlora": stats["mean_error"],
+        "vlora_max": stats["max_error"], "svd": statistics.mean(x[1] for x in svd.values()),
+        "svd_max": max(x[1] for x in svd.values())}
 
 
 def held_out(adapters: list[LoRAWeights], ids: list[str], ratio: float, n_out: int) -> dict:
@@ -184,9 +221,10 @@ def original_accuracy(d, limit: int | None) -> float:
 
 
 def accuracy_kept(sub: SharedSubspace, dirs: list[str], limit: int | None,
-                  dev: dict | None = None) -> list[dict]:
+                  dev: dict | None = None, svd: dict[str, LoRAWeights] | None = None) -> list[dict]:
     """Re-score each task's adapter exported from ``sub`` (and vlora-dev's export ``dev``:
-    task id -> folder) on the first ``limit`` rows (None: all) of its own held-out split."""
+    task id -> folder, and the per-adapter SVD baseline ``svd``: task id -> adapter) on
+    the first ``limit`` rows (None: all) of its own held-out split."""
     import tempfile
     from pathlib import Path
 
@@ -203,6 +241,10 @@ def accuracy_kept(sub: SharedSubspace, dirs: list[str], limit: int | None,
             rows.append({"task": task_id(d), "original": before, "vlora_q": after,
                          "kept_vlora_q": after / before if before else 1.0,
                          "eval_rows": len(read_eval_json(d / "eval.json")["labels"][:limit])})
+            if svd:
+                save_adapter(svd[task_id(d)], out, overwrite=True)
+                after = evaluate_adapter(out, eval_json=d / "eval.json", limit=limit)
+                rows[-1].update(svd_q=after, kept_svd_q=after / before if before else 1.0)
             if dev:
                 after = evaluate_adapter(dev[task_id(d)], eval_json=d / "eval.json", limit=limit)
                 rows[-1].update(vlora_dev=after, kept_vlora_dev=after / before if before else 1.0)
@@ -262,9 +304,10 @@ def main(argv=None) -> dict:
                 dev = ({t: Path(tmp) / f"k{full['vlora_dev_k']}" / str(i) for i, t in enumerate(ids)}
                        if "vlora_dev" in full else None)
                 full.pop("subspace")
-                q_sub, reg["quantized"] = quantized_at_ratio(adapters, ids, args.accuracy_ratio, args.bits)
+                q_sub, svd, reg["quantized"] = quantized_at_ratio(adapters, ids, args.accuracy_ratio,
+                                                                  args.bits)
                 print(regime, "quantized", json.dumps(reg["quantized"]), flush=True)
-                reg["accuracy"] = accuracy_kept(q_sub, dirs, args.limit, dev)
+                reg["accuracy"] = accuracy_kept(q_sub, dirs, args.limit, dev, svd)
             reg["accuracy_summary"] = full
         results["regimes"][regime] = reg
     out = Path(args.out)
@@ -329,10 +372,14 @@ def report(results: dict) -> str:
                       f"{s['ratio']:.1f}x has dW "
                       f"error {s['vlora']:.4f} (not re-scored).",
                       f"vlora with {q['bits']}-bit bases and coordinates at {q['ratio']:.1f}x "
-                      f"(dW error {q['vlora']:.4f}, max {q['vlora_max']:.4f}; per-adapter SVD at "
-                      f"{q['bits']} bits and the same bytes, its quantization error not counted: "
-                      f"{q['svd']:.4f}): mean kept {statistics.mean(kq):.1%}, min kept {min(kq):.1%}."]
-            with_dev = "vlora_dev" in acc[0]
+                      f"(dW error {q['vlora']:.4f}, max {q['vlora_max']:.4f}): mean kept "
+                      f"{statistics.mean(kq):.1%}, min kept {min(kq):.1%}."]
+            with_svd, with_dev = "svd_q" in acc[0], "vlora_dev" in acc[0]
+            if with_svd:
+                ks = [a["kept_svd_q"] for a in acc]
+                lines.append(f"Per-adapter SVD at the same bytes, factors in {q['bits']} bits "
+                             f"(dW error {q['svd']:.4f}, max {q['svd_max']:.4f}, quantization "
+                             f"counted): mean kept {statistics.mean(ks):.1%}, min kept {min(ks):.1%}.")
             if with_dev:
                 kd = [a["kept_vlora_dev"] for a in acc]
                 lines.append(f"vlora-dev 1.0.0 at k={s['vlora_dev_k']} ({s['vlora_dev_ratio']:.1f}x"
@@ -340,12 +387,16 @@ def report(results: dict) -> str:
                              f"{s['vlora_dev']:.4f}): mean kept {statistics.mean(kd):.1%}, "
                              f"min kept {min(kd):.1%}.")
             lines.append(target_line(f"vlora ({q['bits']}-bit)", kq))
-            lines += ["", f"| task | eval rows | original | from vlora {q['bits']}-bit | kept |"
-                      + (" from vlora-dev | kept |" if with_dev else ""),
-                      "|---|---|---|---|---|" + ("---|---|" if with_dev else "")]
-            lines += [f"| {a['task']} | {a['eval_rows']} | {a['original']:.3f} | {a['vlora_q']:.3f} "
-                      f"| {a['kept_vlora_q']:.1%} |"
-                      + (f" {a['vlora_dev']:.3f} | {a['kept_vlora_dev']:.1%} |" if with_dev else "")
+            if with_svd:
+                lines.append(target_line(f"per-adapter SVD ({q['bits']}-bit)", ks))
+            cols = [("vlora_q", f"from vlora {q['bits']}-bit"), ("svd_q", f"from SVD {q['bits']}-bit"),
+                    ("vlora_dev", "from vlora-dev")]
+            cols = [c for c in cols if c[0] in acc[0]]
+            head = " | ".join(f"{name} | kept" for _, name in cols)
+            lines += ["", f"| task | eval rows | original | {head} |",
+                      "|---|---|---|" + "---|---|" * len(cols)]
+            lines += [f"| {a['task']} | {a['eval_rows']} | {a['original']:.3f} | "
+                      + " | ".join(f"{a[k]:.3f} | {a['kept_' + k]:.1%}" for k, _ in cols) + " |"
                       for a in acc]
             lines.append("")
     return "\n".join(lines) + "\n"
