@@ -39,3 +39,17 @@ def test_bad_targets_are_refused_with_our_errors(adapters):
     for bits in (None, 6):
         with pytest.raises(SubspaceError, match="lands under 100 bytes"):
             compress(adapters, budget=100, bits=bits)
+
+
+def test_the_svd_baseline_of_a_quantized_subspace_gets_numbers_at_the_same_bits(adapters):
+    from vlora.stats import svd_baseline_error
+    sub = compress(adapters, ratio=4, bits=6)
+    stats = sub.compression_stats()
+    assert stats["svd_bits"] == 6
+    shapes = {m: (b.d_out, b.d_in) for m, b in sub.modules.items()}
+    numbers = stats["stored_bytes"] / (6 / 8 + 4 / 64) / len(sub)
+    for t in sub.tasks:
+        spectrum = sub.get_task(t).spectrum
+        assert stats["svd_task_errors"][t] == svd_baseline_error(spectrum, shapes, numbers)
+        assert stats["svd_task_errors"][t] < svd_baseline_error(spectrum, shapes, numbers * 6 / 32)
+    assert compress(adapters, ratio=4).compression_stats()["svd_bits"] == 32

@@ -30,7 +30,7 @@ def summary(sub: SharedSubspace) -> dict:
         "k_in": [min(k for _, k in ks), max(k for _, k in ks)],
         **{k: stats[k] for k in ("basis_bytes", "task_bytes", "stored_bytes", "original_bytes",
                                  "extra_bytes", "compression_ratio", "mean_error", "max_error",
-                                 "svd_mean_error", "svd_max_error", "errors_are_bounds")},
+                                 "svd_bits", "svd_mean_error", "svd_max_error", "errors_are_bounds")},
         "per_task": {t: {"error": stats["task_errors"][t], "svd_error": stats["svd_task_errors"][t],
                          "coverage": sub.get_task(t).coverage,
                          "error_is_bound": sub.get_task(t).error_is_bound} for t in sub.tasks},
@@ -41,7 +41,8 @@ def summary(sub: SharedSubspace) -> dict:
 def print_summary(sub: SharedSubspace, data: dict, quiet: bool) -> None:
     out = console(quiet)
     table = Table(title="Per-task relative dW error (lower is better)")
-    for col in ("task", "vlora error", "SVD at equal bytes", "coverage"):
+    svd = "SVD at equal bytes" + (f" ({data['svd_bits']}-bit)" if data["svd_bits"] < 32 else "")
+    for col in ("task", "vlora error", svd, "coverage"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for t, row in data["per_task"].items():
         err = f"{row['error']:.4f}" + (" (bound)" if row["error_is_bound"] else "")
@@ -49,6 +50,9 @@ def print_summary(sub: SharedSubspace, data: dict, quiet: bool) -> None:
     table.add_row("mean", f"{data['mean_error']:.4f}", f"{data['svd_mean_error']:.4f}", "",
                   style="bold")
     out.print(table)
+    if data["svd_bits"] < 32:
+        out.print(f"(the SVD baseline's numbers also take {data['svd_bits']} bits; its rounding error "
+                  "is not counted, which favours it)")
     out.print(f"{len(data['tasks'])} tasks, {data['num_modules']} modules, "
               f"k_out {data['k_out'][0]}..{data['k_out'][1]}, k_in {data['k_in'][0]}..{data['k_in'][1]}")
     out.print(f"LoRA bytes: {human_bytes(data['original_bytes'])} -> {human_bytes(data['stored_bytes'])}"
