@@ -30,7 +30,7 @@ import torch
 from vlora import LoRAWeights, SharedSubspace, linalg
 from vlora.compress import compress, lora_bytes
 from vlora.io import config_for
-from vlora.quantize import dequantize, quantize
+from vlora.quantize import dequantize, general_error_sq, quantize
 from vlora.stats import svd_baseline_error
 
 F64 = torch.float64
@@ -156,19 +156,13 @@ def svd_quantized(adapter: LoRAWeights, numbers: float, bits: int) -> tuple[LoRA
         if q:
             qb, qa = linalg.rounding_gauge(u[:, :q] * s[:q], v[:, :q])
             lb[:, :q], la[:, :q] = (dequantize(quantize(x.float(), bits)).to(F64) for x in (qb, qa))
-        lost += quantize_error_sq(u * s, v, lb, la)
+        lost += general_error_sq(u * s, v, lb, la, torch.eye(r, dtype=F64))
         total += float(s.square().sum())
         b[m], a[m] = lb.float(), la.T.contiguous().float()
     out = LoRAWeights(list(adapter.layer_names), a, b, {m: 1.0 for m in a}, dict(adapter.extra),
                       dict(adapter.config))
     out.config = config_for(out)
     return out, math.sqrt(lost / total) if total > 0 else 0.0
-
-
-def quantize_error_sq(us: torch.Tensor, v: torch.Tensor, lb: torch.Tensor, la: torch.Tensor) -> float:
-    """``||us v^T - lb la^T||^2`` in float64 through small Grams."""
-    return max(float((us.T @ us * (v.T @ v)).sum()) - 2 * float(((lb.T @ us) * (la.T @ v)).sum())
-               + float((lb.T @ lb * (la.T @ la)).sum()), 0.0)
 
 
 def quantized_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float,

@@ -142,8 +142,8 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
     """Coordinates of ``adapter`` in ``bases`` and its exact error (float64, small matrices).
 
     ``pseudo_rank`` stores each core at rank ``p`` by truncated SVD (one p, or one per
-    module: ``{module: p}``); ``zero_missing``
-    treats modules the adapter lacks as ``dW = 0`` (rank-0 coordinates).
+    module: ``{module: p}``); ``zero_missing`` treats modules the adapter lacks as
+    ``dW = 0`` (rank-0 coordinates).
     """
     cb, ca, norm, res, spec = {}, {}, {}, {}, {}
     for m, basis in bases.items():
