@@ -35,8 +35,11 @@ def lanes(*lanes_: list[tuple[str, ...]]) -> dict[str, float]:
     one core each. Returns seconds per part."""
     import concurrent.futures as cf
 
+    def label(part):  # "scale 7b-qv" for a part run for some of its families
+        return " ".join([part[0], *part[part.index("--families") + 1:]]) if "--families" in part else part[0]
+
     def lane(parts):
-        return {part[0]: run(*part) for part in parts}
+        return {label(part): run(*part) for part in parts}
     with cf.ThreadPoolExecutor(len(lanes_)) as pool:
         done = [f.result() for f in [pool.submit(lane, parts) for parts in lanes_]]
     return {k: v for d in done for k, v in d.items()}
@@ -135,13 +138,17 @@ def main(argv=None) -> None:
         continual.adapters(continual.FULL)
         testbed_s = time.perf_counter() - start  # training is outside the suite's time
         one, ind = ([str(d) for d in regimes[r]] for r in ("one-seed", "independent"))
-        # Two cores, one thread per part: fidelity (about 850 s) beside continual then scale
-        # (about 1,100 s); serving last and alone (its timings need a quiet machine), on both.
+        # Two cores, one thread per part: fidelity (about 900 s) then the 7B scale family beside
+        # continual (about 820 s) then the square one; serving last and alone (its timings
+        # need a quiet machine), on both.
         suite = time.perf_counter()
         times = lanes([("fidelity", "--one-seed", *one, "--independent", *ind,
-                        "--ratios", "10", "20", "--sizes", "4", "8", "16", "32")],
-                      [("continual",), ("scale",)])
+                        "--ratios", "10", "20", "--sizes", "4", "8", "16", "32"),
+                       ("scale", "--families", "7b-qv")],
+                      [("continual",), ("scale", "--families", "square")])
         times["serving"] = run("serving", "--threads", "2")
+    from benchmarks import scale
+    scale.merge(quick)  # both lanes merge when they end; once more here, after both
     wall = time.perf_counter() - suite
     (RESULTS / f"suite{'_quick' if quick else ''}.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "wall": wall, "times": times, "testbed_s": testbed_s}))

@@ -10,7 +10,12 @@ first N, the last one is absorbed. Each build runs in a fresh subprocess whose p
 in memory; streaming keeps the bases plus one chunk. vlora-dev runs in its own venv
 (vlora_dev.py) with the same k per module and side; it has no byte budget.
 
+Each family writes its own ``results/scale.<family>.json``; ``scale.json`` and ``scale.md``
+are merged from those present, so the suite can run the two families in different lanes
+(and one family can be re-run alone).
+
     python -m benchmarks.scale
+    python -m benchmarks.scale --families 7b-qv
     python -m benchmarks.scale --quick
 """
 
@@ -30,6 +35,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("vlora", "vlora-dev 1.0.0")
+FAMILIES = ("square", "7b-qv")
 
 
 def make_adapters(root: Path, n: int, d: int, r: int, modules: int, dim: int = 48,
@@ -162,6 +168,8 @@ def families(args) -> list[dict]:
     """The shape families and, per (method, build mode or absorb), the largest N run."""
     dev = "vlora-dev 1.0.0"
     stream_dev = "vlora-dev's streaming re-projects every earlier task per adapter, O(N^2)"
+    batch_7b = ("a batch build holds every adapter in memory and grows linearly from its N=100 "
+                "time: about 10x that, over the suite's time budget (vlora streams)")
     if args.quick:
         return [{"name": "quick", "label": "256x256", "d": 256, "r": 16, "modules": 4,
                  "sizes": [8, 32], "limits": {}}]
@@ -174,6 +182,8 @@ def families(args) -> list[dict]:
         {"name": "7b-qv", "label": "4096x4096 (7B q/v)", "d": 4096, "r": 16,
          "modules": args.modules_7b, "sizes": args.sizes_7b,
          "limits": {("vlora", "absorb"): (args.absorb_max_7b, "vlora's full absorb costs a batch refit"),
+                    ("vlora", "batch"): (args.batch_max_7b, batch_7b),
+                    (dev, "batch"): (args.batch_max_7b, batch_7b),
                     (dev, "streaming"): (args.dev_stream_max_7b, stream_dev)}},
     ]
 
@@ -182,12 +192,15 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], help="N, 1024x1024 family")
     ap.add_argument("--modules", type=int, default=2, help="modules, 1024x1024 family")
-    ap.add_argument("--sizes-7b", type=int, nargs="+", default=[10, 100], help="N, 7B q/v family")
+    ap.add_argument("--sizes-7b", type=int, nargs="+", default=[10, 100, 1000], help="N, 7B q/v family")
     ap.add_argument("--modules-7b", type=int, default=2, help="modules, 7B q/v family")
     ap.add_argument("--dev-stream-max", type=int, default=100, help="largest N vlora-dev streams")
     ap.add_argument("--dev-stream-max-7b", type=int, default=10, help="the same, 7B q/v family")
     ap.add_argument("--dev-absorb-max", type=int, default=100, help="largest N of vlora-dev's absorb")
     ap.add_argument("--absorb-max-7b", type=int, default=10, help="largest N of vlora's full absorb, 7B")
+    ap.add_argument("--batch-max-7b", type=int, default=100, help="largest N of batch builds, 7B")
+    ap.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                    help="shape families to run (the others keep their last results)")
     ap.add_argument("--k", type=int, default=48, help="components per module and side, both libraries")
     ap.add_argument("--refine-iters", type=int, default=2)
     ap.add_argument("--no-vlora-dev", action="store_true")
@@ -196,28 +209,42 @@ def main(argv=None) -> dict:
     if args.quick:
         args.k = 24
     torch.set_num_threads(1)
-    t_start = time.perf_counter()
-    results = {"config": vars(args), "torch_threads": 1, "cpus": os.cpu_count(),
-               "baseline_rss_mb": baseline_rss(), "families": [], "rows": []}
+    common = {"config": vars(args), "torch_threads": 1, "cpus": os.cpu_count(),
+              "baseline_rss_mb": baseline_rss()}
     dev = not args.no_vlora_dev
     if dev:
         from benchmarks.vlora_dev import VloraDevUnavailable, call
         try:
-            results["vlora_dev_baseline_rss_mb"] = call({"op": "version"})["peak_rss_mb"]
+            common["vlora_dev_baseline_rss_mb"] = call({"op": "version"})["peak_rss_mb"]
         except VloraDevUnavailable as e:
-            dev, results["vlora_dev_not_run"] = False, str(e)
+            dev, common["vlora_dev_not_run"] = False, str(e)
             print(f"vlora-dev not run: {e}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="vlora-scale-"))
     try:
         for fam in families(args):
+            if not args.quick and fam["name"] not in args.families:
+                continue
+            t_start = time.perf_counter()
             meta, rows = run_family(fam, args, dev, tmp)
-            results["families"].append(meta)
-            results["rows"] += rows
+            (RESULTS / f"scale.{fam['name']}.json").write_text(json.dumps(
+                {**common, "family": meta, "rows": rows, "seconds": time.perf_counter() - t_start},
+                indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    results["total_seconds"] = time.perf_counter() - t_start
-    RESULTS.mkdir(exist_ok=True)
-    name = "scale_quick" if args.quick else "scale"
+    return merge(args.quick)
+
+
+def merge(quick: bool = False) -> dict:
+    """``scale(_quick).json`` and ``.md`` from the families' result files there are."""
+    names = ["quick"] if quick else FAMILIES
+    parts = [json.loads(f.read_text()) for n in names if (f := RESULTS / f"scale.{n}.json").exists()]
+    if not parts:
+        return {}
+    results = {**{k: v for k, v in parts[-1].items() if k not in ("family", "rows", "seconds")},
+               "families": [p["family"] for p in parts], "rows": [r for p in parts for r in p["rows"]],
+               "seconds": {p["family"]["name"]: p["seconds"] for p in parts}}
+    name = "scale_quick" if quick else "scale"
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
     (RESULTS / f"{name}.md").write_text(report(results))
     print(report(results))
@@ -263,7 +290,8 @@ def report(results: dict) -> str:
             lines += ["", "Skipped:", ""]
             lines += [f"- N={s['n']} {s['method']} {s['mode']}: {s['why']}" for s in fam["skipped"]]
         lines.append("")
-    lines.append(f"Whole run: {results['total_seconds']:.0f} s.")
+    lines.append("Seconds per family: "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -27,6 +27,27 @@ def test_norm_and_inner_product_are_factored_exactly():
     assert abs(linalg.inner(b1, a1, 2.0, b2, a2, 0.5) - float((d1 * d2).sum())) < 1e-9
 
 
+def test_joint_r_measures_maps_in_two_bases_like_the_dense_difference():
+    # Bases that overlap (shared columns: [a, b] is rank-deficient), are not orthonormal,
+    # and (last case) have more columns together than rows.
+    for d, k1, k2 in ((40, 6, 5), (40, 6, 6), (8, 6, 5)):
+        u_old, v_old = rand(d, k1, seed=1), rand(d + 3, k1, seed=2)
+        u_new = torch.cat([u_old[:, :3], rand(d, k2 - 3, seed=3)], 1)
+        v_new = torch.cat([v_old[:, :2], rand(d + 3, k2 - 2, seed=4)], 1)
+        x, y = rand(k1, k1, seed=5), rand(k2, k2, seed=6)
+        (ru_old, ru_new), (rv_old, rv_new) = linalg.joint_r(u_old, u_new), linalg.joint_r(v_old, v_new)
+        small = ru_old @ x @ rv_old.T - ru_new @ y @ rv_new.T
+        dense = u_old @ x @ v_old.T - u_new @ y @ v_new.T
+        assert abs(float(small.square().sum()) - float(dense.square().sum())) < 1e-9 * float(dense.square().sum())
+    # A tiny difference keeps its digits: no |x|^2 - 2<x, y> + |y|^2 under it.
+    u, v = torch.linalg.qr(rand(50, 8, seed=7))[0], torch.linalg.qr(rand(50, 8, seed=8))[0]
+    x = rand(8, 8, seed=9)
+    (ru, ru2), (rv, rv2) = linalg.joint_r(u, u), linalg.joint_r(v, v)
+    eps = 1e-9 * rand(8, 8, seed=10)
+    small = ru @ x @ rv.T - ru2 @ (x + eps) @ rv2.T
+    assert abs(float(small.norm()) / float(eps.norm()) - 1) < 1e-3
+
+
 def test_top_left_singular_matches_exact_svd_tall_and_wide():
     for blocks in ([rand(50, 4, seed=i) for i in range(5)],      # 20 columns <= 50 rows
                    [rand(12, 4, seed=i) for i in range(8)]):     # 32 columns > 12 rows: Gram

@@ -61,6 +61,18 @@ def inner(b1: torch.Tensor, a1: torch.Tensor, s1: float,
     return float(s1 * s2 * torch.sum(bb * aa.T))
 
 
+def joint_r(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R_a, R_b)``, the R of the QR of ``[a, b]`` split by columns: ``[a, b] = Q [R_a, R_b]``
+    with orthonormal Q, so ``||a X c^T - b Y e^T|| = ||R_a X R_c^T - R_b Y R_e^T||``.
+
+    A map stored in one pair of bases compared with one in another pair, in matrices of
+    ``k + k'`` rows: one QR of size ``d`` per basis pair, none per map, and the difference
+    is taken entry by entry (no cancelling ``|x|^2 - 2<x, y> + |y|^2``). Bases need not be
+    orthonormal (quantized ones are not); float64."""
+    r = torch.linalg.qr(torch.cat([a, b], 1).to(F64), mode="r")[1]
+    return r[:, :a.shape[1]], r[:, a.shape[1]:]
+
+
 def column_signs(basis: torch.Tensor) -> torch.Tensor:
     """``(cols,)`` +-1: the sign of each column's largest-magnitude entry (+1 for a zero column)."""
     if basis.numel() == 0:

@@ -391,9 +391,12 @@ class SharedSubspace:
         """Re-express every task in ``new_modules`` (quantizing the coordinates with
         ``coord_quant = (bits, method, block)``) and report drift and error."""
         from vlora.quantize import dequantize, quantize
-        # Old-to-new coordinate maps, once per module (not once per task).
+        # Once per module, not once per task: old-to-new coordinate maps, and the small
+        # stand-ins of both bases that measure each task's drift without d-sized work.
         maps = {m: (new_modules[m].U.to(F64).T @ old.U.to(F64), new_modules[m].V.to(F64).T @ old.V.to(F64))
                 for m, old in self.modules.items()}
+        joint = {m: (linalg.joint_r(old.U, new_modules[m].U), linalg.joint_r(old.V, new_modules[m].V))
+                 for m, old in self.modules.items()}
         report = {}
         for tid, t in self._tasks.items():
             original = _original_if_at_hand(t) if exact_errors else None
@@ -412,13 +415,14 @@ class SharedSubspace:
                 if t.coords_b[m].shape[1] == 0:
                     res[m] = 0.0
                     continue
-                uo, so, vo = _stored_factor(old, t, m)
-                core = nb[m].to(F64) @ na[m].to(F64).T
-                moved = error_sq(uo * so, vo, new, core)
+                (ru_old, ru_new), (rv_old, rv_new) = joint[m]
+                diff = ((ru_old @ t.coords_b[m].to(F64)) @ (rv_old @ t.coords_a[m].to(F64)).T
+                        - (ru_new @ nb[m].to(F64)) @ (rv_new @ na[m].to(F64)).T)
+                moved = float(torch.sum(diff * diff))
                 moved_sq += moved
                 if original is not None:
                     ut, st, vt0 = _factors(original, m)
-                    res[m] = error_sq(ut * st, vt0, new, core)
+                    res[m] = error_sq(ut * st, vt0, new, nb[m].to(F64) @ na[m].to(F64).T)
                 else:
                     res[m] = (math.sqrt(t.residual_sq[m]) + math.sqrt(moved)) ** 2
             kept_sq = sum(linalg.frobenius_sq(t.coords_b[m], t.coords_a[m].T) for m in nb)
