@@ -7,7 +7,7 @@ import torch
 
 from synthetic import MODULES, dense_error, planted, regauge
 from vlora import LoRAWeights, SharedSubspace
-from vlora.budget import coordinate_numbers, core_ranks
+from vlora.budget import coordinate_numbers, core_ranks, resolve_module_weights
 
 F64 = torch.float64
 
@@ -95,3 +95,43 @@ def test_a_budget_fit_stores_the_shared_ranks_and_keeps_them_through_save(tmp_pa
     for t in sub.tasks:
         assert back.get_task(t).ranks() == sub.get_task(t).ranks()
         assert back.task_error(t) == pytest.approx(sub.task_error(t), rel=1e-6)
+
+
+def test_module_weight_keys_match_like_peft_target_modules():
+    mods = ["enc.layer.0.attn.query", "enc.layer.0.attn.value", "enc.layer.1.attn.value"]
+    w = resolve_module_weights({"value": 2.0, "layer.1.attn.value": 3.0}, mods)
+    assert w == {mods[0]: 1.0, mods[1]: 2.0, mods[2]: 3.0}  # the longest key wins
+    assert resolve_module_weights(None, mods) == dict.fromkeys(mods, 1.0)
+    with pytest.raises(ValueError, match="'valeu' matches no module"):
+        resolve_module_weights({"valeu": 2.0}, mods)
+    with pytest.raises(ValueError, match="ue"):  # "ue" is not a dotted suffix of "value"
+        resolve_module_weights({"ue": 2.0}, mods)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive finite"):
+            resolve_module_weights({"value": bad}, mods)
+
+
+def test_a_weighted_module_gets_more_of_the_budget_and_errors_stay_exact():
+    ads = planted(8, noise=0.3)
+    lora = sum(a.num_lora_params() for a in ads) * 4
+    plain = SharedSubspace.from_adapters(ads, task_ids=ids(8), budget=lora / 3)
+    same = SharedSubspace.from_adapters(ads, task_ids=ids(8), budget=lora / 3,
+                                        module_weights={"q": 1.0})
+    heavy = SharedSubspace.from_adapters(ads, task_ids=ids(8), budget=lora / 3,
+                                         module_weights={"layer.0.v": 8.0})
+
+    def module_error(sub, m):
+        ts = [sub.get_task(t) for t in sub.tasks]
+        return sum(t.residual_sq[m] for t in ts) / sum(t.norm_sq[m] for t in ts)
+
+    assert all(same.get_task(t).ranks() == plain.get_task(t).ranks() for t in plain.tasks)
+    assert module_error(same, "layer.0.v") == pytest.approx(module_error(plain, "layer.0.v"))
+    assert module_error(heavy, "layer.0.v") < 0.8 * module_error(plain, "layer.0.v")
+    assert heavy.compression_stats()["stored_bytes"] <= lora / 3
+    for a, t in zip(ads, heavy.tasks):  # what is reported is still the plain dW error
+        assert heavy.task_error(t) == pytest.approx(dense_error(a, heavy.reconstruct(t)), rel=1e-4)
+
+
+def test_module_weights_need_a_byte_budget():
+    with pytest.raises(ValueError, match="budget"):
+        SharedSubspace.from_adapters(planted(3), num_components=2, module_weights={"q": 2.0})

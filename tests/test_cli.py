@@ -53,6 +53,19 @@ def test_compress_by_ratio_and_budget(adapters, tmp_path):
     assert data["stored_bytes"] <= 6000
 
 
+def test_compress_module_weights(adapters, tmp_path):
+    plain = json.loads(run("compress", *adapters, "-o", tmp_path / "p", "--ratio", "3", "--json").output)
+    data = json.loads(run("compress", *adapters, "-o", tmp_path / "w", "--ratio", "3", "--json",
+                          "--module-weight", "layer.0.v=8", "--module-weight", "q=0.5").output)
+    assert data["compression_ratio"] >= 3 and data["per_task"] != plain["per_task"]
+    assert "KEY=W" in run("compress", *adapters, "-o", tmp_path / "x", "--ratio", "3",
+                          "--module-weight", "v2", code=2).output
+    assert "matches no module" in run("compress", *adapters, "-o", tmp_path / "y", "--ratio", "3",
+                                      "--module-weight", "valeu=2", code=2).output
+    assert "--budget or --ratio" in run("compress", *adapters, "-o", tmp_path / "z", "-k", "3",
+                                        "--module-weight", "q=2", code=2).output
+
+
 def test_compress_quantized_counts_the_quantized_bytes(adapters, tmp_path):
     data = json.loads(run("compress", *adapters, "-o", tmp_path / "q", "--ratio", "4", "--bits", "6",
                           "--json").output)

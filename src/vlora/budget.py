@@ -16,7 +16,8 @@ independent seeds).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -24,20 +25,55 @@ from vlora import linalg
 from vlora.task import ModuleBasis, TaskProjection
 
 
+def resolve_module_weights(weights: Mapping[str, float] | None, modules: Iterable[str]) -> dict[str, float]:
+    """``{module: weight}`` from ``{key: weight}``, 1 where no key matches.
+
+    A key names a module or a dotted suffix of its name, as PEFT's ``target_modules`` do
+    (``"value"``, ``"v_proj"``, ``"layer.5.attention.self.value"``); the longest matching
+    key wins. A key matching no module, or a weight that is not a positive finite number,
+    is an error (a typo would otherwise change nothing, silently)."""
+    modules = list(modules)
+    out = dict.fromkeys(modules, 1.0)
+    if not weights:
+        return out
+    for key, w in weights.items():
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+            raise ValueError(f"module weight of {key!r} must be a positive finite number, not {w!r}")
+        if not any(m == key or m.endswith("." + key) for m in modules):
+            raise ValueError(f"module weight key {key!r} matches no module (modules look like "
+                             f"{modules[0]!r})")
+    for m in modules:
+        keys = [k for k in weights if m == k or m.endswith("." + k)]
+        if keys:
+            out[m] = float(weights[max(keys, key=len)])
+    return out
+
+
+def weighted_error(t: TaskProjection, module_weights: Mapping[str, float]) -> float:
+    """The task's relative error with module m's squared errors (and norms) counted
+    ``module_weights[m]`` times; the plain relative error when every weight is 1."""
+    total = sum(module_weights[m] * n for m, n in t.norm_sq.items())
+    lost = sum(module_weights[m] * r for m, r in t.residual_sq.items())
+    return math.sqrt(lost / total) if total > 0 else 0.0
+
+
 def choose_ks(spectra: dict[str, tuple[torch.Tensor, torch.Tensor]], shapes: dict[str, tuple[int, int]],
               total_rank: int, num_components: int | tuple[int, int] | None,
               variance_threshold: float | None, budget: float | None,
-              adaptive_k: bool) -> dict[str, tuple[int, int]]:
+              adaptive_k: bool, module_weights: Mapping[str, float] | None = None
+              ) -> dict[str, tuple[int, int]]:
     """k per module and side from exactly one of: fixed k, energy threshold, byte budget.
 
     ``spectra[m]`` are the singular values of module m's two stacks; with a ``budget``
     (float32 bytes) each direction also pays one coordinate row per rank of
-    ``total_rank`` (the tasks' ranks summed)."""
+    ``total_rank`` (the tasks' ranks summed), and its energy counts
+    ``module_weights[m]`` times (default 1)."""
     given = [x is not None for x in (num_components, variance_threshold, budget)]
     if sum(given) > 1:
         raise ValueError("pass at most one of num_components, variance_threshold, budget")
     if budget is not None:
-        gains = {(m, side): spectra[m][side].square() for m in spectra for side in (0, 1)}
+        c = module_weights or {}
+        gains = {(m, side): c.get(m, 1.0) * spectra[m][side].square() for m in spectra for side in (0, 1)}
         # one direction costs its basis column plus one coordinate row per task rank
         costs = {(m, side): 4.0 * (shapes[m][side] + total_rank) for m, side in gains}
         ks = linalg.allocate_budget(gains, costs, float(budget))
@@ -67,20 +103,22 @@ def coordinate_numbers(tasks: Sequence[TaskProjection], modules: dict[str, Modul
 
 
 def core_ranks(tasks: Sequence[TaskProjection], modules: dict[str, ModuleBasis],
-               numbers: float) -> dict[str, dict[str, int]]:
+               numbers: float, module_weights: Mapping[str, float] | None = None
+               ) -> dict[str, dict[str, int]]:
     """Each task's core rank per module, ``{task_id: {module: rank}}``, sharing ``numbers``
-    coordinate numbers greedily by the drop of ``weight * ||dW - dW^||^2`` per number.
+    coordinate numbers greedily by the drop of ``weight * ||dW - dW^||^2`` per number
+    (module m's drop counted ``module_weights[m]`` times, default 1).
 
     ``tasks`` hold full-rank projections. Every module a task has keeps at least one rank
     (a rank-0 module means one the adapter never had); no rank past the core's numerical
     rank is handed out."""
-    gains, costs = {}, {}
+    gains, costs, c = {}, {}, module_weights or {}
     for t in tasks:
         for m, b in modules.items():
             if t.coords_b[m].shape[1]:
                 s = linalg.canonical(t.coords_b[m], t.coords_a[m].T)[1]
                 q = max(1, linalg.numerical_rank(s))
-                gains[(t.task_id, m)] = t.weight * s[:q].square()
+                gains[(t.task_id, m)] = c.get(m, 1.0) * t.weight * s[:q].square()
                 costs[(t.task_id, m)] = float(b.k_out + b.k_in)
     ranks = linalg.allocate_budget(gains, costs, numbers, minimum=1)
     return {t.task_id: {m: ranks.get((t.task_id, m), 0) for m in modules} for t in tasks}

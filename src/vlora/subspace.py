@@ -23,7 +23,8 @@ import torch
 
 from vlora import linalg
 from vlora.adapter import LoRAWeights
-from vlora.budget import choose_ks, coordinate_numbers, core_ranks
+from vlora.budget import (choose_ks, coordinate_numbers, core_ranks, resolve_module_weights,
+                          weighted_error)
 from vlora.errors import IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
 from vlora.io import config_for, load_adapter
 from vlora.progress import track
@@ -115,6 +116,7 @@ class SharedSubspace:
                       variance_threshold: float | None = None, budget: float | None = None,
                       adaptive_k: bool = True, weighting: str = "task", refine_iters: int = 10,
                       missing_modules: str = "error", pseudo_rank: int | None = None,
+                      module_weights: dict[str, float] | None = None,
                       progress: bool = False) -> SharedSubspace:
         """Fit shared bases on ``adapters`` and store every one as a task.
 
@@ -136,6 +138,10 @@ class SharedSubspace:
                 r/2 and r/4 are tried, each shared out over the tasks' cores module by
                 module (:func:`vlora.budget.core_ranks`), and the one with the lowest
                 mean error is kept.
+            module_weights: with a ``budget``, count the errors of some modules more (or
+                less) where bytes are shared out, e.g. ``{"value": 2.0}``; keys as PEFT's
+                ``target_modules`` (:func:`vlora.budget.resolve_module_weights`). The
+                bases of each module and every error reported are unchanged in kind.
             progress: draw progress bars.
 
         With no k option, k is the full numerical rank of each stack (every task exact).
@@ -154,6 +160,9 @@ class SharedSubspace:
         if dupes:
             raise ValueError(f"duplicate task ids: {dupes}")
         shapes = check_modules(items, ids, missing_modules)
+        if module_weights and budget is None:
+            raise ValueError("module_weights share out a byte budget: pass budget (or compress's ratio)")
+        mw = resolve_module_weights(module_weights, shapes)
         norms = [sum(linalg.frobenius_sq(a.lora_b[m], a.lora_a[m], a.scales[m])
                      for m in shapes if m in a.lora_a) for a in items]
         weights = [adapter_weight(n, weighting) for n in norms]
@@ -180,16 +189,16 @@ class SharedSubspace:
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
             ks = choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
-                           budget, adaptive_k)
+                           budget, adaptive_k, mw)
             sub = cls._fit(items, ids, weights, shapes, starts, ks, refine_iters,
                            None if adaptive else p, progress, weighting=weighting,
                            base_model=items[0].base_model, missing_modules=missing_modules)
             if adaptive and p < max_rank:
                 tasks = [sub.get_task(t) for t in ids]
-                ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p))
+                ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p), mw)
                 for a, tid in zip(items, ids):
                     sub.add_task(sub.project(a, tid, pseudo_rank=ranks[tid]), replace=True)
-            score = sum(sub.task_error(t) for t in ids)
+            score = sum(weighted_error(sub.get_task(t), mw) for t in ids)
             if best is None or score < best[0]:
                 best = (score, sub)
         return best[1]

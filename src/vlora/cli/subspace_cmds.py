@@ -65,6 +65,19 @@ def _load(path: str) -> SharedSubspace:
     return SharedSubspace.load(path)
 
 
+def _module_weights(ctx, param, values) -> dict[str, float] | None:
+    out = {}
+    for v in values:
+        key, sep, w = v.partition("=")
+        try:
+            out[key.strip()] = float(w)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{v!r} is not KEY=W, e.g. value=2", ctx, param)
+    return out or None
+
+
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Subspace directory to write.")
@@ -77,6 +90,9 @@ def _load(path: str) -> SharedSubspace:
 @click.option("--bits", type=click.Choice(["4", "5", "6", "8"]),
               help="Store bases and coordinates in this many bits; --budget/--ratio then count "
                    "the quantized bytes, so fewer bits buy more directions.")
+@click.option("--module-weight", "module_weights", multiple=True, callback=_module_weights,
+              metavar="KEY=W", help="With --budget/--ratio: count this module's errors W times "
+              "where bytes are shared out, e.g. value=2 (KEY as in PEFT's target_modules; repeatable).")
 @click.option("--task-ids", help="Comma-separated ids, one per adapter (default: folder names).")
 @click.option("--streaming", is_flag=True, help="Read adapters a chunk at a time (bounded memory).")
 @click.option("--missing-modules", type=click.Choice(["error", "skip", "zero"]), default="error",
@@ -85,7 +101,7 @@ def _load(path: str) -> SharedSubspace:
 @QUIET
 @JSON
 def compress(adapters, output, num_components, k_out, k_in, variance_threshold, budget, ratio, bits,
-             task_ids, streaming, missing_modules, force, quiet, as_json):
+             module_weights, task_ids, streaming, missing_modules, force, quiet, as_json):
     """Compress LoRA adapter folders into one shared subspace.
 
     \b
@@ -94,7 +110,10 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
       vlora compress adapters/* -o sub --ratio 10
       vlora compress adapters/* -o sub --ratio 10 --bits 6
       vlora compress a/ b/ c/ -o sub --task-ids sales,legal,support --budget 2MB
+      vlora compress adapters/* -o sub --ratio 10 --bits 6 --module-weight value=2
     """
+    if module_weights and not (budget or ratio):
+        raise click.UsageError("--module-weight shares out a byte target: give --budget or --ratio")
     chosen = [x is not None for x in (num_components, k_out or k_in, variance_threshold, budget, ratio)]
     if sum(chosen) > 1:
         raise click.UsageError("choose one of -k, --k-out/--k-in, --variance-threshold, --budget, --ratio")
@@ -117,7 +136,7 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
         loaded = [load_adapter(p) for p in adapters]
         sub = fit_to_bytes(loaded, ids, budget=parse_size(budget) if budget else None, ratio=ratio,
                            bits=int(bits) if bits else None, num_components=k,
-                           variance_threshold=variance_threshold,
+                           variance_threshold=variance_threshold, module_weights=module_weights,
                            missing_modules=missing_modules, progress=progress)
     sub.save(output)
     data = summary(sub)
