@@ -12,6 +12,16 @@ case measured (tests/test_budget.py). Through ``compress(ratio=10, bits=6)`` on 
 test bed, against one p for every core: mean dW error 0.1274 -> 0.1213 and worst task
 0.1662 -> 0.1316 (33 adapters of one seed), 0.1463 -> 0.1401 and 0.1604 -> 0.1487 (17 of
 independent seeds).
+
+``module_weights`` count some modules' errors more in both shares (and in the choice of
+p); the bases of a module do not depend on its weight. What they buy was measured on the
+test bed (10x, 6 bits, 33 one-seed / 17 independent adapters): value modules at 2, chosen
+on the adapters' training rows, lifted the worst task's kept accuracy there from 95.3% to
+97.4% (one-seed) and 98.1% to 98.2% (independent), at a mean dW error of 0.1236 against
+0.1213; on the eval split the worst tasks went from 94.3% to 97.1% (one-seed: two rows
+gained) and from 97.4% to 96.1% (independent: one row lost). Weights from
+the base model's output sensitivity per module (value modules of the last layers up to
+100x the first layers' queries) were worse in both regimes. The default is 1 everywhere.
 """
 
 from __future__ import annotations
