@@ -67,7 +67,10 @@ PARTS = [("Fidelity against bytes", "fidelity"), ("Scale", "scale"), ("Serving",
 # Runs outside the suite's clock that qualify a part's figures, quoted after them when present.
 CONTROLS = [("Control: continual learning with LoRAs trained twice as long",
              "python -m benchmarks.continual --new-steps 120 --phi 0 --name continual_steps120",
-             "continual_steps120")]
+             "continual_steps120"),
+            ("Control: continual learning over 6 seeds (phi = 0)",
+             "python -m benchmarks.continual --phi 0 --seeds 0 1 2 3 4 5 --name continual_seeds6",
+             "continual_seeds6")]
 
 
 def write_results(quick: bool) -> Path:
