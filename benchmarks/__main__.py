@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import platform
 import re
@@ -36,7 +37,10 @@ def lanes(*lanes_: list[tuple[str, ...]]) -> dict[str, float]:
     import concurrent.futures as cf
 
     def label(part):  # "scale 7b-qv" for a part run for some of its families
-        return " ".join([part[0], *part[part.index("--families") + 1:]]) if "--families" in part else part[0]
+        if "--families" not in part:
+            return part[0]
+        rest = part[part.index("--families") + 1:]
+        return " ".join([part[0], *itertools.takewhile(lambda a: not a.startswith("-"), rest)])
 
     def lane(parts):
         return {label(part): run(*part) for part in parts}
@@ -147,11 +151,11 @@ def main(argv=None) -> None:
         suite = time.perf_counter()
         times = lanes([("fidelity", "--one-seed", *one, "--independent", *ind,
                         "--ratios", "10", "20", "--sizes", "4", "8", "16", "32"),
-                       ("scale", "--families", "7b-qv")],
-                      [("continual",), ("scale", "--families", "square")])
+                       ("scale", "--families", "7b-qv", "--no-merge")],
+                      [("continual",), ("scale", "--families", "square", "--no-merge")])
         times["serving"] = run("serving", "--threads", "2")
     from benchmarks import scale
-    scale.merge(quick)  # both lanes merge when they end; once more here, after both
+    scale.merge(quick)  # here, once both lanes are done (the lanes' runs do not merge)
     wall = time.perf_counter() - suite
     (RESULTS / f"suite{'_quick' if quick else ''}.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "wall": wall, "times": times, "testbed_s": testbed_s}))

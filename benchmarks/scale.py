@@ -205,6 +205,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--refine-iters", type=int, default=2)
     ap.add_argument("--no-vlora-dev", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    ap.add_argument("--no-merge", action="store_true",
+                    help="write the family files only (the suite merges once every lane is done)")
     args = ap.parse_args(argv)
     if args.quick:
         args.k = 24
@@ -227,12 +229,16 @@ def main(argv=None) -> dict:
                 continue
             t_start = time.perf_counter()
             meta, rows = run_family(fam, args, dev, tmp)
-            (RESULTS / f"scale.{fam['name']}.json").write_text(json.dumps(
-                {**common, "family": meta, "rows": rows, "seconds": time.perf_counter() - t_start},
-                indent=1))
+            meta.update(date=time.strftime("%Y-%m-%d"), k=args.k, refine_iters=args.refine_iters,
+                        vlora_dev_run=dev)
+            out = RESULTS / f"scale.{fam['name']}.json"
+            part = out.with_suffix(".json.part")  # a reader never sees half a file
+            part.write_text(json.dumps({**common, "family": meta, "rows": rows,
+                                        "seconds": time.perf_counter() - t_start}, indent=1))
+            os.replace(part, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return merge(args.quick)
+    return {} if args.no_merge else merge(args.quick)
 
 
 def merge(quick: bool = False) -> dict:
@@ -254,9 +260,9 @@ def merge(quick: bool = False) -> dict:
 def report(results: dict) -> str:
     cfg = results["config"]
     lines = ["# Scale: building a subspace from N synthetic adapters, vlora against vlora-dev 1.0.0", "",
-             f"{results['cpus']} CPUs, torch at 1 thread; one run per cell; k={cfg['k']} per module "
-             "and side for both libraries (vlora-dev has no byte budget), vlora's batch fit and "
-             f"full absorb with refine_iters={cfg['refine_iters']}. Adapters are generated to a temporary "
+             f"{results['cpus']} CPUs, torch at 1 thread; one run per cell; the same k per module "
+             "and side for both libraries (vlora-dev has no byte budget; each family says its k "
+             "and vlora's refine_iters of the batch fit and full absorb). Adapters are generated to a temporary "
              "folder that is deleted after each family. Peak RSS is the whole process's "
              f"(baseline with torch imported: vlora {results['baseline_rss_mb']:.0f} MB"
              + (f", vlora-dev {results['vlora_dev_baseline_rss_mb']:.0f} MB"
@@ -264,10 +270,14 @@ def report(results: dict) -> str:
              + "). Mean error is the relative dW error over tasks. Baseline: vlora-dev 1.0.0 "
              "(PyPI), run in its own venv.", ""]
     if "vlora_dev_not_run" in results:
-        lines += [f"vlora-dev not run: {results['vlora_dev_not_run']}", ""]
+        lines += [f"vlora-dev not run (the last family run): {results['vlora_dev_not_run']}", ""]
     for fam in results["families"]:
         lines += [f"## {fam['label']}, r={fam['r']}, {fam['modules']} modules", "",
-                  f"Generating {max(fam['sizes']) + 1} adapters took {fam['generate_seconds']:.0f} s.", "",
+                  (f"Run on {fam['date']}, " if "date" in fam else "")
+                  + f"k={fam.get('k', cfg['k'])}, refine_iters="
+                  f"{fam.get('refine_iters', cfg['refine_iters'])}"
+                  + ("" if fam.get("vlora_dev_run", True) else ", vlora-dev not run")
+                  + f". Generating {max(fam['sizes']) + 1} adapters took {fam['generate_seconds']:.0f} s.", "",
                   "| N | method | mode | seconds | s per adapter | peak RSS MB | k | stored MB | ratio "
                   "| mean err | adapters on disk MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = [r for r in results["rows"] if r["family"] == fam["name"]]

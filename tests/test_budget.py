@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,7 +107,10 @@ def test_module_weight_keys_match_like_peft_target_modules():
         resolve_module_weights({"valeu": 2.0}, mods)
     with pytest.raises(ValueError, match="ue"):  # "ue" is not a dotted suffix of "value"
         resolve_module_weights({"ue": 2.0}, mods)
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
+    assert resolve_module_weights({"value": np.float32(2.0)}, mods)[mods[1]] == 2.0
+    with pytest.raises(ValueError, match="there are no modules"):
+        resolve_module_weights({"value": 2.0}, [])
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2"):
         with pytest.raises(ValueError, match="positive finite"):
             resolve_module_weights({"value": bad}, mods)
 

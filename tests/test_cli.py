@@ -58,6 +58,8 @@ def test_compress_module_weights(adapters, tmp_path):
     data = json.loads(run("compress", *adapters, "-o", tmp_path / "w", "--ratio", "3", "--json",
                           "--module-weight", "layer.0.v=8", "--module-weight", "q=0.5").output)
     assert data["compression_ratio"] >= 3 and data["per_task"] != plain["per_task"]
+    assert "given twice" in run("compress", *adapters, "-o", tmp_path / "t", "--ratio", "3",
+                                "--module-weight", "q=2", "--module-weight", "q=3", code=2).output
     assert "KEY=W" in run("compress", *adapters, "-o", tmp_path / "x", "--ratio", "3",
                           "--module-weight", "v2", code=2).output
     assert "matches no module" in run("compress", *adapters, "-o", tmp_path / "y", "--ratio", "3",

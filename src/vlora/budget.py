@@ -27,6 +27,7 @@ the base model's output sensitivity per module (value modules of the last layers
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -47,11 +48,11 @@ def resolve_module_weights(weights: Mapping[str, float] | None, modules: Iterabl
     if not weights:
         return out
     for key, w in weights.items():
-        if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w > 0):
             raise ValueError(f"module weight of {key!r} must be a positive finite number, not {w!r}")
         if not any(m == key or m.endswith("." + key) for m in modules):
-            raise ValueError(f"module weight key {key!r} matches no module (modules look like "
-                             f"{modules[0]!r})")
+            seen = f"modules look like {modules[0]!r}" if modules else "there are no modules"
+            raise ValueError(f"module weight key {key!r} matches no module of the fit ({seen})")
     for m in modules:
         keys = [k for k in weights if m == k or m.endswith("." + k)]
         if keys:
@@ -61,7 +62,8 @@ def resolve_module_weights(weights: Mapping[str, float] | None, modules: Iterabl
 
 def weighted_error(t: TaskProjection, module_weights: Mapping[str, float]) -> float:
     """The task's relative error with module m's squared errors (and norms) counted
-    ``module_weights[m]`` times; the plain relative error when every weight is 1."""
+    ``module_weights[m]`` times (a resolved dict: every module of the task); the plain
+    relative error when every weight is 1."""
     total = sum(module_weights[m] * n for m, n in t.norm_sq.items())
     lost = sum(module_weights[m] * r for m, r in t.residual_sq.items())
     return math.sqrt(lost / total) if total > 0 else 0.0

@@ -409,7 +409,7 @@ class SharedSubspace:
         report = {}
         for tid, t in self._tasks.items():
             original = _original_if_at_hand(t) if exact_errors else None
-            moved_sq, before = 0.0, t.error
+            moved_sq, kept_sq, before = 0.0, 0.0, t.error
             nb, na, res, quant = {}, {}, {}, {}
             for m, old in self.modules.items():
                 new = new_modules[m]
@@ -429,12 +429,13 @@ class SharedSubspace:
                         - (ru_new @ nb[m].to(F64)) @ (rv_new @ na[m].to(F64)).T)
                 moved = float(torch.sum(diff * diff))
                 moved_sq += moved
+                kept = (ru_old @ t.coords_b[m].to(F64)) @ (rv_old @ t.coords_a[m].to(F64)).T
+                kept_sq += float(torch.sum(kept * kept))  # ||dW^_old||^2, quantized bases too
                 if original is not None:
                     ut, st, vt0 = _factors(original, m)
                     res[m] = error_sq(ut * st, vt0, new, nb[m].to(F64) @ na[m].to(F64).T)
                 else:
                     res[m] = (math.sqrt(t.residual_sq[m]) + math.sqrt(moved)) ** 2
-            kept_sq = sum(linalg.frobenius_sq(t.coords_b[m], t.coords_a[m].T) for m in nb)
             drift = math.sqrt(moved_sq / kept_sq) if kept_sq > 0 else 0.0
             t.coords_b, t.coords_a, t.residual_sq, t.quant = nb, na, res, quant or None
             t.error_is_bound = original is None and (t.error_is_bound or drift > 0)

@@ -69,6 +69,8 @@ def _module_weights(ctx, param, values) -> dict[str, float] | None:
     out = {}
     for v in values:
         key, sep, w = v.partition("=")
+        if key.strip() in out:
+            raise click.BadParameter(f"{key.strip()!r} is given twice", ctx, param)
         try:
             out[key.strip()] = float(w)
         except ValueError:
