@@ -174,8 +174,7 @@ def quantized_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float
     quantization error counted, as vlora's is)."""
     sub = compress(adapters, ids, ratio=ratio, bits=bits)
     stats = sub.compression_stats()
-    numbers = stats["stored_bytes"] / len(adapters) / (bits / 8 + 4 / 64)
-    svd = {t: svd_quantized(a, numbers, bits) for a, t in zip(adapters, ids)}
+    svd = {t: svd_quantized(a, stats["svd_numbers_per_task"], bits) for a, t in zip(adapters, ids)}
     return sub, {t: x[0] for t, x in svd.items()}, {
         "bits": bits, "ratio": stats["compression_ratio"], "vlora": stats["mean_error"],
         "vlora_max": stats["max_error"], "svd": statistics.mean(x[1] for x in svd.values()),

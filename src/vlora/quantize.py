@@ -40,6 +40,11 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return self.codes.numel() + 4 * self.scales.numel()
 
+    @property
+    def bytes_per_number(self) -> float:
+        """What one stored number costs: its code and its share of its block's scale."""
+        return self.bits / 8 + 4 / self.block
+
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     flat = x.T.contiguous().reshape(-1)  # column-major: blocks follow basis vectors

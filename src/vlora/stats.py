@@ -64,7 +64,7 @@ def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
     stored = total["basis_bytes"] + total["task_bytes"]
     errors = [t.error for t in tasks]
     q = next((b.quant["U"] for b in sub.modules.values() if b.quant), None)
-    per_number = q.bits / 8 + 4 / q.block if q else BYTES
+    per_number = q.bytes_per_number if q else BYTES
     per_task_numbers = stored / per_number / len(tasks) if tasks else 0.0
     svd = [svd_baseline_error(t.spectrum, shapes, per_task_numbers) for t in tasks]
     return {
@@ -76,6 +76,7 @@ def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
         "max_error": max(errors, default=0.0),
         "errors_are_bounds": any(t.error_is_bound for t in tasks),
         "svd_bits": q.bits if q else 32,
+        "svd_numbers_per_task": per_task_numbers,
         "svd_mean_error": sum(svd) / len(svd) if svd else 0.0,
         "svd_max_error": max(svd, default=0.0),
         "task_errors": {t.task_id: e for t, e in zip(tasks, errors)},

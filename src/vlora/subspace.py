@@ -425,11 +425,10 @@ class SharedSubspace:
                     res[m] = 0.0
                     continue
                 (ru_old, ru_new), (rv_old, rv_new) = joint[m]
-                diff = ((ru_old @ t.coords_b[m].to(F64)) @ (rv_old @ t.coords_a[m].to(F64)).T
-                        - (ru_new @ nb[m].to(F64)) @ (rv_new @ na[m].to(F64)).T)
+                kept = (ru_old @ t.coords_b[m].to(F64)) @ (rv_old @ t.coords_a[m].to(F64)).T
+                diff = kept - (ru_new @ nb[m].to(F64)) @ (rv_new @ na[m].to(F64)).T
                 moved = float(torch.sum(diff * diff))
                 moved_sq += moved
-                kept = (ru_old @ t.coords_b[m].to(F64)) @ (rv_old @ t.coords_a[m].to(F64)).T
                 kept_sq += float(torch.sum(kept * kept))  # ||dW^_old||^2, quantized bases too
                 if original is not None:
                     ut, st, vt0 = _factors(original, m)
