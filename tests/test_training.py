@@ -123,8 +123,11 @@ def test_each_side_of_the_coordinates_steps_at_its_own_rate(adapters, new_task):
     # Adam's step is at most lr / (1 - beta1) = 10 lr per number on its second step
     assert 4e-2 * 0.5 < max(moved["lb"], moved["xb"]) <= 4e-1 + 1e-6
     assert 4e-3 * 0.5 < max(moved["la"], moved["xa"]) <= 4e-2 + 1e-6
-    assert {g["name"]: g["lr"] for g in st.optimizer.param_groups} == {"coordinates_b": 4e-2,
-                                                                       "coordinates_a": 4e-3}
+    assert 4e-3 * 0.5 < max(moved["eu"], moved["ev"]) <= 4e-2 + 1e-6  # the directions: a_lr
+    assert {g["name"]: g["lr"] for g in st.optimizer.param_groups} == {
+        "coordinates_b": 4e-2, "coordinates_a": 4e-3, "directions": 4e-3}
+    groups = trainer(fresh_subspace(adapters), new_task, num_expand=1, direction_lr=1e-3).param_groups
+    assert {g["name"]: g["lr"] for g in groups}["directions"] == 1e-3
 
 
 def test_lora_equivalent_lr_follows_the_shapes(adapters):
@@ -172,12 +175,18 @@ def test_write_back_with_expansion_absorbs_the_new_directions(adapters, new_task
     sub = fresh_subspace(adapters)
     old = list(sub.tasks)
     st = trainer(sub, new_task, num_expand=2, lr=5e-2)
+    d0, m0 = st.module.deltas[0], next(iter(sub.modules))
+    start = d0.eu.detach().double().clone()
+    assert float((d0.u.double().T @ start).abs().max()) < 1e-6  # orthogonal to U at the start
+    torch.testing.assert_close(start.T @ start, torch.eye(2, dtype=torch.float64), atol=1e-6, rtol=0)
     st.model.model.train()
     for i in range(3):
         st.step(loss_of(st, *batch_of(new_task, start=8 * i)))
-    d0, m0 = st.module.deltas[0], next(iter(sub.modules))
-    eu, k_out = d0.u[:, d0.k_out:].double(), d0.k_out
-    assert float((d0.u[:, :k_out].double().T @ eu).abs().max()) < 1e-6  # orthogonal to U
+    eu = d0.eu.detach().double()
+    assert float((eu - start).abs().max()) > 1e-4  # the directions themselves trained
+    n = st.num_trainable_params["adapter"]
+    assert n == sum(8 * (b.k_out + b.k_in) + 2 * (b.d_out + b.d_in) + 2 * 2 * 8
+                    for b in sub.modules.values())
     report = st.write_back()
     assert sorted(report) == sorted(old) and all(r.drift >= 0 for r in report.values())
     assert sub.tasks[-1] == "new" and "classifier.weight" in sub.get_task("new").extra
@@ -288,3 +297,19 @@ def test_trains_on_cuda_where_the_model_is(adapters, new_task):
     st.module.cpu()  # the coordinates move with the model
     assert not any(p.is_cuda for p in st.parameters())
     assert st.write_back()
+
+
+def test_state_dict_round_trips_the_extra_directions_and_refuses_another_layout(adapters, new_task):
+    enc, y = batch_of(new_task)
+    st = trainer(fresh_subspace(adapters), new_task, num_expand=1, lr=5e-2, train_modules_to_save=False)
+    for _ in range(2):
+        st.step(loss_of(st, enc, y))
+    state = st.state_dict()
+    assert {k.split("::")[1] for k in state} == {"L_B", "L_A", "E_U", "E_V", "X_B", "X_A"}
+    other = trainer(fresh_subspace(adapters), new_task, num_expand=1, train_modules_to_save=False)
+    other.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(other.model(**enc).logits, st.model(**enc).logits, atol=1e-6, rtol=0)
+    plain = trainer(fresh_subspace(adapters), new_task, train_modules_to_save=False)
+    with pytest.raises(ValueError, match="does not fit this trainer"):
+        other.load_state_dict(plain.state_dict())  # no extra directions in it

@@ -2,10 +2,13 @@
 
 The trainable parameters of a task are its coordinates ``L_B`` ``(k_out, r)`` and
 ``L_A`` ``(k_in, r)`` per module, optionally with ``phi`` extra directions per side,
-``E_u`` ``(d_out, phi)`` and ``E_v`` ``(d_in, phi)``, orthonormal and orthogonal to
-the bases, whose own coordinates ``X_B``, ``X_A`` ``(phi, r)`` train too::
+``E_u`` ``(d_out, phi)`` and ``E_v`` ``(d_in, phi)``, that train too, with their own
+coordinates ``X_B``, ``X_A`` ``(phi, r)``::
 
     dW = [U E_u] [L_B; X_B] [L_A; X_A]^T [V E_v]^T
+
+The extra directions start orthonormal and orthogonal to the bases; training moves them
+toward what the task needs and the bases lack, and ``write_back`` absorbs them.
 
 Every adapted module of the model adds ``x dW^T`` to its output through
 :class:`~vlora.model.VLoRAModel`'s ``"train"`` route, so ``loss.backward()`` reaches
@@ -99,21 +102,23 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
 class _ModuleDelta(nn.Module):
     """``x -> x dW^T`` for one module, ``(..., d_in) -> (..., d_out)``.
 
-    Buffers ``u`` ``(d_out, k_out + phi_out)`` = ``[U E_u]`` and ``vt``
-    ``(k_in + phi_in, d_in)`` = ``[V E_v]^T``; parameters ``lb``, ``la`` (the task's
-    coordinates) and, when ``phi > 0``, ``xb`` ``(phi_out, r)``, ``xa`` ``(phi_in, r)``.
+    Buffers ``u`` ``(d_out, k_out)`` = ``U`` and ``vt`` ``(k_in, d_in)`` = ``V^T``;
+    parameters ``lb``, ``la`` (the task's coordinates) and, when ``phi > 0``, the extra
+    directions ``eu`` ``(d_out, phi_out)``, ``ev`` ``(d_in, phi_in)`` with their
+    coordinates ``xb`` ``(phi_out, r)``, ``xa`` ``(phi_in, r)``.
     """
 
     def __init__(self, u: torch.Tensor, v: torch.Tensor, lb: torch.Tensor, la: torch.Tensor,
                  eu: torch.Tensor, ev: torch.Tensor, init_scale: float, gen: torch.Generator):
         super().__init__()
         self.k_out, self.k_in = u.shape[1], v.shape[1]
-        self.register_buffer("u", torch.cat([u, eu.to(u)], 1).contiguous())
-        self.register_buffer("vt", torch.cat([v, ev.to(v)], 1).T.contiguous())
+        self.register_buffer("u", u.contiguous())
+        self.register_buffer("vt", v.T.contiguous())
         self.lb, self.la = nn.Parameter(lb.to(u)), nn.Parameter(la.to(u))
         self.phi = eu.shape[1] + ev.shape[1]
-        if self.phi:  # the extra directions start like the task: dW = 0, gradients flow
+        if self.phi:  # the extra part starts like the task: dW = 0, gradients flow
             r = lb.shape[1]
+            self.eu, self.ev = nn.Parameter(eu.to(u).contiguous()), nn.Parameter(ev.to(u).contiguous())
             self.xb = nn.Parameter(u.new_zeros(eu.shape[1], r))
             self.xa = nn.Parameter((torch.randn(ev.shape[1], r, generator=gen, dtype=F64)
                                     * init_scale).to(u))
@@ -124,10 +129,17 @@ class _ModuleDelta(nn.Module):
             return self.lb, self.la
         return torch.cat([self.lb, self.xb]), torch.cat([self.la, self.xa])
 
+    def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[U E_u]`` ``(d_out, k_out + phi_out)`` and ``[V E_v]^T`` ``(k_in + phi_in, d_in)``."""
+        if not self.phi:
+            return self.u, self.vt
+        return torch.cat([self.u, self.eu], 1), torch.cat([self.vt, self.ev.T])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lb, la = self.factors()
-        z = F.linear(x.to(self.vt.dtype), self.vt)  # (..., k_in + phi_in)
-        return F.linear((z @ la) @ lb.T, self.u)
+        u, vt = self.bases()
+        z = F.linear(x.to(vt.dtype), vt)  # (..., k_in + phi_in)
+        return F.linear((z @ la) @ lb.T, u)
 
 
 class TrainingModule(Delegating):
@@ -181,7 +193,12 @@ class SubspaceTrainer:
             step grow with it (measured: unstable across seeds).
         head_lr: learning rate of the heads (default ``lr``).
         optimizer: ``f(param_groups) -> torch.optim.Optimizer`` to use any other.
-        num_expand: ``phi`` extra directions per side and module (folded in by ``write_back``).
+        num_expand: ``phi`` extra directions per side and module, trained with their
+            coordinates and folded into the bases by ``write_back``. Each adds
+            ``d_out + d_in`` trainable numbers per module: what lets a task reach past the
+            subspace, at a LoRA-like price.
+        direction_lr: learning rate of the extra directions (default ``a_lr``: they are
+            d-long unit vectors, the size of a LoRA's factors, so the LoRA recipe's lr).
         pseudo_rank: rank ``p`` of the trained coordinates (default: the task's, or the
             subspace's task rank); an existing task of higher rank is truncated to ``p``.
         train_modules_to_save: train the heads (``modules_to_save`` of the subspace's
@@ -195,7 +212,8 @@ class SubspaceTrainer:
     def __init__(self, subspace: SharedSubspace, task_id: str, model: Any, *, lr: float = 1e-3,
                  a_lr: float | None = None, head_lr: float | None = None,
                  optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
-                 num_expand: int = 0, pseudo_rank: int | None = None,
+                 num_expand: int = 0, direction_lr: float | None = None,
+                 pseudo_rank: int | None = None,
                  train_modules_to_save: bool | Iterable[str] = True,
                  init_scale: float | None = None, seed: int = 0):
         self.subspace, self.task_id, self.num_expand = subspace, task_id, num_expand
@@ -231,8 +249,12 @@ class SubspaceTrainer:
             p.requires_grad_(True)
         side_b = [p for d in deltas for p in ([d.lb, d.xb] if d.phi else [d.lb])]
         side_a = [p for d in deltas for p in ([d.la, d.xa] if d.phi else [d.la])]
+        a_lr = lr if a_lr is None else a_lr
         groups = [{"params": side_b, "lr": lr, "name": "coordinates_b"},
-                  {"params": side_a, "lr": lr if a_lr is None else a_lr, "name": "coordinates_a"}]
+                  {"params": side_a, "lr": a_lr, "name": "coordinates_a"}]
+        if num_expand:
+            groups.append({"params": [p for d in deltas for p in (d.eu, d.ev)],
+                           "lr": a_lr if direction_lr is None else direction_lr, "name": "directions"})
         if self.heads:
             groups.append({"params": list(self.heads.values()), "lr": head_lr or lr, "name": "heads"})
         self.param_groups = groups  # what any optimiser of this task should hold, and at which lr
@@ -263,7 +285,8 @@ class SubspaceTrainer:
 
     # ------------------------------------------------------------------ training
     def coordinates(self) -> list[nn.Parameter]:
-        """The adapter's trainable parameters (``L_B``, ``L_A`` and the extra coordinates)."""
+        """The adapter's trainable parameters (``L_B``, ``L_A``; with ``phi > 0`` also the extra
+        directions and their coordinates)."""
         return list(self.module.deltas.parameters())
 
     def parameters(self) -> list[nn.Parameter]:
@@ -284,25 +307,35 @@ class SubspaceTrainer:
         return float(loss.detach())
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        # The bases with their extra directions are saved too: a resumed run must not
-        # depend on drawing the same random directions again.
         out = {}
         for m, d in zip(self._modules, self.module.deltas):
-            parts = {"L_B": d.lb, "L_A": d.la, "U": d.u, "Vt": d.vt}
+            parts = {"L_B": d.lb, "L_A": d.la}
             if d.phi:
-                parts.update(X_B=d.xb, X_A=d.xa)
+                parts.update(E_U=d.eu, E_V=d.ev, X_B=d.xb, X_A=d.xa)
             out.update({f"{m}::{k}": t for k, t in parts.items()})
         out.update({f"head::{k}": p for k, p in self.heads.items()})
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Coordinates, ``[U E_u]``, ``[V E_v]^T`` and heads on the CPU, keyed ``module::L_B``."""
+        """Coordinates (with extra directions, if any) and heads on the CPU, keyed
+        ``module::L_B``."""
         return {k: t.detach().cpu().contiguous() for k, t in self._tensors().items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy a :meth:`state_dict` back in (same task layout: shapes must match)."""
-        for k, t in self._tensors().items():
+        """Copy a :meth:`state_dict` back in (same task layout: same keys and shapes).
+
+        Raises:
+            ValueError: a tensor this trainer holds is missing from ``state`` or has
+                another shape (a checkpoint of another subspace, pseudo-rank or phi).
+        """
+        mine = self._tensors()
+        missing = sorted(set(mine) - set(state))
+        wrong = sorted(k for k in mine if k in state and state[k].shape != mine[k].shape)
+        if missing or wrong:
+            raise ValueError(f"the checkpoint does not fit this trainer: missing {missing[:3]}"
+                             f"{' ...' if len(missing) > 3 else ''}, other shapes {wrong[:3]}")
+        for k, t in mine.items():
             t.copy_(state[k])
 
     # ---------------------------------------------------------------- write back
@@ -317,9 +350,9 @@ class SubspaceTrainer:
         a, b = {}, {}
         with torch.no_grad():
             for m, d in zip(self._modules, self.module.deltas):
-                lb, la = d.factors()
-                b[m] = (d.u.to(F64) @ lb.to(F64)).float().cpu()
-                a[m] = (la.to(F64).T @ d.vt.to(F64)).float().cpu()
+                (lb, la), (u, vt) = d.factors(), d.bases()
+                b[m] = (u.to(F64) @ lb.to(F64)).float().cpu()
+                a[m] = (la.to(F64).T @ vt.to(F64)).float().cpu()
         heads, config = self._heads_and_config(lb.shape[1])
         return LoRAWeights(list(a), a, b, {m: 1.0 for m in a}, heads, config)
 

@@ -100,7 +100,10 @@ class VLoRATrainer(Trainer):
         if not os.path.isfile(path):
             raise ValueError(f"no {COORDINATES_NAME} in {resume_from_checkpoint}: not a checkpoint "
                              "of a VLoRATrainer")
-        self.subspace_trainer.load_state_dict(load_file(path))
+        try:
+            self.subspace_trainer.load_state_dict(load_file(path))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
