@@ -205,7 +205,7 @@ def targets(m: dict, phi: int) -> list[str]:
               ("forgetting under 1 point", m["max_forgetting_points"] - 1.0, "points")]
     if not phi:
         checks.append(("20x fewer trainable adapter parameters", 20.0 - m["param_ratio"], "x"))
-    return [f"{name}: " + ("met" if over <= 0 else f"MISSED by {over:.1f} {unit}")
+    return [f"{name}: " + ("met" if over <= 0 else f"MISSED by {over:.2f} {unit}")
             for name, over, unit in checks]
 
 
@@ -230,6 +230,10 @@ def markdown(result: dict) -> str:
                   "| task | LoRA (majority) | LoRA energy in | LoRA projected | trained | stored "
                   "| after later | forgetting | trainable adapter / heads | vs LoRA | bytes/task (+heads) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
+        if v["phi"]:
+            lines[-2:-2] = [f"The {v['phi']} extra directions per side and module train with their "
+                            "coordinates (d_out + d_in numbers each, at the A-side lr): they are most "
+                            "of the trainable count. Write-back absorbs them at the same k.", ""]
         for r in v["rows"]:
             proj = "" if r["lora_projected_acc"] is None else f"{r['lora_projected_acc']:.3f}"
             lines.append(
@@ -251,7 +255,7 @@ def markdown(result: dict) -> str:
                       + " points."]
         lines += ["", f"Mean accuracy (seed 0): LoRA {m['mean_lora_acc']:.3f}, trained in subspace "
                   f"{m['mean_trained_acc']:.3f}; LoRA minus subspace over {m['seeds']} seed(s): "
-                  f"{m['mean_gap_points']:+.1f} points; after all later tasks {m['mean_final_acc']:.3f}; "
+                  f"{m['mean_gap_points']:+.2f} points; after all later tasks {m['mean_final_acc']:.3f}; "
                   f"forgetting mean "
                   f"{m['mean_forgetting_points']:+.1f}, max {m['max_forgetting_points']:+.1f} points; "
                   f"{m['param_ratio']:.1f}x fewer trainable adapter parameters than the LoRA "
