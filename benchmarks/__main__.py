@@ -74,7 +74,10 @@ CONTROLS = [("Control: continual learning with LoRAs trained twice as long",
              "continual_steps120"),
             ("Control: continual learning over 6 seeds (phi = 0)",
              "python -m benchmarks.continual --phi 0 --seeds 0 1 2 3 4 5 --name continual_seeds6",
-             "continual_seeds6")]
+             "continual_seeds6"),
+            ("Control: continual learning over 6 seeds, the extra directions trained (phi = 2)",
+             "python -m benchmarks.continual --phi 2 --seeds 0 1 2 3 4 5 --name continual_phi2_seeds6",
+             "continual_phi2_seeds6")]
 
 
 def write_results(quick: bool) -> Path:
