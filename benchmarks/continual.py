@@ -94,7 +94,7 @@ def train_in_subspace(sub: SharedSubspace, task: str, setup: dict, phi: int,
     torch.manual_seed(seed)
     model = load_minilm_classifier(len(labels), seed)
     st = SubspaceTrainer(sub, task_id or task, model=model, **lr, head_lr=r["lr"], num_expand=phi,
-                         pseudo_rank=setup["p"], seed=seed)
+                         direction_lr=setup.get("direction_lr"), pseudo_rank=setup["p"], seed=seed)
     steps = setup.get("new_steps") or r["steps"]
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(

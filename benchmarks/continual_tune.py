@@ -47,6 +47,7 @@ def main(argv=None) -> int:
                    help="training steps in the subspace (each compared; the LoRAs' recipe has "
                         f"{DEFAULTS['steps']}: compare against LoRAs trained as long)")
     p.add_argument("--phi", type=int, default=0, help="extra directions per side")
+    p.add_argument("--direction-lr", type=float, help="lr of the extra directions (default: A side's)")
     p.add_argument("--base", nargs="+", help="tasks of the subspace (default: the full setup's)")
     p.add_argument("--name", default="continual_tuning", help="results file name")
     p.add_argument("--cache-dir", default=None, help=f"test-bed cache (default {default_cache_dir()})")
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     setup = dict(FULL)
-    setup.update({k: v for k, v in dict(k=a.k, p=a.p, base=a.base).items() if v is not None})
+    setup.update({k: v for k, v in dict(k=a.k, p=a.p, base=a.base, direction_lr=a.direction_lr).items() if v is not None})
     dirs = build_testbed(setup["base"], [0], a.cache_dir, threads=1)
     sub = SharedSubspace.from_adapters([load_adapter(d) for d in dirs], task_ids=setup["base"],
                                        num_components=setup["k"])
