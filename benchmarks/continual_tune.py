@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     setup = dict(FULL)
-    setup.update({k: v for k, v in dict(k=a.k, p=a.p, base=a.base, direction_lr=a.direction_lr).items() if v is not None})
+    given = dict(k=a.k, p=a.p, base=a.base, direction_lr=a.direction_lr)
+    setup.update({k: v for k, v in given.items() if v is not None})
     dirs = build_testbed(setup["base"], [0], a.cache_dir, threads=1)
     sub = SharedSubspace.from_adapters([load_adapter(d) for d in dirs], task_ids=setup["base"],
                                        num_components=setup["k"])

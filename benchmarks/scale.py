@@ -262,7 +262,8 @@ def report(results: dict) -> str:
     lines = ["# Scale: building a subspace from N synthetic adapters, vlora against vlora-dev 1.0.0", "",
              f"{results['cpus']} CPUs, torch at 1 thread; one run per cell; the same k per module "
              "and side for both libraries (vlora-dev has no byte budget; each family says its k "
-             "and vlora's refine_iters of the batch fit and full absorb). Adapters are generated to a temporary "
+             "and vlora's refine_iters of the batch fit and full absorb). Adapters are generated to a "
+             "temporary "
              "folder that is deleted after each family. Peak RSS is the whole process's "
              f"(baseline with torch imported: vlora {results['baseline_rss_mb']:.0f} MB"
              + (f", vlora-dev {results['vlora_dev_baseline_rss_mb']:.0f} MB"
@@ -277,7 +278,8 @@ def report(results: dict) -> str:
                   + f"k={fam.get('k', cfg['k'])}, refine_iters="
                   f"{fam.get('refine_iters', cfg['refine_iters'])}"
                   + ("" if fam.get("vlora_dev_run", True) else ", vlora-dev not run")
-                  + f". Generating {max(fam['sizes']) + 1} adapters took {fam['generate_seconds']:.0f} s.", "",
+                  + f". Generating {max(fam['sizes']) + 1} adapters took "
+                  f"{fam['generate_seconds']:.0f} s.", "",
                   "| N | method | mode | seconds | s per adapter | peak RSS MB | k | stored MB | ratio "
                   "| mean err | adapters on disk MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = [r for r in results["rows"] if r["family"] == fam["name"]]

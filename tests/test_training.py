@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -86,6 +87,12 @@ def test_orthogonal_init_is_zero_and_gets_gradients(adapters, new_task):
     torch.nn.functional.cross_entropy(out, y).backward()
     for d in st.module.deltas:
         assert d.lb.grad.abs().sum() > 0 and d.xb.grad.abs().sum() > 0
+        assert not d.eu.grad.any() and not d.ev.grad.any()  # X_B = 0: the directions wait a step
+    st.optimizer.step()
+    st.optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(st.model(**enc).logits, y).backward()
+    for d in st.module.deltas:
+        assert d.eu.grad.abs().sum() > 0 and d.ev.grad.abs().sum() > 0
 
 
 def test_one_step_moves_the_loss_and_only_the_coordinates(adapters, new_task):
@@ -123,7 +130,8 @@ def test_each_side_of_the_coordinates_steps_at_its_own_rate(adapters, new_task):
     # Adam's step is at most lr / (1 - beta1) = 10 lr per number on its second step
     assert 4e-2 * 0.5 < max(moved["lb"], moved["xb"]) <= 4e-1 + 1e-6
     assert 4e-3 * 0.5 < max(moved["la"], moved["xa"]) <= 4e-2 + 1e-6
-    assert 4e-3 * 0.5 < max(moved["eu"], moved["ev"]) <= 4e-2 + 1e-6  # the directions: a_lr
+    for name in ("eu", "ev"):  # the directions step at a_lr
+        assert 4e-3 * 0.5 < moved[name] <= 4e-2 + 1e-6
     assert {g["name"]: g["lr"] for g in st.optimizer.param_groups} == {
         "coordinates_b": 4e-2, "coordinates_a": 4e-3, "directions": 4e-3}
     groups = trainer(fresh_subspace(adapters), new_task, num_expand=1, direction_lr=1e-3).param_groups
@@ -177,20 +185,21 @@ def test_write_back_with_expansion_absorbs_the_new_directions(adapters, new_task
     st = trainer(sub, new_task, num_expand=2, lr=5e-2)
     d0, m0 = st.module.deltas[0], next(iter(sub.modules))
     start = d0.eu.detach().double().clone()
-    assert float((d0.u.double().T @ start).abs().max()) < 1e-6  # orthogonal to U at the start
     torch.testing.assert_close(start.T @ start, torch.eye(2, dtype=torch.float64), atol=1e-6, rtol=0)
     st.model.model.train()
     for i in range(3):
         st.step(loss_of(st, *batch_of(new_task, start=8 * i)))
-    eu = d0.eu.detach().double()
-    assert float((eu - start).abs().max()) > 1e-4  # the directions themselves trained
+    assert float((d0.eu.detach().double() - start).abs().max()) > 1e-4  # the directions trained
+    u_old = sub.modules[m0].U.double().clone()
+    eu = d0.bases()[0][:, d0.k_out:].detach().double()  # as they act: outside U, always
+    assert float((u_old.T @ eu).abs().max()) < 1e-5
     n = st.num_trainable_params["adapter"]
     assert n == sum(8 * (b.k_out + b.k_in) + 2 * (b.d_out + b.d_in) + 2 * 2 * 8
                     for b in sub.modules.values())
     report = st.write_back()
     assert sorted(report) == sorted(old) and all(r.drift >= 0 for r in report.values())
     assert sub.tasks[-1] == "new" and "classifier.weight" in sub.get_task("new").extra
-    # The new basis reaches into the directions that were outside the old one.
+    # The new basis reaches into the trained directions, all outside the old one.
     assert float((sub.modules[m0].U.double().T @ eu).norm()) > 1e-3
     model = st.model.unwrap()  # the bases moved: unwrap (allowed now) and wrap again
     assert not any(type(m).__name__ == "SubspaceLinear" for m in model.modules())
@@ -245,7 +254,7 @@ def test_hf_trainer_trains_only_the_coordinates_and_resumes(adapters, new_task, 
 
     def run(steps, resume=None):
         sub = fresh_subspace(adapters)
-        st = trainer(sub, new_task, lr=5e-2, a_lr=2e-2, head_lr=3e-2)
+        st = trainer(sub, new_task, lr=5e-2, a_lr=2e-2, head_lr=3e-2, num_expand=1, direction_lr=1e-2)
         args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=steps,
                                  save_steps=20, logging_steps=1, report_to=[],
                                  use_cpu=True, disable_tqdm=True, seed=0, warmup_steps=2)
@@ -256,7 +265,7 @@ def test_hf_trainer_trains_only_the_coordinates_and_resumes(adapters, new_task, 
         assert held == {id(p) for p in st.parameters()}  # exactly these, nothing of the base
         # each side at its own rate, the schedule scaling them alike
         assert {g["name"]: g["initial_lr"] for g in hf.optimizer.param_groups} == {
-            "coordinates_b": 5e-2, "coordinates_a": 2e-2, "heads": 3e-2}
+            "coordinates_b": 5e-2, "coordinates_a": 2e-2, "directions": 1e-2, "heads": 3e-2}
         assert all(torch.equal(p, frozen[n]) for n, p in st.model.model.named_parameters() if n in frozen)
         return st, hf
 
@@ -311,5 +320,38 @@ def test_state_dict_round_trips_the_extra_directions_and_refuses_another_layout(
     with torch.no_grad():
         torch.testing.assert_close(other.model(**enc).logits, st.model(**enc).logits, atol=1e-6, rtol=0)
     plain = trainer(fresh_subspace(adapters), new_task, train_modules_to_save=False)
-    with pytest.raises(ValueError, match="does not fit this trainer"):
+    with pytest.raises(ValueError, match="does not fit this trainer: missing: .*E_U"):
         other.load_state_dict(plain.state_dict())  # no extra directions in it
+    with pytest.raises(ValueError, match="not in this trainer: .*E_U"):
+        plain.load_state_dict(state)  # would silently drop them
+    lower = trainer(fresh_subspace(adapters), new_task, num_expand=1, pseudo_rank=4,
+                    train_modules_to_save=False)
+    with pytest.raises(ValueError, match=r"of another shape: .*L_B \(\d+, 8\) \(here \(\d+, 4\)\)"):
+        lower.load_state_dict(state)
+    with pytest.raises(ValueError, match="pass num_expand > 0"):
+        trainer(fresh_subspace(adapters), new_task, direction_lr=1e-3)
+
+
+def test_extra_directions_where_the_bases_fill_a_side():
+    """Where k = d there is no room for extra directions: training and write-back go on
+    without them (planted adapters fill d = 6 on both sides of every module)."""
+    from synthetic import planted
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.ModuleList([nn.ModuleDict({"q": nn.Linear(6, 6), "v": nn.Linear(6, 6)}),
+                                        nn.ModuleDict({"q": nn.Linear(6, 6)})])
+
+        def forward(self, x):
+            return self.layer[1]["q"](self.layer[0]["q"](x) + self.layer[0]["v"](x))
+
+    sub = SharedSubspace.from_adapters(planted(3, dim=6, d_out=6, d_in=6))
+    assert all(b.k_out == b.k_in == 6 for b in sub.modules.values())
+    st = SubspaceTrainer(sub, "new", model=Tiny(), lr=1e-2, num_expand=1, train_modules_to_save=False)
+    assert not any(d.phi for d in st.module.deltas)
+    assert [g["name"] for g in st.param_groups] == ["coordinates_b", "coordinates_a"]
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        st.step(st.model(x).square().mean())
+    assert st.write_back() is not None and "new" in sub

@@ -23,8 +23,7 @@ import torch
 
 from vlora import linalg
 from vlora.adapter import LoRAWeights
-from vlora.budget import (choose_ks, coordinate_numbers, core_ranks, resolve_module_weights,
-                          weighted_error)
+from vlora.budget import choose_ks, coordinate_numbers, core_ranks, resolve_module_weights, weighted_error
 from vlora.errors import IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
 from vlora.io import config_for, load_adapter
 from vlora.progress import track

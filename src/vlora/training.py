@@ -105,7 +105,9 @@ class _ModuleDelta(nn.Module):
     Buffers ``u`` ``(d_out, k_out)`` = ``U`` and ``vt`` ``(k_in, d_in)`` = ``V^T``;
     parameters ``lb``, ``la`` (the task's coordinates) and, when ``phi > 0``, the extra
     directions ``eu`` ``(d_out, phi_out)``, ``ev`` ``(d_in, phi_in)`` with their
-    coordinates ``xb`` ``(phi_out, r)``, ``xa`` ``(phi_in, r)``.
+    coordinates ``xb`` ``(phi_out, r)``, ``xa`` ``(phi_in, r)``. The directions act through
+    their parts outside the bases (buffers ``qu``, ``qv``: orthonormal bases of ``U``, ``V``),
+    so they only ever add what the bases lack, as DESIGN.md section 3 has them.
     """
 
     def __init__(self, u: torch.Tensor, v: torch.Tensor, lb: torch.Tensor, la: torch.Tensor,
@@ -116,8 +118,10 @@ class _ModuleDelta(nn.Module):
         self.register_buffer("vt", v.T.contiguous())
         self.lb, self.la = nn.Parameter(lb.to(u)), nn.Parameter(la.to(u))
         self.phi = eu.shape[1] + ev.shape[1]
-        if self.phi:  # the extra part starts like the task: dW = 0, gradients flow
+        if self.phi:  # the extra part starts like the task: dW = 0 (X_B = 0), X_B gets gradients
             r = lb.shape[1]
+            self.register_buffer("qu", torch.linalg.qr(u.to(F64)).Q.to(u))  # u may be quantized
+            self.register_buffer("qv", torch.linalg.qr(v.to(F64)).Q.to(u))
             self.eu, self.ev = nn.Parameter(eu.to(u).contiguous()), nn.Parameter(ev.to(u).contiguous())
             self.xb = nn.Parameter(u.new_zeros(eu.shape[1], r))
             self.xa = nn.Parameter((torch.randn(ev.shape[1], r, generator=gen, dtype=F64)
@@ -130,10 +134,13 @@ class _ModuleDelta(nn.Module):
         return torch.cat([self.lb, self.xb]), torch.cat([self.la, self.xa])
 
     def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[U E_u]`` ``(d_out, k_out + phi_out)`` and ``[V E_v]^T`` ``(k_in + phi_in, d_in)``."""
+        """``[U E_u]`` ``(d_out, k_out + phi_out)`` and ``[V E_v]^T`` ``(k_in + phi_in, d_in)``,
+        each extra direction taken outside the bases."""
         if not self.phi:
             return self.u, self.vt
-        return torch.cat([self.u, self.eu], 1), torch.cat([self.vt, self.ev.T])
+        eu = self.eu - self.qu @ (self.qu.T @ self.eu)
+        ev = self.ev - self.qv @ (self.qv.T @ self.ev)
+        return torch.cat([self.u, eu], 1), torch.cat([self.vt, ev.T])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lb, la = self.factors()
@@ -197,8 +204,9 @@ class SubspaceTrainer:
             coordinates and folded into the bases by ``write_back``. Each adds
             ``d_out + d_in`` trainable numbers per module: what lets a task reach past the
             subspace, at a LoRA-like price.
-        direction_lr: learning rate of the extra directions (default ``a_lr``: they are
-            d-long unit vectors, the size of a LoRA's factors, so the LoRA recipe's lr).
+        direction_lr: learning rate of the extra directions (default ``a_lr``, itself ``lr``
+            by default). They are d-long unit vectors, the size of a LoRA's factors, so the
+            LoRA recipe's lr suits them; they get gradients once ``X_B`` leaves 0.
         pseudo_rank: rank ``p`` of the trained coordinates (default: the task's, or the
             subspace's task rank); an existing task of higher rank is truncated to ``p``.
         train_modules_to_save: train the heads (``modules_to_save`` of the subspace's
@@ -216,6 +224,8 @@ class SubspaceTrainer:
                  pseudo_rank: int | None = None,
                  train_modules_to_save: bool | Iterable[str] = True,
                  init_scale: float | None = None, seed: int = 0):
+        if direction_lr is not None and not num_expand:
+            raise ValueError("direction_lr is the lr of the extra directions: pass num_expand > 0")
         self.subspace, self.task_id, self.num_expand = subspace, task_id, num_expand
         vm = model if isinstance(model, VLoRAModel) else VLoRAModel(model, subspace)
         if vm.subspace is not subspace:
@@ -252,9 +262,10 @@ class SubspaceTrainer:
         a_lr = lr if a_lr is None else a_lr
         groups = [{"params": side_b, "lr": lr, "name": "coordinates_b"},
                   {"params": side_a, "lr": a_lr, "name": "coordinates_a"}]
-        if num_expand:
-            groups.append({"params": [p for d in deltas for p in (d.eu, d.ev)],
-                           "lr": a_lr if direction_lr is None else direction_lr, "name": "directions"})
+        directions = [p for d in deltas if d.phi for p in (d.eu, d.ev)]  # none where k = d
+        if directions:
+            groups.append({"params": directions, "lr": a_lr if direction_lr is None else direction_lr,
+                           "name": "directions"})
         if self.heads:
             groups.append({"params": list(self.heads.values()), "lr": head_lr or lr, "name": "heads"})
         self.param_groups = groups  # what any optimiser of this task should hold, and at which lr
@@ -326,15 +337,22 @@ class SubspaceTrainer:
         """Copy a :meth:`state_dict` back in (same task layout: same keys and shapes).
 
         Raises:
-            ValueError: a tensor this trainer holds is missing from ``state`` or has
-                another shape (a checkpoint of another subspace, pseudo-rank or phi).
+            ValueError: ``state`` lacks a tensor this trainer holds, holds one it does not
+                (a checkpoint of another phi), or one of another shape (of another
+                subspace or pseudo-rank). The bases are not in a checkpoint: resume on the
+                subspace it was made on.
         """
         mine = self._tensors()
-        missing = sorted(set(mine) - set(state))
-        wrong = sorted(k for k in mine if k in state and state[k].shape != mine[k].shape)
-        if missing or wrong:
-            raise ValueError(f"the checkpoint does not fit this trainer: missing {missing[:3]}"
-                             f"{' ...' if len(missing) > 3 else ''}, other shapes {wrong[:3]}")
+        # Checkpoints of vlora before the extra directions trained also held the bases.
+        theirs = {k for k in state if not k.endswith(("::U", "::Vt"))}
+        problems = {"missing": sorted(set(mine) - theirs), "not in this trainer": sorted(theirs - set(mine)),
+                    "of another shape": [f"{k} {tuple(state[k].shape)} (here {tuple(mine[k].shape)})"
+                                         for k in sorted(set(mine) & theirs)
+                                         if state[k].shape != mine[k].shape]}
+        if any(problems.values()):
+            raise ValueError("the checkpoint does not fit this trainer: " + "; ".join(
+                f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for what, keys in problems.items() if keys))
         for k, t in mine.items():
             t.copy_(state[k])
 

@@ -36,7 +36,8 @@ class VLoRATrainer(Trainer):
     """A ``Trainer`` for ``subspace_trainer``'s parameters; other arguments as ``Trainer``'s.
 
     The learning rates are the subspace trainer's, one per parameter group (B-side
-    coordinates ``lr``, A side ``a_lr``, heads ``head_lr``): the two sides want different
+    coordinates ``lr``, A side ``a_lr``, extra directions ``direction_lr``, heads
+    ``head_lr``): the two sides want different
     rates (see :class:`~vlora.training.SubspaceTrainer`), which one ``learning_rate``
     cannot give, so ``args.learning_rate`` is not used. The optimiser type and its
     settings (``optim``, ``adam_beta1`` ..., ``weight_decay``) and the schedule
@@ -103,7 +104,7 @@ class VLoRATrainer(Trainer):
         try:
             self.subspace_trainer.load_state_dict(load_file(path))
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ValueError(f"{path}: {e}") from e
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
