@@ -314,7 +314,7 @@ def test_state_dict_round_trips_the_extra_directions_and_refuses_another_layout(
     for _ in range(2):
         st.step(loss_of(st, enc, y))
     state = st.state_dict()
-    assert {k.split("::")[1] for k in state} == {"L_B", "L_A", "E_U", "E_V", "X_B", "X_A"}
+    assert {k.split("::")[1] for k in state} == {"L_B", "L_A", "E_U", "E_V", "X_B", "X_A", "bases_fingerprint"}
     other = trainer(fresh_subspace(adapters), new_task, num_expand=1, train_modules_to_save=False)
     other.load_state_dict(state)
     with torch.no_grad():
@@ -330,6 +330,13 @@ def test_state_dict_round_trips_the_extra_directions_and_refuses_another_layout(
         lower.load_state_dict(state)
     with pytest.raises(ValueError, match="pass num_expand > 0"):
         trainer(fresh_subspace(adapters), new_task, direction_lr=1e-3)
+    ads, tasks = adapters  # the same shapes, other bases: the coordinates would mean nothing
+    moved = SharedSubspace.from_adapters(ads[1:] + ads[:1], task_ids=tasks[1:] + tasks[:1],
+                                         num_components=8, refine_iters=0)
+    elsewhere = trainer(moved, new_task, num_expand=1, train_modules_to_save=False)
+    assert all(elsewhere.state_dict()[k].shape == v.shape for k, v in state.items())
+    with pytest.raises(ValueError, match="trained in other bases"):
+        elsewhere.load_state_dict(state)
 
 
 def test_extra_directions_where_the_bases_fill_a_side():

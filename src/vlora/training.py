@@ -329,8 +329,15 @@ class SubspaceTrainer:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Coordinates (with extra directions, if any) and heads on the CPU, keyed
-        ``module::L_B``."""
-        return {k: t.detach().cpu().contiguous() for k, t in self._tensors().items()}
+        ``module::L_B``, and per module a fingerprint of the bases they live in."""
+        out = {k: t.detach().cpu().contiguous() for k, t in self._tensors().items()}
+        return {**out, **self._fingerprints()}
+
+    def _fingerprints(self) -> dict[str, torch.Tensor]:
+        # Column sums of U and V: coordinates mean something only in the bases they were
+        # trained in, and bases that moved (an absorb at the same k) keep their shapes.
+        return {f"{m}::bases_fingerprint": torch.cat([d.u.sum(0), d.vt.sum(1)]).to("cpu", F64)
+                for m, d in zip(self._modules, self.module.deltas)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -339,12 +346,11 @@ class SubspaceTrainer:
         Raises:
             ValueError: ``state`` lacks a tensor this trainer holds, holds one it does not
                 (a checkpoint of another phi), or one of another shape (of another
-                subspace or pseudo-rank). The bases are not in a checkpoint: resume on the
-                subspace it was made on.
+                subspace or pseudo-rank), or it was trained in other bases.
         """
         mine = self._tensors()
         # Checkpoints of vlora before the extra directions trained also held the bases.
-        theirs = {k for k in state if not k.endswith(("::U", "::Vt"))}
+        theirs = {k for k in state if not k.endswith(("::U", "::Vt", "::bases_fingerprint"))}
         problems = {"missing": sorted(set(mine) - theirs), "not in this trainer": sorted(theirs - set(mine)),
                     "of another shape": [f"{k} {tuple(state[k].shape)} (here {tuple(mine[k].shape)})"
                                          for k in sorted(set(mine) & theirs)
@@ -353,6 +359,12 @@ class SubspaceTrainer:
             raise ValueError("the checkpoint does not fit this trainer: " + "; ".join(
                 f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                 for what, keys in problems.items() if keys))
+        moved = [k.split("::")[0] for k, f in self._fingerprints().items()
+                 if k in state and (state[k].shape != f.shape
+                                    or not torch.allclose(state[k].to(F64), f, rtol=1e-5, atol=1e-6))]
+        if moved:
+            raise ValueError(f"the checkpoint was trained in other bases ({', '.join(moved[:3])}"
+                             f"{' ...' if len(moved) > 3 else ''}): resume on the subspace it was made on")
         for k, t in mine.items():
             t.copy_(state[k])
 
