@@ -232,7 +232,8 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         if v["phi"]:
             lines[-2:-2] = [f"The {v['phi']} extra directions per side and module train with their "
-                            "coordinates (d_out + d_in numbers each, at the A-side lr): they are most "
+                            f"coordinates (d_out + d_in numbers each, at lr {s.get('direction_lr') or 'of the A side'}): "
+                            "they are most "
                             "of the trainable count. Write-back absorbs them at the same k.", ""]
         for r in v["rows"]:
             proj = "" if r["lora_projected_acc"] is None else f"{r['lora_projected_acc']:.3f}"

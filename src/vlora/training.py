@@ -82,10 +82,10 @@ def orthogonal_init(subspace: SharedSubspace, task_id: str, rank: int | None = N
     return proj
 
 
-def _complement(basis: torch.Tensor, phi: int, gen: torch.Generator) -> torch.Tensor:
-    """``(d, phi)`` orthonormal columns orthogonal to ``span(basis)``, random but seeded."""
-    d = basis.shape[0]
-    q = torch.linalg.qr(basis.to(F64)).Q  # bases may be quantized, so not exactly orthonormal
+def _complement(q: torch.Tensor, phi: int, gen: torch.Generator) -> torch.Tensor:
+    """``(d, phi)`` orthonormal columns orthogonal to orthonormal ``q``, random but seeded
+    (fewer where ``q`` leaves less room)."""
+    d = q.shape[0]
     g = torch.randn(d, min(phi, d - q.shape[1]), generator=gen, dtype=F64)
     for _ in range(2):  # twice is enough for orthogonality to working precision
         g = g - q @ (q.T @ g)
@@ -111,7 +111,8 @@ class _ModuleDelta(nn.Module):
     """
 
     def __init__(self, u: torch.Tensor, v: torch.Tensor, lb: torch.Tensor, la: torch.Tensor,
-                 eu: torch.Tensor, ev: torch.Tensor, init_scale: float, gen: torch.Generator):
+                 eu: torch.Tensor, ev: torch.Tensor, qu: torch.Tensor | None, qv: torch.Tensor | None,
+                 init_scale: float, gen: torch.Generator):
         super().__init__()
         self.k_out, self.k_in = u.shape[1], v.shape[1]
         self.register_buffer("u", u.contiguous())
@@ -120,8 +121,8 @@ class _ModuleDelta(nn.Module):
         self.phi = eu.shape[1] + ev.shape[1]
         if self.phi:  # the extra part starts like the task: dW = 0 (X_B = 0), X_B gets gradients
             r = lb.shape[1]
-            self.register_buffer("qu", torch.linalg.qr(u.to(F64)).Q.to(u))  # u may be quantized
-            self.register_buffer("qv", torch.linalg.qr(v.to(F64)).Q.to(u))
+            self.register_buffer("qu", qu.to(u))
+            self.register_buffer("qv", qv.to(u))
             self.eu, self.ev = nn.Parameter(eu.to(u).contiguous()), nn.Parameter(ev.to(u).contiguous())
             self.xb = nn.Parameter(u.new_zeros(eu.shape[1], r))
             self.xa = nn.Parameter((torch.randn(ev.shape[1], r, generator=gen, dtype=F64)
@@ -245,8 +246,12 @@ class SubspaceTrainer:
             dtype = F64 if layer.u.dtype == F64 else torch.float32
             u, v = basis.U.to(layer.u.device, dtype), basis.V.to(layer.u.device, dtype)
             std = init_scale if init_scale is not None else 1.0 / math.sqrt(basis.d_in)
-            deltas.append(_ModuleDelta(u, v, lb, la, _complement(basis.U, num_expand, gen),
-                                       _complement(basis.V, num_expand, gen), std, gen))
+            qu = qv = None
+            eu, ev = u.new_zeros(basis.d_out, 0), v.new_zeros(basis.d_in, 0)
+            if num_expand:  # bases may be quantized, so not exactly orthonormal
+                qu, qv = (torch.linalg.qr(b.to(F64)).Q for b in (basis.U, basis.V))
+                eu, ev = _complement(qu, num_expand, gen), _complement(qv, num_expand, gen)
+            deltas.append(_ModuleDelta(u, v, lb, la, eu, ev, qu, qv, std, gen))
         self.module = TrainingModule(vm, nn.ModuleList(deltas))
         self.model = vm
         self._modules = list(subspace.modules)
