@@ -231,9 +231,9 @@ def markdown(result: dict) -> str:
                   "| after later | forgetting | trainable adapter / heads | vs LoRA | bytes/task (+heads) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         if v["phi"]:
+            rate = s.get("direction_lr") or "of the A side"
             lines[-2:-2] = [f"The {v['phi']} extra directions per side and module train with their "
-                            f"coordinates (d_out + d_in numbers each, at lr {s.get('direction_lr') or 'of the A side'}): "
-                            "they are most "
+                            f"coordinates (d_out + d_in numbers each, at lr {rate}): they are most "
                             "of the trainable count. Write-back absorbs them at the same k.", ""]
         for r in v["rows"]:
             proj = "" if r["lora_projected_acc"] is None else f"{r['lora_projected_acc']:.3f}"

@@ -73,6 +73,17 @@ def joint_r(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return r[:, :a.shape[1]], r[:, a.shape[1]:]
 
 
+def lstsq_map(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``(k_new, k_old)`` float64 ``M`` minimising ``||new M - old||``: coordinates in ``old``
+    re-expressed in ``new``, ``L' = M L``. ``new^T old`` when ``new`` is orthonormal; a
+    quantized basis is not, and there ``new^T old`` would move a task even when the basis
+    stays the same (``M = I`` then)."""
+    new, old = new.to(F64), old.to(F64)
+    if new.shape[1] == 0:
+        return new.new_zeros(0, old.shape[1])
+    return torch.linalg.solve(new.T @ new, new.T @ old)
+
+
 def column_signs(basis: torch.Tensor) -> torch.Tensor:
     """``(cols,)`` +-1: the sign of each column's largest-magnitude entry (+1 for a zero column)."""
     if basis.numel() == 0:

@@ -401,7 +401,7 @@ class SharedSubspace:
         from vlora.quantize import dequantize, quantize
         # Once per module, not once per task: old-to-new coordinate maps, and the small
         # stand-ins of both bases that measure each task's drift without d-sized work.
-        maps = {m: (new_modules[m].U.to(F64).T @ old.U.to(F64), new_modules[m].V.to(F64).T @ old.V.to(F64))
+        maps = {m: (linalg.lstsq_map(new_modules[m].U, old.U), linalg.lstsq_map(new_modules[m].V, old.V))
                 for m, old in self.modules.items()}
         joint = {m: (linalg.joint_r(old.U, new_modules[m].U), linalg.joint_r(old.V, new_modules[m].V))
                  for m, old in self.modules.items()}
@@ -420,8 +420,8 @@ class SharedSubspace:
                 if coord_quant is not None:
                     quant[f"{m}::B"], quant[f"{m}::A"] = (quantize(x, *coord_quant) for x in (nb[m], na[m]))
                     nb[m], na[m] = dequantize(quant[f"{m}::B"]), dequantize(quant[f"{m}::A"])
-                if t.coords_b[m].shape[1] == 0:
-                    res[m] = 0.0
+                if t.coords_b[m].shape[1] == 0:  # rank 0 here: all of the module is lost
+                    res[m] = t.norm_sq[m]
                     continue
                 (ru_old, ru_new), (rv_old, rv_new) = joint[m]
                 kept = (ru_old @ t.coords_b[m].to(F64)) @ (rv_old @ t.coords_a[m].to(F64)).T
