@@ -243,12 +243,28 @@ def test_task_management_and_bad_ids():
         sub.project(wrong, "w")
 
 
+@pytest.mark.parametrize("bits", [None, 6])
+def test_stored_bytes_are_every_tensor_the_files_hold_but_heads(tmp_path, bits):
+    from safetensors.torch import load_file
+    sub = SharedSubspace.from_adapters(planted(6, noise=0.3), task_ids=ids(6), budget=9000)
+    if bits:
+        sub.quantize(bits, coordinates=True)
+    sub.save(tmp_path / "s")
+    held = sum(x.numel() * x.element_size() for kind in ("bases", "coords")
+               for f in (tmp_path / "s").glob(f"{kind}-*.safetensors") for x in load_file(f).values())
+    assert held == sub.compression_stats()["stored_bytes"]
+    if not bits:
+        assert held <= 9000  # the budget counts them all too
+
+
 def test_compression_stats_count_bytes_and_svd_baseline():
     ads = planted(6, noise=0.3)
     sub = SharedSubspace.from_adapters(ads, task_ids=ids(6), num_components=3)
     s = sub.compression_stats()
     b = sub.modules[MODULES[0]]
-    assert s["modules"][MODULES[0]]["basis_bytes"] == 4 * (40 * b.k_out + 32 * b.k_in)
+    # bases in float32, and their Grams (diagonal: the bases are their eigenvectors) in float64
+    assert torch.equal(b.G_u, torch.diag(torch.diagonal(b.G_u)))
+    assert s["modules"][MODULES[0]]["basis_bytes"] == 4 * (40 * b.k_out + 32 * b.k_in) + 8 * (b.k_out + b.k_in)
     assert s["original_bytes"] == 4 * 6 * 3 * 4 * (40 + 32)
     assert s["compression_ratio"] == pytest.approx(s["original_bytes"] / s["stored_bytes"])
     # the SVD baseline, recomputed densely for one task at the same bytes per task

@@ -72,14 +72,15 @@ def weighted_error(t: TaskProjection, module_weights: Mapping[str, float]) -> fl
 def choose_ks(spectra: dict[str, tuple[torch.Tensor, torch.Tensor]], shapes: dict[str, tuple[int, int]],
               total_rank: int, num_components: int | tuple[int, int] | None,
               variance_threshold: float | None, budget: float | None,
-              adaptive_k: bool, module_weights: Mapping[str, float] | None = None
-              ) -> dict[str, tuple[int, int]]:
+              adaptive_k: bool, module_weights: Mapping[str, float] | None = None,
+              fixed_bytes: float = 0.0) -> dict[str, tuple[int, int]]:
     """k per module and side from exactly one of: fixed k, energy threshold, byte budget.
 
     ``spectra[m]`` are the singular values of module m's two stacks; with a ``budget``
     (float32 bytes) each direction also pays one coordinate row per rank of
-    ``total_rank`` (the tasks' ranks summed), and its energy counts
-    ``module_weights[m]`` times (default 1)."""
+    ``total_rank`` (the tasks' ranks summed) and its entry of the stored Gram (8 bytes),
+    its energy counts ``module_weights[m]`` times (default 1), and ``fixed_bytes`` (what is
+    stored whatever the ks) come off the budget first."""
     given = [x is not None for x in (num_components, variance_threshold, budget)]
     if sum(given) > 1:
         raise ValueError("pass at most one of num_components, variance_threshold, budget")
@@ -87,8 +88,8 @@ def choose_ks(spectra: dict[str, tuple[torch.Tensor, torch.Tensor]], shapes: dic
         c = module_weights or {}
         gains = {(m, side): c.get(m, 1.0) * spectra[m][side].square() for m in spectra for side in (0, 1)}
         # one direction costs its basis column plus one coordinate row per task rank
-        costs = {(m, side): 4.0 * (shapes[m][side] + total_rank) for m, side in gains}
-        ks = linalg.allocate_budget(gains, costs, float(budget))
+        costs = {(m, side): 4.0 * (shapes[m][side] + total_rank) + 8.0 for m, side in gains}
+        ks = linalg.allocate_budget(gains, costs, float(budget) - fixed_bytes)
         return {m: (ks[(m, 0)], ks[(m, 1)]) for m in spectra}
     if variance_threshold is not None:
         if not 0 < variance_threshold <= 1:

@@ -306,6 +306,22 @@ def gram_in_basis(blocks: Sequence[torch.Tensor], basis: torch.Tensor) -> torch.
     return g
 
 
+def principal_axes(basis: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same span as ``basis`` ``(d, k)``, its columns turned to the eigenvectors of its
+    Gram ``g`` ``(k, k)`` (largest first, signs fixed), and that Gram, now ``diag(eigenvalues)``.
+
+    A rotation inside the span changes no projector, core or reconstruction; it lets the
+    Gram be stored as k numbers instead of k^2 (float64 k x k per side outweighed the
+    6-bit bases it belongs to)."""
+    if basis.shape[1] == 0:
+        return basis, g
+    evals, evecs = torch.linalg.eigh(g.to(F64))
+    order = torch.argsort(evals, descending=True)
+    rotated = basis.to(F64) @ evecs[:, order]
+    signs = column_signs(rotated)
+    return rotated * signs, torch.diag(evals[order].clamp_min(0))
+
+
 def psd_sqrt(g: torch.Tensor) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(g.to(F64))
     return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T

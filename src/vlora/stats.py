@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlora import linalg
+from vlora.storage import SPECTRUM_DTYPE, stored_gram
+from vlora.task import ModuleBasis, TaskProjection
 
 if TYPE_CHECKING:
     from vlora.subspace import SharedSubspace
@@ -42,6 +44,16 @@ def _coord_bytes(t, m: str) -> int:
     return BYTES * (t.coords_b[m].numel() + t.coords_a[m].numel())
 
 
+def _gram_bytes(b: ModuleBasis) -> int:
+    """The Grams as :func:`~vlora.storage.save_subspace` writes them (kept for incremental
+    absorbs): k float64 numbers per side for the diagonal ones of a fit."""
+    return sum(x.numel() * x.element_size() for x in (stored_gram(b.G_u), stored_gram(b.G_v)))
+
+
+def _spectrum_bytes(t: TaskProjection, m: str) -> int:
+    return t.spectrum[m].numel() * SPECTRUM_DTYPE.itemsize
+
+
 def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
     """Bytes per module and in total, the compression ratio, and the mean / max relative
     dW error over tasks next to per-adapter truncated SVD at equal bytes."""
@@ -54,8 +66,8 @@ def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
         modules[m] = {
             "d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out, "k_in": b.k_in,
             "basis_bytes": (sum(q.nbytes() for q in b.quant.values()) if b.quant
-                            else BYTES * (b.d_out * b.k_out + b.d_in * b.k_in)),
-            "task_bytes": sum(_coord_bytes(t, m) for t in tasks),
+                            else BYTES * (b.d_out * b.k_out + b.d_in * b.k_in)) + _gram_bytes(b),
+            "task_bytes": sum(_coord_bytes(t, m) + _spectrum_bytes(t, m) for t in tasks),
             "original_bytes": BYTES * sum(r * (b.d_out + b.d_in) for r in ranks),
             "mean_error": (sum(t.module_errors()[m] for t in tasks) / len(tasks)) if tasks else 0.0,
         }

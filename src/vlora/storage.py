@@ -37,9 +37,13 @@ if TYPE_CHECKING:
     from vlora.subspace import SharedSubspace
 
 FORMAT = "vlora-subspace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a diagonal Gram is stored as its diagonal
+READS = (1, 2)
 MANIFEST = "manifest.json"
 LOCK = ".vlora.lock"
+# Each task's original singular values feed only the reports' baselines (per-adapter SVD
+# at equal bytes): float32 holds them to 1e-7, and they are counted in the stored bytes.
+SPECTRUM_DTYPE = torch.float32
 _BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\]")
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DATA_FILE = re.compile(r"^(bases|coords|extras)-(\d{6,15})\.safetensors$")
@@ -136,7 +140,7 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
                 q = b.quant or {}
                 module_quant[m] = {name: _put(bases, f"{m}::{name}", x, q.get(name))
                                    for name, x in (("U", b.U), ("V", b.V))}
-                bases[f"{m}::G_u"], bases[f"{m}::G_v"] = b.G_u.cpu(), b.G_v.cpu()
+                bases[f"{m}::G_u"], bases[f"{m}::G_v"] = stored_gram(b.G_u), stored_gram(b.G_v)
             tasks = [sub.get_task(t) for t in sub.tasks]
             metas = [_task_meta(t) for t in tasks]
             for i, t in enumerate(tasks):
@@ -146,7 +150,7 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
                         meta = _put(coords, f"{i}::{m}::{side}", x, q.get(f"{m}::{side}"))
                         if meta:
                             metas[i]["quant"][f"{m}::{side}"] = meta
-                    coords[f"{i}::{m}::S"] = t.spectrum[m].detach().cpu().contiguous()
+                    coords[f"{i}::{m}::S"] = t.spectrum[m].detach().to("cpu", SPECTRUM_DTYPE).contiguous()
                 for k, x in t.extra.items():
                     extras[f"{i}::{k}"] = x.detach().cpu().contiguous()
             files = {}
@@ -194,9 +198,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise SubspaceError(f"{path / MANIFEST}: unreadable manifest ({str(e)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SubspaceError(f"{path / MANIFEST}: not a vlora subspace manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READS:
         raise SubspaceError(f"{path / MANIFEST}: format version {manifest.get('format_version')}"
-                            f" is not supported (this vlora reads {FORMAT_VERSION})")
+                            f" is not supported (this vlora reads {', '.join(map(str, READS))})")
     return manifest
 
 
@@ -234,6 +238,20 @@ def _tensor(x: Any, what: str, shape: tuple[int, ...] | None = None, ndim: int =
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise SubspaceError(f"{what}: contains NaN or Inf")
     return x
+
+
+def stored_gram(g: torch.Tensor) -> torch.Tensor:
+    """A basis's Gram as written: its diagonal ``(k,)`` when it is diagonal (the bases of
+    a fit are its eigenvectors, see :func:`vlora.linalg.principal_axes`), else ``(k, k)``."""
+    g = g.detach().cpu()
+    diagonal = torch.diagonal(g).contiguous()
+    return diagonal if torch.equal(g, torch.diag(diagonal)) else g.contiguous()
+
+
+def _gram(x: Any, what: str, k: int) -> torch.Tensor:
+    if isinstance(x, torch.Tensor) and x.ndim == 1:
+        return torch.diag(_tensor(x, what, (k,), ndim=1))
+    return _tensor(x, what, (k, k))
 
 
 def _number(x: Any, what: str) -> float:
@@ -281,8 +299,8 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
         quant = meta.get("quant") or {}
         (u, qu), (v, qv) = _get(bases, f"{m}::U", quant.get("U")), _get(bases, f"{m}::V", quant.get("V"))
         u, v = _tensor(u, f"module {m} U"), _tensor(v, f"module {m} V")
-        b = ModuleBasis(u, v, _tensor(bases[f"{m}::G_u"], f"module {m} G_u", (u.shape[1],) * 2),
-                        _tensor(bases[f"{m}::G_v"], f"module {m} G_v", (v.shape[1],) * 2),
+        b = ModuleBasis(u, v, _gram(bases.get(f"{m}::G_u"), f"module {m} G_u", u.shape[1]),
+                        _gram(bases.get(f"{m}::G_v"), f"module {m} G_v", v.shape[1]),
                         {"U": qu, "V": qv} if qu is not None else None)
         if (b.d_out, b.d_in, b.k_out, b.k_in) != (meta["d_out"], meta["d_in"], meta["k_out"],
                                                   meta["k_in"]):
@@ -311,7 +329,7 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
         sub.add_task(TaskProjection(
             tid, cb, ca, {m: _number(meta["norm_sq"][m], f"{what} norm_sq") for m in modules},
             {m: _number(meta["residual_sq"][m], f"{what} residual_sq") for m in modules},
-            {m: _tensor(coords[f"{i}::{m}::S"], f"{what} module {m} spectrum", ndim=1)
+            {m: _tensor(coords[f"{i}::{m}::S"], f"{what} module {m} spectrum", ndim=1).to(torch.float64)
              for m in modules}, _number(meta["weight"], f"{what} weight"),
             bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
             dict(config), str(meta.get("dtype", "float32")),

@@ -27,6 +27,7 @@ from vlora.budget import choose_ks, coordinate_numbers, core_ranks, resolve_modu
 from vlora.errors import IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
 from vlora.io import config_for, load_adapter
 from vlora.progress import track
+from vlora.storage import SPECTRUM_DTYPE
 from vlora.task import ModuleBasis, TaskProjection, adapter_weight, error_sq, project_adapter
 
 F64 = torch.float64
@@ -184,11 +185,14 @@ class SharedSubspace:
         candidates = [pseudo_rank] if not adaptive else sorted(
             {max_rank, max(1, (3 * max_rank) // 4), max(1, max_rank // 2), max(1, max_rank // 4)},
             reverse=True)
+        # every task's original spectrum is stored (for the baselines), whatever the ks
+        spectra_bytes = SPECTRUM_DTYPE.itemsize * sum(min(a.lora_a[m].shape[0], min(shapes[m]))
+                                                      for a in items for m in shapes if m in a.lora_a)
         best = None
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
             ks = choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
-                           budget, adaptive_k, mw)
+                           budget, adaptive_k, mw, fixed_bytes=spectra_bytes)
             sub = cls._fit(items, ids, weights, shapes, starts, ks, refine_iters,
                            None if adaptive else p, progress, weighting=weighting,
                            base_model=items[0].base_model, missing_modules=missing_modules)
@@ -509,6 +513,9 @@ def _stacks(facs: list[linalg.Factor], ws: list[float], shape: tuple[int, int],
 def _basis(u: torch.Tensor, v: torch.Tensor, facs: list[linalg.Factor],
            ws: list[float]) -> ModuleBasis:
     sw = [w ** 0.5 for w in ws]
-    gu = linalg.gram_in_basis([ut * (st * c) for (ut, st, _), c in zip(facs, sw)], u)
-    gv = linalg.gram_in_basis([vt * (st * c) for (_, st, vt), c in zip(facs, sw)], v)
+    # The columns turned to the principal axes: the Grams are then diagonal, stored as k numbers.
+    u, gu = linalg.principal_axes(u, linalg.gram_in_basis([ut * (st * c) for (ut, st, _), c in zip(facs, sw)],
+                                                          u))
+    v, gv = linalg.principal_axes(v, linalg.gram_in_basis([vt * (st * c) for (_, st, vt), c in zip(facs, sw)],
+                                                          v))
     return ModuleBasis(u.float().contiguous(), v.float().contiguous(), gu, gv)
