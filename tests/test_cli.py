@@ -136,3 +136,33 @@ def test_analyze_merge_plot_benchmark(adapters, tmp_path):
     bench = json.loads(run("benchmark", sub, "--repeats", "2", "--json").output)
     assert set(bench["median_ms"]) >= {"load", "project one adapter", "absorb_incremental one adapter"}
     assert SharedSubspace.load(sub).tasks == [f"task{i}" for i in range(6)]  # benchmark changed nothing
+
+
+def test_outputs_are_checked_before_anything_is_written(adapters, tmp_path):
+    sub = tmp_path / "sub"
+    run("compress", *adapters[:3], "-o", sub, "-k", "3")
+    before = sorted(p.name for p in sub.iterdir())
+    assert "subspace folder" in run("export", sub, "task0", "-o", sub, code=2).output
+    assert "subspace folder" in run("merge", *adapters[:2], "-o", sub, code=2).output
+    assert sorted(p.name for p in sub.iterdir()) == before
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "task1").write_text("a file")
+    run("export", sub, "task0", "task1", "-o", tmp_path / "exp", code=2)
+    assert not (tmp_path / "exp" / "task0").exists()  # nothing half-written
+    assert "x>=1" in run("export", sub, "task0", "-o", tmp_path / "r", "--rank", "0", code=2).output
+    for bad in ("1,nan", "1,inf", "1e308,1e308", "1,x"):
+        assert "--weights" in run("merge", *adapters[:2], "-o", tmp_path / "m", "--weights", bad, code=2).output
+    assert "seed" in run("merge", *adapters[:2], "-o", tmp_path / "m", "--method", "dare").output
+
+
+def test_validate_accepts_quantized_bases_and_diff_of_a_zero_task(adapters, tmp_path):
+    run("compress", *adapters[:3], "-o", tmp_path / "q", "-k", "3", "--bits", "4")
+    assert "OK" in run("validate", tmp_path / "q").output
+    sub = SharedSubspace.from_adapters([load_adapter(p) for p in adapters[:3]], num_components=3)
+    zero = load_adapter(adapters[3])
+    zero.lora_b = {m: b * 0 for m, b in zero.lora_b.items()}
+    sub.project(zero, "zero")
+    sub.add_task(sub.project(zero, "zero"))
+    sub.save(tmp_path / "z")
+    data = json.loads(run("diff", tmp_path / "z", "zero", sub.tasks[0], "--json").output)
+    assert data["total"]["relative_difference"] == float("inf")

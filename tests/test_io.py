@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import base_classifier
-from vlora import AdapterError, UnsupportedAdapterError, load_adapter, save_adapter
+from vlora import AdapterError, LoRAWeights, UnsupportedAdapterError, load_adapter, save_adapter
 
 
 def peft_delta(peft_model, module: str, adapter_name: str = "default") -> torch.Tensor:
@@ -169,6 +169,8 @@ def test_inconsistent_weights_are_refused(make_peft_adapter, tmp_path):
 @pytest.mark.parametrize("key,value,match", [
     ("use_dora", True, "DoRA"), ("lora_bias", True, "LoRA biases"), ("bias", "all", "bias="),
     ("layer_replication", [[0, 2]], "replicated"), ("peft_type", "IA3", "LoRA only"),
+    ("init_lora_weights", "pissa_niter_4", "PiSSA"), ("init_lora_weights", "olora", "PiSSA"),
+    ("loftq_config", {"loftq_bits": 4}, "LoftQ"),
 ])
 def test_unsupported_variants_are_refused(make_peft_adapter, tmp_path, key, value, match):
     path, _ = make_peft_adapter("unsup")
@@ -197,3 +199,25 @@ def test_gpt2_conv1d_factors_are_in_linear_orientation(tmp_path):
     assert adapter.shapes()[m] == (96, 32) and adapter.config["fan_in_fan_out"]
     # PEFT transposes only when merging into the Conv1D weight (stored d_in x d_out)
     torch.testing.assert_close(adapter.delta_weight(m).T, peft_delta(peft_model, m))
+
+
+def test_saving_keeps_other_files_and_writes_what_peft_loads(tmp_path):
+    from synthetic import planted
+    from vlora.io import config_for, outermost
+    a = planted(1)[0]
+    out = tmp_path / "ad"
+    out.mkdir()
+    (out / "README.md").write_text("model card")
+    save_adapter(a, out)
+    assert (out / "README.md").read_text() == "model card"  # PEFT's save_pretrained keeps it too
+    assert oct((out).stat().st_mode & 0o777) != oct(0o700)  # the umask's, not the temp folder's
+    assert outermost({"classifier", "classifier.dense", "classifier.out_proj", "score"}) == ["classifier", "score"]
+    # target_modules that select the modules are kept (a regex too); else names PEFT can match
+    def renamed(names, targets):
+        m = dict(zip(names, a.layer_names))
+        return LoRAWeights(names, {n: a.lora_a[m[n]] for n in names}, {n: a.lora_b[m[n]] for n in names},
+                           {n: a.scales[m[n]] for n in names}, {}, {**a.config, "target_modules": targets})
+    regex = r".*\.layer\.\d\.(q|v)"
+    assert config_for(renamed(["m.layer.0.q", "m.layer.1.v", "m.layer.2.q"], regex))["target_modules"] == regex
+    unet = renamed(["unet.a.to_q", "unet.a.to_out.0", "unet.b.to_q"], ["to_q"])
+    assert config_for(unet)["target_modules"] == ["to_out.0", "to_q"]  # never "0": every first child

@@ -49,6 +49,9 @@ REFUSED_WHEN_SET = {
     "monteclora_config": "MonteCLoRA samples the factors",
 }
 
+# init_lora_weights that also change the base weights (PEFT warns when loading them)
+WEIGHT_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
 DEFAULT_KEY_PREFIX = "base_model.model."
 
 
@@ -65,6 +68,11 @@ def check_config(config: dict[str, Any], path: Any = None) -> None:
     if str(peft_type).upper() != "LORA":
         raise UnsupportedAdapterError(path, f"peft_type is {peft_type!r}; vlora reads LoRA only")
     refused = [f"{k} ({why})" for k, why in REFUSED_WHEN_SET.items() if config.get(k)]
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(WEIGHT_CHANGING_INITS) or config.get("loftq_config"):
+        refused.append(f"init_lora_weights={init!r} (PiSSA, OLoRA, CorDA and LoftQ adapters are "
+                       "meant for a base whose weights they changed: s * B @ A on the original "
+                       "base is not what they learnt; PEFT can convert them to plain LoRAs)")
     if config.get("bias", "none") not in ("none", None):
         refused.append(f"bias={config['bias']!r} (trained biases are not part of s * B @ A)")
     if refused:

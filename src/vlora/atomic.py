@@ -76,12 +76,17 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` whole.
+def atomic_dir(path: str | os.PathLike, overwrite: bool = True, keep_others: bool = False
+               ) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it replaces ``path``.
 
-    On an exception (or a crash) ``path`` is left as it was and the temp folder removed.
+    With ``keep_others``, what ``path`` held that the temp folder lacks (a README, tokenizer
+    files) is linked into it first, so only the files written are replaced; otherwise
+    ``path`` is replaced whole. The folder gets the usual permissions (umask), not the temp
+    folder's 0700. On an exception (or a crash) ``path`` is left as it was and the temp
+    folder removed.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." has no name to rename
     if path.exists() and not overwrite:
         raise VLoRAError(f"{path}: already exists (pass overwrite=True to replace it)")
     if path.exists() and not path.is_dir():
@@ -90,6 +95,16 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if keep_others and path.exists():
+            for entry in path.iterdir():
+                if not (tmp / entry.name).exists() and not entry.is_symlink():
+                    if entry.is_dir():
+                        shutil.copytree(entry, tmp / entry.name, copy_function=os.link)
+                    else:
+                        os.link(entry, tmp / entry.name)
         fsync_dir(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))

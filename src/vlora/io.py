@@ -253,6 +253,24 @@ def load_adapter_from_hub(repo_id: str, revision: str | None = None,
     return load_adapter(folder, adapter_name)
 
 
+def _targeted(targets: Any, module: str) -> bool:
+    """Whether PEFT's ``target_modules`` (a regex, matched whole, or names matched as
+    suffixes) selects ``module``."""
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error:
+            return False
+    return isinstance(targets, list) and any(module == t or module.endswith(f".{t}") for t in targets)
+
+
+def _short_name(module: str) -> str:
+    """The name PEFT matches ``module`` by: its last part, with the one before when the
+    last is an index (``to_out.0``: "0" alone would select every first child)."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 def config_for(weights: LoRAWeights, for_vllm: bool = False) -> dict[str, Any]:
     """An adapter_config.json that makes PEFT compute exactly ``weights.scales``.
 
@@ -263,7 +281,8 @@ def config_for(weights: LoRAWeights, for_vllm: bool = False) -> dict[str, Any]:
     config = dict(weights.config)
     config.setdefault("peft_type", "LORA")
     config.setdefault("bias", "none")
-    config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in weights.layer_names})
+    if not all(_targeted(config.get("target_modules"), m) for m in weights.layer_names):
+        config["target_modules"] = sorted({_short_name(m) for m in weights.layer_names})
     ranks = weights.ranks()
     if not for_vllm and all(
         module_rank_and_alpha(config, m)[0] == ranks[m]
@@ -300,13 +319,21 @@ def _for_vllm(weights: LoRAWeights) -> tuple[LoRAWeights, list[str]]:
                        weights.source), left_out
 
 
+def outermost(names: set[str] | list[str]) -> list[str]:
+    """Module names without those inside another (``classifier.dense`` is in ``classifier``):
+    PEFT wraps each name of ``modules_to_save`` whole and fails on nested ones."""
+    names = set(names)
+    return sorted(n for n in names if not any(n.startswith(o + ".") for o in names))
+
+
 def save_adapter(weights: LoRAWeights, path: str | os.PathLike, *, for_vllm: bool = False,
                  dtype: torch.dtype | None = None, overwrite: bool = True) -> list[str]:
     """Write ``weights`` as a PEFT adapter folder, atomically.
 
     Args:
         weights: the adapter.
-        path: the folder to create (replaced whole if it exists and ``overwrite``).
+        path: the folder to write; if it exists (and ``overwrite``), its adapter files are
+            replaced and anything else in it is kept, as PEFT's ``save_pretrained`` does.
         for_vllm: write what vLLM accepts: one rank and alpha for all modules
             (scales folded into B, exact zero padding), no ``modules_to_save``.
         dtype: cast the factors to this dtype (default: keep each tensor's dtype).
@@ -320,8 +347,8 @@ def save_adapter(weights: LoRAWeights, path: str | os.PathLike, *, for_vllm: boo
         weights, left_out = _for_vllm(weights)
     config = config_for(weights, for_vllm=for_vllm)
     if not for_vllm and weights.extra:
-        heads = sorted({k.rsplit(".", 1)[0] for k in weights.extra})
-        config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(heads))
+        heads = set(config.get("modules_to_save") or []) | {k.rsplit(".", 1)[0] for k in weights.extra}
+        config["modules_to_save"] = outermost(heads)
     state: dict[str, torch.Tensor] = {}
     for m in weights.layer_names:
         for side, t in (("A", weights.lora_a[m]), ("B", weights.lora_b[m])):
@@ -330,7 +357,7 @@ def save_adapter(weights: LoRAWeights, path: str | os.PathLike, *, for_vllm: boo
     for k, t in weights.extra.items():
         state[DEFAULT_KEY_PREFIX + k] = t.detach().cpu().contiguous()
     blob = safetensors_blob(state, metadata={"format": "pt"})
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    with atomic_dir(path, overwrite=overwrite, keep_others=True) as tmp:
         fsync_write(tmp / SAFETENSORS_NAME, blob)
         fsync_write(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
     return left_out

@@ -37,6 +37,7 @@ from torch import nn
 
 from vlora import linalg
 from vlora.adapter import LoRAWeights
+from vlora.io import outermost
 from vlora.layer import RowHead
 from vlora.model import Delegating, VLoRAModel
 from vlora.subspace import AbsorbReport, SharedSubspace
@@ -377,7 +378,7 @@ class SubspaceTrainer:
     def _heads_and_config(self, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The heads as the task's ``extra`` (CPU copies) and the task's config."""
         heads = {k: p.detach().cpu().clone() for k, p in self.heads.items()}
-        return heads, _task_config(self.subspace, rank, sorted({k.rpartition(".")[0] for k in heads}))
+        return heads, _task_config(self.subspace, rank, outermost({k.rpartition(".")[0] for k in heads}))
 
     def to_lora(self) -> LoRAWeights:
         """The trained task as a LoRA at scale 1: ``B = [U E_u] [L_B; X_B]``

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 from rich.table import Table
 
 from vlora import analysis
 from vlora import merge as merging
-from vlora.cli.common import console, print_json
+from vlora.cli.common import check_adapter_output, console, print_json
 from vlora.io import load_adapter, save_adapter
 
 QUIET = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -122,9 +124,15 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
       vlora merge a/ b/ -o ab --method ties --density 0.3 --rank 16
       vlora merge a/ b/ c/ -o abc --method linear --weights 0.5,0.3,0.2
     """
-    ws = [float(w) for w in weights.split(",")] if weights else None
+    try:
+        ws = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise click.UsageError(f"--weights {weights!r}: comma-separated numbers expected") from None
     if ws is not None and len(ws) != len(adapters):
         raise click.UsageError(f"{len(ws)} weights for {len(adapters)} adapters")
+    if ws is not None and not all(math.isfinite(w) and abs(w) < 1e150 for w in ws):
+        raise click.UsageError(f"--weights {weights!r}: finite numbers below 1e150 expected")
+    check_adapter_output(output)
     items = [load_adapter(p) for p in adapters]
     if method == "linear":
         result = merging.task_arithmetic(items, ws, rank=rank)
@@ -139,13 +147,15 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
     else:
         result = merging.dare_ties_merge(items, drop_rate, ws, seed=seed, rank=rank)
     save_adapter(result, output)
-    data = {"output": output, "method": method, "rank": result.rank,
+    seed = result.info.get("seed", seed)  # DARE's fresh seed: printed, to redo the merge
+    data = {"output": output, "method": method, "rank": result.rank, "seed": seed,
             "kept_energy": result.kept_energy, "info": result.info, "notes": result.notes}
     if as_json:
         print_json(data)
         return
     out = console(quiet)
     out.print(f"merged {len(items)} adapters with {method} -> {output} (rank {result.rank}, "
-              f"energy kept by the rank truncation {result.kept_energy:.1%})")
+              f"energy kept by the rank truncation {result.kept_energy:.1%}"
+              + (f", seed {seed})" if seed is not None else ")"))
     for note in result.notes:
         out.print(f"note: {note}")

@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import click
@@ -60,3 +61,13 @@ def print_json(data: Any) -> None:
 
 def progress_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
+
+
+def check_adapter_output(path: str | Path) -> None:
+    """Refuse to write an adapter over a file or into a subspace folder. Other files of
+    an existing folder are kept (save_adapter replaces only the adapter's own files)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise click.UsageError(f"{path}: exists and is not a folder")
+    if (path / "manifest.json").exists():
+        raise click.UsageError(f"{path}: a vlora subspace folder; write the adapter elsewhere")

@@ -9,7 +9,15 @@ import click
 import torch
 from rich.table import Table
 
-from vlora.cli.common import console, human_bytes, parse_size, print_json, progress_enabled, split_ids
+from vlora.cli.common import (
+    check_adapter_output,
+    console,
+    human_bytes,
+    parse_size,
+    print_json,
+    progress_enabled,
+    split_ids,
+)
 from vlora.compress import compress as fit_to_bytes
 from vlora.errors import SubspaceError
 from vlora.io import load_adapter, save_adapter
@@ -178,7 +186,8 @@ def info(subspace, quiet, as_json):
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Adapter folder (one task) or parent folder (several / --all).")
 @click.option("--all", "all_tasks", is_flag=True, help="Export every task.")
-@click.option("--rank", type=int, help="Truncate each module to this rank (best in the subspace).")
+@click.option("--rank", type=click.IntRange(min=1),
+              help="Truncate each module to this rank (best in the subspace).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Weights dtype (default: each original adapter's).")
 @click.option("--vllm", is_flag=True, help="Write what vLLM accepts (no modules_to_save, one rank).")
@@ -195,11 +204,12 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, quiet):
     names = sub.tasks if all_tasks else list(tasks)
     if not names:
         raise click.UsageError("name at least one task, or pass --all")
-    for t in names:
-        sub.get_task(t)  # fail before writing anything
+    targets = {t: Path(output) / t if len(names) > 1 or all_tasks else Path(output) for t in names}
+    for t, target in targets.items():  # fail before writing anything
+        sub.get_task(t)
+        check_adapter_output(target)
     out = console(quiet)
-    for t in names:
-        target = Path(output) / t if len(names) > 1 or all_tasks else Path(output)
+    for t, target in targets.items():
         left_out = save_adapter(sub.reconstruct(t, getattr(torch, dtype) if dtype else None, rank),
                                 target, for_vllm=vllm)
         out.print(f"{t} -> {target}" + (f" (left out: {', '.join(left_out)})" if left_out else ""))
@@ -289,8 +299,12 @@ def validate(subspace, quiet, as_json):
                 gram = x.T.double() @ x.double()
                 eye = torch.eye(x.shape[1], dtype=gram.dtype)
                 dev = float((gram - eye).abs().max()) if x.shape[1] else 0.0
-                if dev > 1e-4:
-                    problems.append(f"module {m}: {name} is not orthonormal (max |U^T U - I| = {dev:.2e})")
+                # rounded bases are orthonormal only to within their rounding step
+                bits = b.quant[name].bits if b.quant else None
+                tol = 4.0 * 2.0 ** (1 - bits) if bits else 1e-4
+                if dev > tol:
+                    problems.append(f"module {m}: {name} is not orthonormal (max |U^T U - I| = {dev:.2e}"
+                                    f"{f', {bits}-bit bases allow {tol:.2g}' if bits else ''})")
         for t in sub.tasks:
             task = sub.get_task(t)
             coords = [*task.coords_a.values(), *task.coords_b.values()]
@@ -308,6 +322,13 @@ def validate(subspace, quiet, as_json):
         raise SystemExit(1)
 
 
+def _relative(diff_sq: float, norm_sq: float) -> float:
+    """``||a - b|| / ||a||``: inf where a is zero and b is not (as analysis.DiffStats)."""
+    if norm_sq:
+        return math.sqrt(diff_sq / norm_sq)
+    return math.inf if diff_sq else 0.0
+
+
 @click.command()
 @click.argument("subspace", type=click.Path(exists=True))
 @click.argument("task_a")
@@ -322,9 +343,9 @@ def diff(subspace, task_a, task_b, quiet, as_json):
         ca, cb = sub.core(task_a, m), sub.core(task_b, m)  # same orthonormal bases: exact on cores
         d, na, nbm = float((ca - cb).square().sum()), float(ca.square().sum()), float(cb.square().sum())
         cos = float((ca * cb).sum()) / math.sqrt(na * nbm) if na and nbm else 0.0
-        rows[m] = {"relative_difference": math.sqrt(d / na) if na else 0.0, "cosine": cos}
+        rows[m] = {"relative_difference": _relative(d, na), "cosine": cos}
         num, den, dot, nb = num + d, den + na, dot + float((ca * cb).sum()), nb + nbm
-    total = {"relative_difference": math.sqrt(num / den) if den else 0.0,
+    total = {"relative_difference": _relative(num, den),
              "cosine": dot / math.sqrt(den * nb) if den and nb else 0.0}
     if as_json:
         print_json({"modules": rows, "total": total})
