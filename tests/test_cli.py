@@ -166,3 +166,12 @@ def test_validate_accepts_quantized_bases_and_diff_of_a_zero_task(adapters, tmp_
     sub.save(tmp_path / "z")
     data = json.loads(run("diff", tmp_path / "z", "zero", sub.tasks[0], "--json").output)
     assert data["total"]["relative_difference"] == float("inf")
+
+
+def test_export_names_folders_of_any_task_id(adapters, tmp_path):
+    sub = SharedSubspace.from_adapters([load_adapter(p) for p in adapters[:2]], task_ids=["é" * 200, "x" * 256],
+                                       num_components=3)
+    sub.save(tmp_path / "s")
+    run("export", tmp_path / "s", "--all", "-o", tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(names) == 2 and all(len(n.encode()) <= 255 and n not in (".", "..") for n in names)

@@ -16,8 +16,10 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
 import time
 
+import pytest
 import torch
 
 from vlora import LoRAWeights, SharedSubspace, storage
@@ -198,3 +200,21 @@ def test_readers_never_fail_while_a_writer_replaces_generations(tmp_path):
     proc.join()
     assert proc.exitcode == 0 and loads > 0
     print(f"\n{loads} loads raced 8 saves, all succeeded")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_replacing_a_folder_is_one_exchange(tmp_path, monkeypatch):
+    from synthetic import planted
+    from vlora import save_adapter
+    a, b = planted(2)
+    save_adapter(a, tmp_path / "ad")
+
+    def no_rename(*args):  # a two-rename swap would leave no folder between its steps
+        raise AssertionError("os.replace called: the folder was not swapped in one step")
+    monkeypatch.setattr(os, "replace", no_rename)
+    save_adapter(b, tmp_path / "ad")
+    monkeypatch.undo()
+    from vlora import load_adapter
+    got = load_adapter(tmp_path / "ad")
+    assert torch.equal(got.lora_b[got.layer_names[0]], b.lora_b[b.layer_names[0]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temp folder left

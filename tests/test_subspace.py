@@ -274,3 +274,22 @@ def test_compression_stats_count_bytes_and_svd_baseline():
     kept = sum(e for e, _ in energy[: int(numbers // 72)]) * 72
     total = sum(float(spectra[m].square().sum()) for m in MODULES)
     assert s["svd_task_errors"]["t0"] == pytest.approx(math.sqrt(1 - kept / total), rel=1e-4)
+
+
+def test_bad_in_memory_input_gets_our_errors_and_writes_nothing(tmp_path):
+    from vlora import AdapterError
+    ads = planted(3)
+    with pytest.raises(ValueError, match="num_components"):
+        SharedSubspace.from_adapters(ads, num_components=-1)
+    nan = planted(1)[0]
+    nan.lora_a[MODULES[0]][0, 0] = float("nan")
+    with pytest.raises(AdapterError, match="NaN"):
+        SharedSubspace.from_adapters([*ads, nan])
+    sub = SharedSubspace.from_adapters(ads, num_components=3, missing_modules="zero")
+    empty = LoRAWeights([], {}, {}, {}, {}, {})
+    with pytest.raises(AdapterError, match="no LoRA modules"):
+        sub.project(empty, "empty")
+    sub.get_task(sub.tasks[0]).config["target_modules"] = {"q", "v"}  # a set: not JSON
+    with pytest.raises(SubspaceError, match="not JSON"):
+        sub.save(tmp_path / "s")
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").glob("*.safetensors"))

@@ -48,7 +48,7 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
     if budget is not None and ratio is not None:
         raise ValueError("give a budget or a ratio, not both")
     if (budget is not None and budget <= 0) or (ratio is not None and ratio <= 0):
-        raise ValueError(f"budget and ratio must be positive, not {budget or ratio}")
+        raise ValueError(f"budget and ratio must be positive, not {budget if budget is not None else ratio}")
     items = [a if isinstance(a, LoRAWeights) else load_adapter(a) for a in adapters]
     if ratio is not None:
         budget = lora_bytes(items) / ratio

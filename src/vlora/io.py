@@ -253,6 +253,21 @@ def load_adapter_from_hub(repo_id: str, revision: str | None = None,
     return load_adapter(folder, adapter_name)
 
 
+def check_weights(weights: LoRAWeights) -> LoRAWeights:
+    """What :func:`load_adapter` checks of a file, for an adapter built in memory: some
+    modules, finite factors of sane size. Raises AdapterError naming its source."""
+    if not weights.layer_names:
+        raise AdapterError(weights.source, "the adapter has no LoRA modules")
+    for m in weights.layer_names:
+        for side, t in (("A", weights.lora_a.get(m)), ("B", weights.lora_b.get(m))):
+            if t is None:
+                raise AdapterError(weights.source, f"module {m}: lora_{side} missing")
+            if t.numel() and not bool((t.abs() <= MAX_FACTOR).all()):
+                raise AdapterError(weights.source, f"module {m}: lora_{side} contains NaN or Inf, "
+                                   f"or values beyond +-{MAX_FACTOR:g}")
+    return weights
+
+
 def _targeted(targets: Any, module: str) -> bool:
     """Whether PEFT's ``target_modules`` (a regex, matched whole, or names matched as
     suffixes) selects ``module``."""

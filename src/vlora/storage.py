@@ -143,6 +143,11 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
                 bases[f"{m}::G_u"], bases[f"{m}::G_v"] = stored_gram(b.G_u), stored_gram(b.G_v)
             tasks = [sub.get_task(t) for t in sub.tasks]
             metas = [_task_meta(t) for t in tasks]
+            for meta in metas:  # before any file is written
+                try:
+                    json.dumps(meta["config"])
+                except (TypeError, ValueError) as e:
+                    raise SubspaceError(f"task {meta['id']!r}: its config is not JSON ({e})") from None
             for i, t in enumerate(tasks):
                 q = t.quant or {}
                 for m in t.modules:

@@ -25,7 +25,7 @@ from vlora import linalg
 from vlora.adapter import LoRAWeights
 from vlora.budget import choose_ks, coordinate_numbers, core_ranks, resolve_module_weights, weighted_error
 from vlora.errors import IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
-from vlora.io import config_for, load_adapter
+from vlora.io import check_weights, config_for, load_adapter
 from vlora.progress import track
 from vlora.storage import SPECTRUM_DTYPE
 from vlora.task import ModuleBasis, TaskProjection, adapter_weight, error_sq, project_adapter
@@ -48,7 +48,7 @@ class AbsorbReport:
 
 
 def _as_adapter(item: AdapterLike) -> LoRAWeights:
-    return item if isinstance(item, LoRAWeights) else load_adapter(item)
+    return check_weights(item) if isinstance(item, LoRAWeights) else load_adapter(item)
 
 
 def default_task_id(adapter: LoRAWeights, index: int) -> str:
@@ -147,6 +147,9 @@ class SharedSubspace:
         With no k option, k is the full numerical rank of each stack (every task exact).
         k never exceeds that rank.
         """
+        ks_given = num_components if isinstance(num_components, tuple) else (num_components,)
+        if any(k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0) for k in ks_given):
+            raise ValueError(f"num_components must be k >= 0 or (k_out, k_in), not {num_components!r}")
         items = [_as_adapter(a) for a in track(adapters, "Reading adapters", len(adapters),
                                                  progress and not all(isinstance(a, LoRAWeights)
                                                                       for a in adapters))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -91,9 +92,9 @@ def _module_weights(ctx, param, values) -> dict[str, float] | None:
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Subspace directory to write.")
-@click.option("-k", "--num-components", type=int, help="k for every module and side.")
-@click.option("--k-out", type=int, help="k of the output side (use with --k-in).")
-@click.option("--k-in", type=int, help="k of the input side (use with --k-out).")
+@click.option("-k", "--num-components", type=click.IntRange(min=1), help="k for every module and side.")
+@click.option("--k-out", type=click.IntRange(min=1), help="k of the output side (use with --k-in).")
+@click.option("--k-in", type=click.IntRange(min=1), help="k of the input side (use with --k-out).")
 @click.option("--variance-threshold", type=float, help="Keep this share of energy per module, e.g. 0.9.")
 @click.option("--budget", help="Total bytes for bases plus coordinates, e.g. 20MB.")
 @click.option("--ratio", type=float, help="Compression ratio of LoRA bytes to reach, e.g. 10.")
@@ -204,7 +205,8 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, quiet):
     names = sub.tasks if all_tasks else list(tasks)
     if not names:
         raise click.UsageError("name at least one task, or pass --all")
-    targets = {t: Path(output) / t if len(names) > 1 or all_tasks else Path(output) for t in names}
+    targets = {t: Path(output) / _folder_name(t) if len(names) > 1 or all_tasks else Path(output)
+               for t in names}
     for t, target in targets.items():  # fail before writing anything
         sub.get_task(t)
         check_adapter_output(target)
@@ -320,6 +322,15 @@ def validate(subspace, quiet, as_json):
                              "checksums verified")
     if problems:
         raise SystemExit(1)
+
+
+def _folder_name(task_id: str) -> str:
+    """A folder name for a task id (ids are data: any printable text up to 256 characters):
+    the id itself when it is a usable name, else a shortened one with a hash of the id."""
+    if task_id not in (".", "..") and len(task_id.encode()) <= 200:
+        return task_id
+    digest = hashlib.sha256(task_id.encode()).hexdigest()[:12]
+    return f"{task_id.encode()[:100].decode(errors='ignore').strip('.') or 'task'}-{digest}"
 
 
 def _relative(diff_sq: float, norm_sq: float) -> float:
