@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from synthetic import planted
@@ -158,6 +160,13 @@ def test_outputs_are_checked_before_anything_is_written(adapters, tmp_path):
 def test_validate_accepts_quantized_bases_and_diff_of_a_zero_task(adapters, tmp_path):
     run("compress", *adapters[:3], "-o", tmp_path / "q", "-k", "3", "--bits", "4")
     assert "OK" in run("validate", tmp_path / "q").output
+    q = SharedSubspace.load(tmp_path / "q")  # diff is exact on the rounded bases too
+    ra, rb = (q.reconstruct(t, dtype=torch.float64) for t in ("task0", "task1"))
+    dense = {m: (ra.delta_weight(m), rb.delta_weight(m)) for m in q.modules}
+    want = math.sqrt(sum(float((a - b).square().sum()) for a, b in dense.values())
+                     / sum(float(a.square().sum()) for a, _ in dense.values()))
+    got = json.loads(run("diff", tmp_path / "q", "task0", "task1", "--json").output)["total"]
+    assert got["relative_difference"] == pytest.approx(want, rel=1e-6)
     sub = SharedSubspace.from_adapters([load_adapter(p) for p in adapters[:3]], num_components=3)
     zero = load_adapter(adapters[3])
     zero.lora_b = {m: b * 0 for m, b in zero.lora_b.items()}

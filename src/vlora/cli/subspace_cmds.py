@@ -350,12 +350,18 @@ def diff(subspace, task_a, task_b, quiet, as_json):
     """Compare two tasks of a subspace per module: relative difference and cosine of dW^."""
     sub = _load(subspace)
     rows, num, den, dot, nb = {}, 0.0, 0.0, 0.0, 0.0
-    for m in sub.modules:
-        ca, cb = sub.core(task_a, m), sub.core(task_b, m)  # same orthonormal bases: exact on cores
-        d, na, nbm = float((ca - cb).square().sum()), float(ca.square().sum()), float(cb.square().sum())
-        cos = float((ca * cb).sum()) / math.sqrt(na * nbm) if na and nbm else 0.0
+    for m, b in sub.modules.items():
+        ca, cb = sub.core(task_a, m).double(), sub.core(task_b, m).double()
+        # <U X V^T, U Y V^T> = <X, (U^T U) Y (V^T V)>, exact for the rounded (not
+        # orthonormal) bases of a quantized subspace too: k x k work, no d-sized matrix
+        gu, gv = b.U.double().T @ b.U.double(), b.V.double().T @ b.V.double()
+
+        def inner(x, y, gu=gu, gv=gv):
+            return float((x * (gu @ y @ gv)).sum())
+        d, na, nbm, ab = inner(ca - cb, ca - cb), inner(ca, ca), inner(cb, cb), inner(ca, cb)
+        cos = ab / math.sqrt(na * nbm) if na and nbm else 0.0
         rows[m] = {"relative_difference": _relative(d, na), "cosine": cos}
-        num, den, dot, nb = num + d, den + na, dot + float((ca * cb).sum()), nb + nbm
+        num, den, dot, nb = num + d, den + na, dot + ab, nb + nbm
     total = {"relative_difference": _relative(num, den),
              "cosine": dot / math.sqrt(den * nb) if den and nb else 0.0}
     if as_json:
