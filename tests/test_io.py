@@ -211,6 +211,15 @@ def test_saving_keeps_other_files_and_writes_what_peft_loads(tmp_path):
     save_adapter(a, out)
     assert (out / "README.md").read_text() == "model card"  # PEFT's save_pretrained keeps it too
     assert oct((out).stat().st_mode & 0o777) != oct(0o700)  # the umask's, not the temp folder's
+    (tmp_path / "blob").write_text("tokenizer")
+    (out / "tokenizer.json").symlink_to(tmp_path / "blob")  # as in a hub cache snapshot
+    save_adapter(a, out)
+    assert (out / "tokenizer.json").is_symlink() and (out / "README.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "blob"]  # no temp folder left
+    (tmp_path / "deep" / "inner").mkdir(parents=True)
+    (tmp_path / "ln").symlink_to(tmp_path / "deep" / "inner")
+    save_adapter(a, tmp_path / "ln" / ".." / "x")  # ".." after a link: where the OS says
+    assert (tmp_path / "deep" / "x" / "adapter_config.json").exists() and not (tmp_path / "x").exists()
     assert outermost({"classifier", "classifier.dense", "classifier.out_proj", "score"}) == ["classifier", "score"]
     # target_modules that select the modules are kept (a regex too); else names PEFT can match
     def renamed(names, targets):

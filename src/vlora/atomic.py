@@ -77,6 +77,23 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _umask() -> int:
+    try:  # Linux states it; setting and restoring it races with other threads
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links on this file system, or someone else's file
+        shutil.copy2(src, dst)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the
     system or file system cannot."""
@@ -97,12 +114,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True, keep_others: boo
     """Yield a temp folder beside ``path``; on success it replaces ``path``.
 
     With ``keep_others``, what ``path`` held that the temp folder lacks (a README, tokenizer
-    files) is linked into it first, so only the files written are replaced; otherwise
-    ``path`` is replaced whole. The folder gets the usual permissions (umask), not the temp
-    folder's 0700. On an exception (or a crash) ``path`` is left as it was and the temp
-    folder removed.
+    files) is linked (or copied, symlinks as symlinks) into it first, so only the files
+    written are replaced; otherwise ``path`` is replaced whole. The folder keeps the old
+    one's permissions, or gets the umask's (not the temp folder's 0700). On an exception
+    (or a crash) ``path`` is left as it was and the temp folder removed.
     """
-    path = Path(os.path.abspath(path))  # "." has no name to rename
+    path = Path(path).absolute()  # "." has no name to rename; ".." is left to the OS
     if path.exists() and not overwrite:
         raise VLoRAError(f"{path}: already exists (pass overwrite=True to replace it)")
     if path.exists() and not path.is_dir():
@@ -111,18 +128,20 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True, keep_others: boo
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o777 & ~_umask())
         if keep_others and path.exists():
             for entry in path.iterdir():
-                if not (tmp / entry.name).exists() and not entry.is_symlink():
-                    if entry.is_dir():
-                        shutil.copytree(entry, tmp / entry.name, copy_function=os.link)
-                    else:
-                        os.link(entry, tmp / entry.name)
+                if (tmp / entry.name).exists() or (tmp / entry.name).is_symlink():
+                    continue
+                if entry.is_symlink():
+                    os.symlink(os.readlink(entry), tmp / entry.name)
+                elif entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(entry, tmp / entry.name)
         fsync_dir(tmp)
-        if path.exists() and _exchange(tmp, path):
+        # a symlink at path is replaced by the folder (as by the renames), not swapped with it
+        if path.exists() and not path.is_symlink() and _exchange(tmp, path):
             shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
         elif path.exists():  # no atomic exchange here: a crash between the renames leaves
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))

@@ -147,7 +147,7 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
     else:
         result = merging.dare_ties_merge(items, drop_rate, ws, seed=seed, rank=rank)
     save_adapter(result, output)
-    seed = result.info.get("seed", seed)  # DARE's fresh seed: printed, to redo the merge
+    seed = result.info.get("seed")  # DARE's (fresh unless given): printed, to redo the merge
     data = {"output": output, "method": method, "rank": result.rank, "seed": seed,
             "kept_energy": result.kept_energy, "info": result.info, "notes": result.notes}
     if as_json:

@@ -207,6 +207,8 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, quiet):
         raise click.UsageError("name at least one task, or pass --all")
     targets = {t: Path(output) / _folder_name(t) if len(names) > 1 or all_tasks else Path(output)
                for t in names}
+    if len(names) > 1 or all_tasks:
+        check_adapter_output(output)  # the parent folder: not a subspace's either
     for t, target in targets.items():  # fail before writing anything
         sub.get_task(t)
         check_adapter_output(target)
