@@ -16,7 +16,7 @@ from vlora.errors import SubspaceError
 from vlora.io import load_adapter
 from vlora.subspace import SharedSubspace
 
-BUDGET_TRIES = 6
+BUDGET_TRIES = 12
 
 
 def lora_bytes(adapters: Sequence[LoRAWeights]) -> int:
@@ -58,8 +58,11 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
             sub.quantize(bits, method, coordinates=quantize_coordinates)
         return sub
     # Quantized, each number costs about bits/32 of a float: the fit gets that much more
-    # budget, corrected for the block scales until the stored bytes fit.
+    # budget, corrected until the stored bytes fit. Block scales, padding, spectra and Grams
+    # do not shrink with the bits, so the stored bytes are not proportional to the fit's
+    # budget: after the first try, aim along the line through the last two tries.
     factor, tries, stored = 32 / (bits or 32), BUDGET_TRIES if bits else 1, 0
+    tried: list[tuple[float, int]] = []
     for _ in range(tries):
         sub = SharedSubspace.from_adapters(items, task_ids, budget=budget * factor, **fit_kwargs)
         if bits is not None:
@@ -67,6 +70,11 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
         stored = sub.compression_stats()["stored_bytes"]
         if stored <= budget:
             return sub
-        factor *= 0.995 * budget / stored
+        tried.append((factor, stored))
+        guess = 0.995 * budget / stored * factor
+        if len(tried) > 1 and tried[-2][1] > stored:
+            (f0, s0), (f1, s1) = tried[-2:]
+            guess = f1 - (s1 - 0.995 * budget) * (f1 - f0) / (s1 - s0)
+        factor = min(max(guess, 0.5 * factor), 0.98 * factor)  # always down, never past half
     raise SubspaceError(f"no {bits or 32}-bit fit of {len(items)} adapters lands under {budget:.0f} "
                         f"bytes (closest: {stored} bytes; every module keeps at least one direction)")
