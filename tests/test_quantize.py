@@ -130,3 +130,15 @@ def test_a_module_stored_at_rank_0_keeps_its_whole_error_when_bases_move():
     assert after.module_errors()[MODULES[0]] == pytest.approx(1.0)
     dense = dense_error(ads[2], sub.reconstruct("low"))
     assert after.error_is_bound and dense - 1e-9 <= after.error <= 1.01 * dense  # a bound, not below
+
+
+def test_coverage_is_the_energy_the_reconstruction_holds_on_quantized_bases():
+    ads = planted(4, noise=0.2, seed=6)
+    sub = SharedSubspace.from_adapters(ads, num_components=3)
+    t = sub.tasks[0]
+    assert sub.task_coverage(t) == pytest.approx(sub.get_task(t).coverage, rel=1e-6)
+    sub.quantize(4, coordinates=True)
+    recon = sub.reconstruct(t, dtype=torch.float64)
+    kept = sum(float(recon.delta_weight(m).square().sum()) for m in MODULES)
+    total = sum(float(ads[0].delta_weight(m).double().square().sum()) for m in MODULES)
+    assert sub.task_coverage(t) == pytest.approx(kept / total, rel=1e-6)

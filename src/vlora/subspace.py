@@ -293,6 +293,19 @@ class SharedSubspace:
         """Relative dW error of a task against its original (float64, subtraction-free)."""
         return self.get_task(task_id).error
 
+    def task_coverage(self, task_id: str) -> float:
+        """Share of the task's original energy its reconstruction holds,
+        ``sum ||U C V^T||^2 / sum ||dW||^2``: ``||C||^2 / ||dW||^2`` for orthonormal bases,
+        through ``U^T U`` and ``V^T V`` for quantized ones (which are not)."""
+        t = self.get_task(task_id)
+        total = sum(t.norm_sq.values())
+        kept = 0.0
+        for m, b in self.modules.items():
+            lb = b.U.to(F64) @ t.coords_b[m].to(F64)
+            la = b.V.to(F64) @ t.coords_a[m].to(F64)
+            kept += linalg.frobenius_sq(lb, la.T)
+        return kept / total if total > 0 else 1.0
+
     def core(self, task_id: str, module: str) -> torch.Tensor:
         """The gauge-invariant core ``C = L_B L_A^T`` ``(k_out, k_in)`` of a task."""
         t = self.get_task(task_id)

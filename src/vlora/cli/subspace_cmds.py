@@ -41,7 +41,7 @@ def summary(sub: SharedSubspace) -> dict:
                                  "extra_bytes", "compression_ratio", "mean_error", "max_error",
                                  "svd_bits", "svd_mean_error", "svd_max_error", "errors_are_bounds")},
         "per_task": {t: {"error": stats["task_errors"][t], "svd_error": stats["svd_task_errors"][t],
-                         "coverage": sub.get_task(t).coverage,
+                         "coverage": sub.task_coverage(t),
                          "error_is_bound": sub.get_task(t).error_is_bound} for t in sub.tasks},
         "modules": stats["modules"],
     }
@@ -263,7 +263,7 @@ def add(subspace, adapters, task_ids, mode, quiet, as_json):
                           f"{r.error_after:.4f}" + (" (bound)" if r.after_is_bound else ""))
         out.print(table)
     for t in ids:
-        out.print(f"added {t}: error {sub.task_error(t):.4f}, coverage {sub.get_task(t).coverage:.3f}")
+        out.print(f"added {t}: error {sub.task_error(t):.4f}, coverage {sub.task_coverage(t):.3f}")
 
 
 @click.command()
