@@ -39,7 +39,11 @@ SEED = 0
 # keeps p = 2 at 20x fewer trainable numbers than the LoRA: 12 x 2 x 152 = 3,648). Chosen on
 # validation rows carved from the training data (python -m benchmarks.continual_tune; the
 # tables are in results/continual_tuning*.md): mean accuracy 0.680, against 0.665 with the
-# first 8 tasks and k = 64, and 0.659 with those 8 at k = 48, p = 3.
+# first 8 tasks and k = 64, and 0.659 with those 8 at k = 48, p = 3. Those ran in the bases
+# as refined, before fits turned them to their principal axes: the same subspace in other
+# orthonormal frames scores 0.655 (principal axes), 0.642 and 0.659 (two random frames), as
+# the random start and Adam's per-coordinate steps depend on the frame. Differences of under
+# about 2 points between variants are within that spread.
 # b_lr_scale: the B-side coordinate lr is this times lora_equivalent_lr's (0.5x, 1x, 2x and
 # 4x compared the same way: 2x best).
 FULL = dict(name="continual", k=76, p=2, phi=2, seeds=[0, 1, 2], b_lr_scale=2.0,
