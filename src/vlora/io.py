@@ -192,11 +192,7 @@ def parse_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any],
             if t.dtype not in FACTOR_DTYPES:
                 raise AdapterError(path, f"module {module}: lora_{side} has dtype {t.dtype} "
                                    "(float32, float16, bfloat16 or float64 expected)")
-            # NaN fails the comparison too. LoRA factors are O(1); beyond 1e9 the float32
-            # coordinates of the subspace would overflow.
-            if t.numel() and not bool((t.abs() <= MAX_FACTOR).all()):
-                raise AdapterError(path, f"module {module}: lora_{side} contains NaN or Inf, or "
-                                   f"values beyond +-{MAX_FACTOR:g}")
+            _check_values(t, path, f"module {module}: lora_{side}")
         r_config, _ = module_rank_and_alpha(config, module)
         if a.shape[0] != b.shape[1] or a.shape[0] != r_config:
             raise AdapterError(
@@ -253,18 +249,21 @@ def load_adapter_from_hub(repo_id: str, revision: str | None = None,
     return load_adapter(folder, adapter_name)
 
 
+def _check_values(t: torch.Tensor, where: Any, what: str) -> None:
+    # NaN fails the comparison too. LoRA factors are O(1); beyond 1e9 the float32
+    # coordinates of the subspace would overflow.
+    if t.numel() and not bool((t.abs() <= MAX_FACTOR).all()):
+        raise AdapterError(where, f"{what} contains NaN or Inf, or values beyond +-{MAX_FACTOR:g}")
+
+
 def check_weights(weights: LoRAWeights) -> LoRAWeights:
-    """What :func:`load_adapter` checks of a file, for an adapter built in memory: some
-    modules, finite factors of sane size. Raises AdapterError naming its source."""
+    """What :func:`load_adapter` checks of a file's values, for an adapter built in memory
+    (LoRAWeights checks shapes itself): some modules, finite factors of sane size."""
     if not weights.layer_names:
         raise AdapterError(weights.source, "the adapter has no LoRA modules")
     for m in weights.layer_names:
-        for side, t in (("A", weights.lora_a.get(m)), ("B", weights.lora_b.get(m))):
-            if t is None:
-                raise AdapterError(weights.source, f"module {m}: lora_{side} missing")
-            if t.numel() and not bool((t.abs() <= MAX_FACTOR).all()):
-                raise AdapterError(weights.source, f"module {m}: lora_{side} contains NaN or Inf, "
-                                   f"or values beyond +-{MAX_FACTOR:g}")
+        _check_values(weights.lora_a[m], weights.source, f"module {m}: lora_A")
+        _check_values(weights.lora_b[m], weights.source, f"module {m}: lora_B")
     return weights
 
 

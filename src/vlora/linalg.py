@@ -73,6 +73,13 @@ def joint_r(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return r[:, :a.shape[1]], r[:, a.shape[1]:]
 
 
+def inner_in_bases(x: torch.Tensor, y: torch.Tensor, gu: torch.Tensor, gv: torch.Tensor) -> float:
+    """``<U X V^T, U Y V^T>`` from cores ``(k_out, k_in)`` and the Grams ``gu = U^T U``,
+    ``gv = V^T V``: exact for bases that are not orthonormal (quantized), k x k work."""
+    x, y = x.to(F64), y.to(F64)
+    return float((x * (gu.to(F64) @ y @ gv.to(F64))).sum())
+
+
 def lstsq_map(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """``(k_new, k_old)`` float64 ``M`` minimising ``||new M - old||``: coordinates in ``old``
     re-expressed in ``new``, ``L' = M L``. ``new^T old`` when ``new`` is orthonormal; a

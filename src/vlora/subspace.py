@@ -297,14 +297,15 @@ class SharedSubspace:
         """Share of the task's original energy its reconstruction holds,
         ``sum ||U C V^T||^2 / sum ||dW||^2``: ``||C||^2 / ||dW||^2`` for orthonormal bases,
         through ``U^T U`` and ``V^T V`` for quantized ones (which are not)."""
-        t = self.get_task(task_id)
-        total = sum(t.norm_sq.values())
-        kept = 0.0
-        for m, b in self.modules.items():
-            lb = b.U.to(F64) @ t.coords_b[m].to(F64)
-            la = b.V.to(F64) @ t.coords_a[m].to(F64)
-            kept += linalg.frobenius_sq(lb, la.T)
+        total = sum(self.get_task(task_id).norm_sq.values())
+        kept = sum(linalg.inner_in_bases(c, c, *self.grams(m))
+                   for m in self.modules for c in [self.core(task_id, m)])
         return kept / total if total > 0 else 1.0
+
+    def grams(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U^T U, V^T V)`` of a module in float64: identities unless quantized."""
+        b = self.modules[module]
+        return b.U.to(F64).T @ b.U.to(F64), b.V.to(F64).T @ b.V.to(F64)
 
     def core(self, task_id: str, module: str) -> torch.Tensor:
         """The gauge-invariant core ``C = L_B L_A^T`` ``(k_out, k_in)`` of a task."""

@@ -10,6 +10,7 @@ import click
 import torch
 from rich.table import Table
 
+from vlora import linalg
 from vlora.cli.common import (
     check_adapter_output,
     console,
@@ -352,15 +353,10 @@ def diff(subspace, task_a, task_b, quiet, as_json):
     """Compare two tasks of a subspace per module: relative difference and cosine of dW^."""
     sub = _load(subspace)
     rows, num, den, dot, nb = {}, 0.0, 0.0, 0.0, 0.0
-    for m, b in sub.modules.items():
-        ca, cb = sub.core(task_a, m).double(), sub.core(task_b, m).double()
-        # <U X V^T, U Y V^T> = <X, (U^T U) Y (V^T V)>, exact for the rounded (not
-        # orthonormal) bases of a quantized subspace too: k x k work, no d-sized matrix
-        gu, gv = b.U.double().T @ b.U.double(), b.V.double().T @ b.V.double()
-
-        def inner(x, y, gu=gu, gv=gv):
-            return float((x * (gu @ y @ gv)).sum())
-        d, na, nbm, ab = inner(ca - cb, ca - cb), inner(ca, ca), inner(cb, cb), inner(ca, cb)
+    for m in sub.modules:
+        ca, cb, grams = sub.core(task_a, m), sub.core(task_b, m), sub.grams(m)  # exact on quantized bases too
+        d, na, nbm, ab = (linalg.inner_in_bases(x, y, *grams) for x, y in
+                          ((ca - cb, ca - cb), (ca, ca), (cb, cb), (ca, cb)))
         cos = ab / math.sqrt(na * nbm) if na and nbm else 0.0
         rows[m] = {"relative_difference": _relative(d, na), "cosine": cos}
         num, den, dot, nb = num + d, den + na, dot + ab, nb + nbm
