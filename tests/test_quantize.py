@@ -1,11 +1,14 @@
 """Quantized bases and coordinates: really stored small, errors exact against what is stored."""
 
+import json
+
 import pytest
 import torch
 
 from synthetic import MODULES, dense_error, planted, regauge
 from vlora import SharedSubspace, save_adapter
-from vlora.quantize import dequantize, pack, quantize, unpack
+from vlora.errors import SubspaceError
+from vlora.quantize import dct_matrix, dequantize, pack, quantize, unpack
 
 
 @pytest.mark.parametrize("bits,method,tol", [(8, "symmetric", 1 / 254), (6, "symmetric", 1 / 62),
@@ -18,6 +21,23 @@ def test_round_trip_error_is_within_half_a_step(bits, method, tol):
     back = dequantize(q)
     assert back.shape == x.shape
     assert float((back - x).abs().max()) <= tol * float(x.abs().max()) + 1e-7
+
+
+def test_the_dct_is_orthonormal_and_rounds_rows_that_shrink_more_finely():
+    for n in (1, 2, 7, 77):
+        d = dct_matrix(n)
+        assert torch.allclose(d @ d.T, torch.eye(n, dtype=d.dtype), atol=1e-12)
+    g = torch.Generator().manual_seed(0)
+    # Coordinates in principal axes: row i of size ~ 0.93^i, so a block's scale is set by
+    # its first rows. The DCT spreads them; rounding then loses less, and it is undone.
+    x = torch.randn(77, 8, generator=g) * (0.93 ** torch.arange(77.0))[:, None]
+    plain, dct = quantize(x, 6), quantize(x, 6, transform="dct")
+    assert dct.transform == "dct" and dct.nbytes() == plain.nbytes()
+    err = lambda q: float((dequantize(q) - x).norm() / x.norm())  # noqa: E731
+    assert err(dct) < 0.8 * err(plain)
+    assert err(quantize(x, 8, transform="dct")) < 0.3 * err(dct)  # undone: 4x finer steps
+    with pytest.raises(ValueError, match="transform"):
+        quantize(x, 6, transform="hadamard")
 
 
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
@@ -69,6 +89,15 @@ def test_subspace_quantize_reports_exact_errors_and_saves_small(tmp_path, bits, 
     for t in sub.tasks:
         assert loaded.task_error(t) == sub.task_error(t)
         assert torch.equal(loaded.get_task(t).coords_b[MODULES[0]], sub.get_task(t).coords_b[MODULES[0]])
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    metas = [q for t in manifest["tasks"] for q in (t.get("quant") or {}).values()]
+    assert len(metas) == (2 * len(MODULES) * len(ads) if coords else 0)
+    assert all(q["transform"] == "dct" for q in metas)  # coordinates only: bases gain nothing
+    if coords:  # a transform this vlora does not know is refused, not read as another
+        metas[0]["transform"] = "hadamard"
+        (tmp_path / "q" / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(SubspaceError, match="bad quantization metadata"):
+            SharedSubspace.load(tmp_path / "q")
     stats = loaded.compression_stats()
     assert stats["basis_bytes"] < sum(4 * (b.d_out * b.k_out + b.d_in * b.k_in)
                                       for b in loaded.modules.values()) / {8: 3.5, 6: 4.5, 4: 5}[bits]

@@ -7,10 +7,21 @@ bytes: at 10x fewer bytes than real MiniLM LoRAs, 5 or 6 bits keep a lower dW er
 8 (their rounding error is far below the truncation error they save) and 4 a higher one. Dequantized bases
 are no longer exactly orthonormal, so errors against them use :func:`general_error_sq`,
 never the orthonormal shortcuts.
+
+Coordinates are rounded after an orthonormal DCT-II along their k rows
+(``transform="dct"``), undone when they are read. A fit's bases are turned to their
+principal axes, so a task's coordinate rows shrink from the first axis to the last and a
+block's absmax scale, set by its largest rows, rounds its small rows coarsely. The DCT
+spreads every row over all of them (each of its vectors has entries of size
+``1/sqrt(k)``), so one scale fits a block. At 10x fewer bytes and 6 bits on the real test
+bed, the mean dW error went 0.1229 -> 0.1173 (33 adapters of one seed) and 0.1453 ->
+0.1418 (17 of independent seeds); a seeded random rotation did as well (0.1178), blocks
+along rows less (0.1206), and the DCT of bases nothing (their entries are already spread).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +35,13 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
                     0.7229568362236023, 1.0])
 METHODS = ("symmetric", "nf4")
 BITS = (4, 5, 6, 8)
+TRANSFORMS = (None, "dct")
 
 
 @dataclass
 class QuantizedTensor:
-    """Codes ``(numel * bits / 8,)`` uint8, scales ``(blocks,)`` float32, of a 2-D tensor."""
+    """Codes ``(numel * bits / 8,)`` uint8, scales ``(blocks,)`` float32, of a 2-D tensor
+    (after ``transform`` of its rows when one is named)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -36,6 +49,7 @@ class QuantizedTensor:
     bits: int
     method: str
     block: int
+    transform: str | None = None
 
     def nbytes(self) -> int:
         return self.codes.numel() + 4 * self.scales.numel()
@@ -52,17 +66,31 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, block)
 
 
+def dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II ``(n, n)`` in float64: ``y = D @ x`` transforms x's rows."""
+    i = torch.arange(n, dtype=F64)
+    d = torch.cos(math.pi * (i[None, :] + 0.5) * i[:, None] / n) * math.sqrt(2 / n)
+    d[0] /= math.sqrt(2)
+    return d
+
+
 def quantize(x: torch.Tensor, bits: int = 8, method: str = "symmetric",
-             block: int = 64) -> QuantizedTensor:
+             block: int = 64, transform: str | None = None) -> QuantizedTensor:
     """Blockwise absmax quantization of a 2-D float tensor; ``block * bits`` must be a
-    whole number of bytes (so every block starts on a byte)."""
+    whole number of bytes (so every block starts on a byte). ``transform="dct"`` rounds
+    ``dct_matrix(rows) @ x`` instead (:func:`dequantize` undoes it)."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, not {bits}")
     if method not in METHODS or (method == "nf4" and bits != 4):
         raise ValueError(f"method must be 'symmetric' (4 to 8 bits) or 'nf4' (4 bits), not {method!r}")
     if block < 1 or block * bits % 8:
         raise ValueError(f"block * bits must be a positive multiple of 8, not {block} * {bits}")
-    blocks = _blocks(x.detach().cpu().to(torch.float32), block)
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, not {transform!r}")
+    x = x.detach().cpu()
+    if transform == "dct":
+        x = dct_matrix(x.shape[0]) @ x.to(F64)
+    blocks = _blocks(x.to(torch.float32), block)
     scales = blocks.abs().amax(1).clamp_min(1e-30)
     unit = blocks / scales[:, None]
     if method == "nf4":
@@ -70,7 +98,8 @@ def quantize(x: torch.Tensor, bits: int = 8, method: str = "symmetric",
     else:
         levels = 2 ** (bits - 1) - 1
         codes = (torch.round(unit * levels) + levels).to(torch.uint8)  # 0 .. 2*levels
-    return QuantizedTensor(pack(codes.reshape(-1), bits), scales, tuple(x.shape), bits, method, block)
+    return QuantizedTensor(pack(codes.reshape(-1), bits), scales, tuple(x.shape), bits, method,
+                           block, transform)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -99,7 +128,10 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
         levels = 2 ** (q.bits - 1) - 1
         unit = (codes.float() - levels) / levels
     flat = (unit * q.scales[:, None]).reshape(-1)[: q.shape[0] * q.shape[1]]
-    return flat.reshape(q.shape[1], q.shape[0]).T.contiguous()
+    x = flat.reshape(q.shape[1], q.shape[0]).T.contiguous()
+    if q.transform == "dct":
+        x = (dct_matrix(q.shape[0]).T @ x.to(F64)).to(torch.float32)
+    return x
 
 
 def general_error_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor,

@@ -30,15 +30,16 @@ from filelock import FileLock, Timeout
 
 from vlora.atomic import atomic_write, fsync_dir, fsync_write, read_regular, safetensors_blob
 from vlora.errors import SubspaceError
-from vlora.quantize import BITS, METHODS, QuantizedTensor, dequantize
+from vlora.quantize import BITS, METHODS, TRANSFORMS, QuantizedTensor, dequantize
 from vlora.task import ModuleBasis, TaskProjection
 
 if TYPE_CHECKING:
     from vlora.subspace import SharedSubspace
 
 FORMAT = "vlora-subspace"
-FORMAT_VERSION = 2  # 2: a diagonal Gram is stored as its diagonal
-READS = (1, 2)
+# 2: a diagonal Gram is stored as its diagonal; 3: quantized tensors may name a transform
+FORMAT_VERSION = 3
+READS = (1, 2, 3)
 MANIFEST = "manifest.json"
 LOCK = ".vlora.lock"
 # Each task's original singular values feed only the reports' baselines (per-adapter SVD
@@ -92,7 +93,8 @@ def _put(tensors: dict[str, torch.Tensor], key: str, x: torch.Tensor,
         tensors[key] = x.detach().cpu().contiguous()
         return None
     tensors[key + "::codes"], tensors[key + "::scales"] = q.codes, q.scales
-    return {"bits": q.bits, "method": q.method, "block": q.block, "shape": list(q.shape)}
+    meta = {"bits": q.bits, "method": q.method, "block": q.block, "shape": list(q.shape)}
+    return meta if q.transform is None else {**meta, "transform": q.transform}
 
 
 def _get(tensors: dict[str, torch.Tensor], key: str, meta: dict[str, Any] | None
@@ -104,10 +106,11 @@ def _get(tensors: dict[str, torch.Tensor], key: str, meta: dict[str, Any] | None
             or method == "nf4" and bits != 4 or type(block) is not int or not 0 < block <= 1 << 20 \
             or block * bits % 8 \
             or not isinstance(shape, list) or len(shape) != 2 \
-            or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape):
+            or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape) \
+            or meta.get("transform") not in TRANSFORMS:
         raise SubspaceError(f"quantized tensor {key}: bad quantization metadata {meta!r}")
     q = QuantizedTensor(tensors[key + "::codes"], tensors[key + "::scales"], tuple(shape), bits,
-                        method, block)
+                        method, block, meta.get("transform"))
     blocks = -(-shape[0] * shape[1] // block)
     if q.codes.dtype != torch.uint8 or q.codes.shape != (blocks * block * bits // 8,) \
             or q.scales.dtype != torch.float32 or q.scales.shape != (blocks,):

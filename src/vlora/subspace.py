@@ -439,7 +439,8 @@ class SharedSubspace:
                     cb, ca = linalg.rounding_gauge(cb, ca)  # round C, not the adapter's gauge
                 nb[m], na[m] = cb.to(old.U.dtype), ca.to(old.V.dtype)
                 if coord_quant is not None:
-                    quant[f"{m}::B"], quant[f"{m}::A"] = (quantize(x, *coord_quant) for x in (nb[m], na[m]))
+                    quant[f"{m}::B"], quant[f"{m}::A"] = (quantize(x, *coord_quant, transform="dct")
+                                                          for x in (nb[m], na[m]))
                     nb[m], na[m] = dequantize(quant[f"{m}::B"]), dequantize(quant[f"{m}::A"])
                 if t.coords_b[m].shape[1] == 0:  # rank 0 here: all of the module is lost
                     res[m] = t.norm_sq[m]
