@@ -181,7 +181,7 @@ def run_variant(setup: dict, dirs: dict[str, Path], phi: int,
         row["forgetting"] = row["stored_acc"] - row["final_acc"]
     base_end = score(sub, base, dirs) if phi else {}
     return dict(phi=phi, coordinate_lr=lr, rows=rows, base_start=base_start, base_end=base_end,
-                basis_bytes=4 * sum(b.k_out * b.d_out + b.k_in * b.d_in for b in sub.modules.values()),
+                basis_bytes=sub.compression_stats()["basis_bytes"],  # Grams included
                 summary=summarize(rows))
 
 
@@ -264,7 +264,8 @@ def markdown(result: dict) -> str:
                   f"forgetting mean "
                   f"{m['mean_forgetting_points']:+.1f}, max {m['max_forgetting_points']:+.1f} points; "
                   f"{m['param_ratio']:.1f}x fewer trainable adapter parameters than the LoRA "
-                  f"({v['rows'][0]['lora_bytes']} bytes per LoRA). Bases: {v['basis_bytes']} bytes once.",
+                  f"({v['rows'][0]['lora_bytes']} bytes per LoRA). "
+                  f"Bases (with their Grams): {v['basis_bytes']} bytes once.",
                   "", "Targets: " + "; ".join(targets(m, v["phi"]))]
         if v["base_start"]:
             drop = 100 * statistics.fmean(v["base_start"][t] - v["base_end"][t] for t in v["base_start"])

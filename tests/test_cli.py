@@ -184,3 +184,19 @@ def test_export_names_folders_of_any_task_id(adapters, tmp_path):
     run("export", tmp_path / "s", "--all", "-o", tmp_path / "out")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(names) == 2 and all(len(n.encode()) <= 255 and n not in (".", "..") for n in names)
+    # Ids equal but for case would share one folder on macOS or Windows: they get hashed names
+    sub = SharedSubspace.from_adapters([load_adapter(p) for p in adapters[:3]], task_ids=["Sales", "sales", "ops"],
+                                       num_components=3)
+    sub.save(tmp_path / "c")
+    run("export", tmp_path / "c", "--all", "-o", tmp_path / "cout")
+    names = sorted(p.name for p in (tmp_path / "cout").iterdir())
+    assert len({n.casefold() for n in names}) == 3 and "ops" in names
+
+
+def test_conflicting_or_empty_options_are_refused(adapters, tmp_path):
+    sub = tmp_path / "sub"
+    run("compress", *adapters[:2], "-o", sub, "-k", "2", "-q")
+    r = run("add", sub, adapters[2], "--incremental", "--project-only", code=2)
+    assert "exclude each other" in r.output
+    assert "x>=1" in run("benchmark", sub, "--repeats", "0", code=2).output
+    assert SharedSubspace.load(sub).tasks == ["task0", "task1"]

@@ -5,6 +5,7 @@ import pytest
 from synthetic import planted
 from vlora.compress import compress, lora_bytes
 from vlora.errors import SubspaceError
+from vlora.subspace import SharedSubspace
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,12 @@ def test_a_reachable_quantized_target_is_found_when_fixed_bytes_dominate():
     ids = [f"t{i}" for i in range(len(ads))]
     sub = compress(ads, ids, ratio=10, bits=6, missing_modules="zero")
     assert sub.compression_stats()["stored_bytes"] <= lora_bytes(ads) / 10
+
+
+def test_a_budget_below_the_smallest_fit_is_refused_not_exceeded(adapters):
+    ads = adapters
+    with pytest.raises(SubspaceError, match="below the smallest fit"):
+        SharedSubspace.from_adapters(ads, budget=1000)
+    smallest = SharedSubspace.from_adapters(ads, num_components=1).compression_stats()["stored_bytes"]
+    sub = SharedSubspace.from_adapters(ads, budget=smallest + 64)
+    assert sub.compression_stats()["stored_bytes"] <= smallest + 64

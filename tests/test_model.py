@@ -248,6 +248,24 @@ def test_toy_forward_and_merge_match_dense_reconstruction(conv1d_at, bits):
                 torch.testing.assert_close(layer(x)[2], base[2], atol=0, rtol=0)
 
 
+def test_merging_into_a_tied_weight_is_refused_and_changes_nothing():
+    sub = SharedSubspace.from_adapters(planted(3, noise=0.1), task_ids=["x", "y", "z"], num_components=4)
+    model = Toy()
+    model.layer[1]["q"].weight = model.layer[0]["q"].weight  # tied, as lm_head and embeddings can be
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    vm = VLoRAModel(model, sub)
+    with pytest.raises(VLoRAError, match="tied to"):
+        vm.merge("y")
+    assert all(torch.equal(p, before[n.replace(".base_layer", "")]) for n, p in vm.model.named_parameters())
+    vm.set_task("y")  # unmerged serving adds each layer's own delta: still right
+    x = torch.randn(2, 32)
+    rec = sub.reconstruct("y")
+    layer = vm._layers["layer.1.q"]
+    with torch.no_grad():
+        want = layer.base_layer(x) + x @ rec.delta_weight("layer.1.q", torch.float32).T
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
 def test_compiles_without_graph_breaks():
     sub = SharedSubspace.from_adapters(planted(3), task_ids=["x", "y", "z"])

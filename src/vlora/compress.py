@@ -61,10 +61,14 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
     # budget, corrected until the stored bytes fit. Block scales, padding, spectra and Grams
     # do not shrink with the bits, so the stored bytes are not proportional to the fit's
     # budget: after the first try, aim along the line through the last two tries.
-    factor, tries, stored = 32 / (bits or 32), BUDGET_TRIES if bits else 1, 0
+    factor, tries, stored, smallest = 32 / (bits or 32), BUDGET_TRIES if bits else 1, 0, ""
     tried: list[tuple[float, int]] = []
     for _ in range(tries):
-        sub = SharedSubspace.from_adapters(items, task_ids, budget=budget * factor, **fit_kwargs)
+        try:
+            sub = SharedSubspace.from_adapters(items, task_ids, budget=budget * factor, **fit_kwargs)
+        except SubspaceError as e:  # below the smallest fit: the closest try stands
+            smallest = str(e)
+            break
         if bits is not None:
             sub.quantize(bits, method, coordinates=quantize_coordinates)
         stored = sub.compression_stats()["stored_bytes"]
@@ -76,5 +80,6 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
             (f0, s0), (f1, s1) = tried[-2:]
             guess = f1 - (s1 - 0.995 * budget) * (f1 - f0) / (s1 - s0)
         factor = min(max(guess, 0.5 * factor), 0.98 * factor)  # always down, never past half
+    closest = f"closest: {stored} bytes" if tried else smallest
     raise SubspaceError(f"no {bits or 32}-bit fit of {len(items)} adapters lands under {budget:.0f} "
-                        f"bytes (closest: {stored} bytes; every module keeps at least one direction)")
+                        f"bytes ({closest}; every module keeps at least one direction)")

@@ -277,6 +277,7 @@ class VLoRAModel(Delegating):
         swap its non-LoRA tensors in; :meth:`unmerge` restores the weights bitwise."""
         self._check_state()
         t = self.subspace.get_task(task_id)
+        self._check_untied()
         self._apply_extras(task_id)
         self._router.route = None
         self._merged = {}
@@ -288,6 +289,20 @@ class VLoRAModel(Delegating):
             self._merged[name] = w.detach().clone()
             w.add_((delta if isinstance(layer.base_layer, nn.Linear) else delta.T).to(w.dtype))
         self._active = task_id
+
+    def _check_untied(self) -> None:
+        """Merging adds a delta to a weight in place: one tied to another parameter (an
+        ``lm_head`` tied to the embeddings, two adapted layers sharing a weight) would
+        change there too, so it is refused before anything is touched."""
+        owners: dict[int, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(p.data_ptr(), []).append(name)
+        for name, layer in self._layers.items():
+            tied = owners.get(layer.base_layer.weight.data_ptr(), [])
+            if len(tied) > 1:
+                raise VLoRAError(f"cannot merge into {name}: its weight is tied to "
+                                 f"{', '.join(tied)}, which the merge would change too; "
+                                 "serve the task unmerged (set_task) instead")
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -207,6 +207,12 @@ class SharedSubspace:
             score = sum(weighted_error(sub.get_task(t), mw) for t in ids)
             if best is None or score < best[0]:
                 best = (score, sub)
+        # Every module keeps one direction per side, and every spectrum is stored.
+        stored = best[1].compression_stats()["stored_bytes"] if budget is not None else 0
+        if budget is not None and stored > budget:
+            raise SubspaceError(f"a budget of {budget:.0f} bytes is below the smallest fit of these "
+                                f"{len(items)} adapters ({stored} bytes: one direction per module "
+                                "and side)")
         return best[1]
 
     @classmethod

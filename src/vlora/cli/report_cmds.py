@@ -77,7 +77,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 @click.command()
 @click.argument("subspace", type=click.Path(exists=True))
-@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Runs per timing (their median is printed).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def benchmark(subspace, repeats, quiet, as_json):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -206,7 +207,8 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, quiet):
     names = sub.tasks if all_tasks else list(tasks)
     if not names:
         raise click.UsageError("name at least one task, or pass --all")
-    targets = {t: Path(output) / _folder_name(t) if len(names) > 1 or all_tasks else Path(output)
+    folders = _folder_names(names)
+    targets = {t: Path(output) / folders[t] if len(names) > 1 or all_tasks else Path(output)
                for t in names}
     if len(names) > 1 or all_tasks:
         check_adapter_output(output)  # the parent folder: not a subspace's either
@@ -224,17 +226,20 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, quiet):
 @click.argument("subspace", type=click.Path(exists=True))
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--task-ids", help="Comma-separated ids (default: folder names).")
-@click.option("--incremental", "mode", flag_value="incremental",
+@click.option("--incremental", is_flag=True,
               help="Update the basis at a cost independent of the number of tasks.")
-@click.option("--project-only", "mode", flag_value="project",
+@click.option("--project-only", is_flag=True,
               help="Keep the basis; only store the new tasks' coordinates.")
 @QUIET
 @JSON
-def add(subspace, adapters, task_ids, mode, quiet, as_json):
+def add(subspace, adapters, task_ids, incremental, project_only, quiet, as_json):
     """Add adapters to a subspace; by default the basis is refit on all tasks (absorb).
 
     Prints each old task's error before and after, and the drift of its reconstruction.
     """
+    if incremental and project_only:
+        raise click.UsageError("--incremental and --project-only exclude each other: pick one")
+    mode = "incremental" if incremental else "project" if project_only else "absorb"
     ids = split_ids(task_ids) or [Path(p).name for p in adapters]
     if len(ids) != len(adapters):
         raise click.UsageError(f"{len(ids)} task ids for {len(adapters)} adapters")
@@ -327,13 +332,21 @@ def validate(subspace, quiet, as_json):
         raise SystemExit(1)
 
 
-def _folder_name(task_id: str) -> str:
-    """A folder name for a task id (ids are data: any printable text up to 256 characters):
-    the id itself when it is a usable name, else a shortened one with a hash of the id."""
-    if task_id not in (".", "..") and len(task_id.encode()) <= 200:
-        return task_id
-    digest = hashlib.sha256(task_id.encode()).hexdigest()[:12]
-    return f"{task_id.encode()[:100].decode(errors='ignore').strip('.') or 'task'}-{digest}"
+def _folder_names(task_ids: list[str]) -> dict[str, str]:
+    """A folder name per task id (ids are data: any printable text up to 256 characters):
+    the id itself when it is a usable name, else a shortened one with a hash of the id.
+    Ids equal but for case get hashed names too, or they would share one folder on
+    case-insensitive file systems (macOS, Windows)."""
+    usable = [t for t in task_ids if t not in (".", "..") and len(t.encode()) <= 200]
+    folded = Counter(t.casefold() for t in usable)
+    out = {}
+    for t in task_ids:
+        if t in usable and folded[t.casefold()] == 1:
+            out[t] = t
+            continue
+        digest = hashlib.sha256(t.encode()).hexdigest()[:12]
+        out[t] = f"{t.encode()[:100].decode(errors='ignore').strip('.') or 'task'}-{digest}"
+    return out
 
 
 def _relative(diff_sq: float, norm_sq: float) -> float:
