@@ -218,3 +218,22 @@ def test_replacing_a_folder_is_one_exchange(tmp_path, monkeypatch):
     got = load_adapter(tmp_path / "ad")
     assert torch.equal(got.lora_b[got.layer_names[0]], b.lora_b[b.layer_names[0]])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temp folder left
+
+
+def test_a_save_over_another_writers_newer_generation_is_refused(tmp_path):
+    # Library users who load, change and save without holding the lock (the CLI holds it)
+    # must not silently drop what another writer saved in between.
+    path = tmp_path / "sub"
+    big_subspace(n_tasks=3).save(path)
+    mine, theirs = SharedSubspace.load(path), SharedSubspace.load(path)
+    extra = big_subspace(n_tasks=5)
+    theirs.add_task(extra.get_task("task3"))
+    theirs.save(path)
+    mine.add_task(extra.get_task("task4"))
+    with pytest.raises(storage.SubspaceError, match="saved by another writer"):
+        mine.save(path)
+    assert SharedSubspace.load(path).tasks == ["task0", "task1", "task2", "task3"]
+    mine.save(tmp_path / "elsewhere")  # another folder is fine, and so are saves after one's own
+    theirs.remove_task("task0")
+    theirs.save(path)
+    assert SharedSubspace.load(path).tasks == ["task1", "task2", "task3"]

@@ -134,6 +134,12 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
     try:
         with lock(path):
             old = _read_manifest(path) if (path / MANIFEST).exists() else None
+            where = str(path.resolve())
+            if sub.origin and sub.origin[0] == where and old and old.get("generation") != sub.origin[1]:
+                raise SubspaceError(
+                    f"{path}: saved by another writer (generation {old.get('generation')}) since this "
+                    f"subspace was loaded (generation {sub.origin[1]}); saving would lose their "
+                    "changes: load it again and redo yours, or save elsewhere")
             # Above every generation present, so that no file a manifest names is rewritten.
             gens = [int(m[2]) for f in path.iterdir() if (m := _DATA_FILE.match(f.name))]
             gens.append((old or {}).get("generation"))
@@ -181,6 +187,7 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
                 "files": files, "tasks": metas,
             }
             atomic_write(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+            sub.origin = (where, gen)
             for f in path.iterdir():  # old generations: no manifest names them any more
                 if _DATA_FILE.match(f.name) and f.name not in {v["name"] for v in files.values()} \
                         or _STALE_TMP.match(f.name):
@@ -342,4 +349,5 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
             bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
             dict(config), str(meta.get("dtype", "float32")),
             meta.get("source"), meta.get("sha256"), quant or None))
+    sub.origin = (str(path.resolve()), manifest.get("generation"))
     return sub

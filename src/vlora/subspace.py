@@ -106,6 +106,9 @@ class SharedSubspace:
         self.weighting = weighting
         self.base_model = base_model
         self.missing_modules = missing_modules  # policy of check_modules, kept for new tasks
+        # (directory, generation) this subspace was loaded from or last saved to: a save
+        # there refuses to replace another writer's newer generation (storage.save_subspace)
+        self.origin: tuple[str, int] | None = None
         for t in tasks:
             self.add_task(t)
 
