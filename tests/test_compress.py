@@ -76,3 +76,15 @@ def test_a_budget_below_the_smallest_fit_is_refused_not_exceeded(adapters):
     smallest = SharedSubspace.from_adapters(ads, num_components=1).compression_stats()["stored_bytes"]
     sub = SharedSubspace.from_adapters(ads, budget=smallest + 64)
     assert sub.compression_stats()["stored_bytes"] <= smallest + 64
+
+
+def test_budgets_met_by_any_candidate_or_only_once_quantized_are_met():
+    ads, ids = planted(3, d_out=200, d_in=160, r=8), ["a", "b", "c"]
+    # at the smallest k every pseudo-rank keeps the same error: the one that fits is kept
+    smallest = SharedSubspace.from_adapters(ads, ids, num_components=1, pseudo_rank=1)
+    budget = smallest.compression_stats()["stored_bytes"]
+    assert SharedSubspace.from_adapters(ads, ids, budget=budget).compression_stats()["stored_bytes"] <= budget
+    for bits in (4, 6):  # under the smallest float32 fit, met by it once quantized
+        smallest.quantize(bits, coordinates=True)
+        target = smallest.compression_stats()["stored_bytes"]
+        assert compress(ads, ids, budget=target, bits=bits).compression_stats()["stored_bytes"] <= target

@@ -15,6 +15,7 @@ import gc
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -230,10 +231,17 @@ def test_a_save_over_another_writers_newer_generation_is_refused(tmp_path):
     theirs.add_task(extra.get_task("task3"))
     theirs.save(path)
     mine.add_task(extra.get_task("task4"))
-    with pytest.raises(storage.SubspaceError, match="saved by another writer"):
+    with pytest.raises(storage.SubspaceError, match="by another writer"):
         mine.save(path)
     assert SharedSubspace.load(path).tasks == ["task0", "task1", "task2", "task3"]
     mine.save(tmp_path / "elsewhere")  # another folder is fine, and so are saves after one's own
+    with pytest.raises(storage.SubspaceError, match="by another writer"):
+        mine.save(path)  # ... which do not make it forget where it came from
     theirs.remove_task("task0")
     theirs.save(path)
     assert SharedSubspace.load(path).tasks == ["task1", "task2", "task3"]
+    shutil.rmtree(path)  # replaced by a fresh folder, generation 1 again
+    big_subspace(n_tasks=2).save(path)
+    with pytest.raises(storage.SubspaceError, match="by another writer"):
+        theirs.save(path)
+    assert SharedSubspace.load(path).tasks == ["task0", "task1"]

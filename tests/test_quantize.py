@@ -38,6 +38,8 @@ def test_the_dct_is_orthonormal_and_rounds_rows_that_shrink_more_finely():
     assert err(quantize(x, 8, transform="dct")) < 0.3 * err(dct)  # undone: 4x finer steps
     with pytest.raises(ValueError, match="transform"):
         quantize(x, 6, transform="hadamard")
+    for shape in ((0, 4), (3, 0), (1, 5)):  # a module at k = 0, a task at rank 0, k = 1
+        assert dequantize(quantize(torch.ones(shape), 6, transform="dct")).shape == shape
 
 
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
@@ -93,6 +95,7 @@ def test_subspace_quantize_reports_exact_errors_and_saves_small(tmp_path, bits, 
     metas = [q for t in manifest["tasks"] for q in (t.get("quant") or {}).values()]
     assert len(metas) == (2 * len(MODULES) * len(ads) if coords else 0)
     assert all(q["transform"] == "dct" for q in metas)  # coordinates only: bases gain nothing
+    assert manifest["format_version"] == (3 if coords else 2)  # older readers read the rest
     if coords:  # a transform this vlora does not know is refused, not read as another
         metas[0]["transform"] = "hadamard"
         (tmp_path / "q" / "manifest.json").write_text(json.dumps(manifest))

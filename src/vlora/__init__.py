@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from vlora.adapter import LoRAWeights
 from vlora.errors import (
     AdapterError,
+    BudgetError,
     IncompatibleAdaptersError,
     SubspaceError,
     TaskNotFoundError,
@@ -30,7 +31,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "AbsorbReport", "AdapterError", "AdapterMatchRouter", "IncompatibleAdaptersError",
+    "AbsorbReport", "AdapterError", "AdapterMatchRouter", "BudgetError", "IncompatibleAdaptersError",
     "LoRAWeights", "SharedSubspace", "SubspaceError", "SubspaceTrainer", "TaskNotFoundError",
     "TaskProjection", "TaskRouter", "UnsupportedAdapterError", "VLoRAError", "VLoRAModel",
     "__version__", "check_vllm_adapter", "load_adapter", "load_adapter_from_hub", "lora_equivalent_lr",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vlora.adapter import LoRAWeights
-from vlora.errors import SubspaceError
+from vlora.errors import BudgetError
 from vlora.io import load_adapter
 from vlora.subspace import SharedSubspace
 
@@ -43,7 +43,7 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
 
     Raises:
         ValueError: both ``budget`` and ``ratio``, or a non-positive one.
-        SubspaceError: no fit of the requested bits lands under the budget.
+        BudgetError: (a SubspaceError) no fit of the requested bits lands under the budget.
     """
     if budget is not None and ratio is not None:
         raise ValueError("give a budget or a ratio, not both")
@@ -61,25 +61,26 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
     # budget, corrected until the stored bytes fit. Block scales, padding, spectra and Grams
     # do not shrink with the bits, so the stored bytes are not proportional to the fit's
     # budget: after the first try, aim along the line through the last two tries.
-    factor, tries, stored, smallest = 32 / (bits or 32), BUDGET_TRIES if bits else 1, 0, ""
+    factor, tries, stored = 32 / (bits or 32), BUDGET_TRIES if bits else 1, 0
     tried: list[tuple[float, int]] = []
     for _ in range(tries):
         try:
-            sub = SharedSubspace.from_adapters(items, task_ids, budget=budget * factor, **fit_kwargs)
-        except SubspaceError as e:  # below the smallest fit: the closest try stands
-            smallest = str(e)
-            break
+            sub, smallest = SharedSubspace.from_adapters(items, task_ids, budget=budget * factor,
+                                                         **fit_kwargs), False
+        except BudgetError as e:  # below the smallest float32 fit, which quantized may fit
+            sub, smallest = e.closest, True
         if bits is not None:
             sub.quantize(bits, method, coordinates=quantize_coordinates)
         stored = sub.compression_stats()["stored_bytes"]
         if stored <= budget:
             return sub
+        if smallest:  # no smaller fit to try
+            break
         tried.append((factor, stored))
         guess = 0.995 * budget / stored * factor
         if len(tried) > 1 and tried[-2][1] > stored:
             (f0, s0), (f1, s1) = tried[-2:]
             guess = f1 - (s1 - 0.995 * budget) * (f1 - f0) / (s1 - s0)
         factor = min(max(guess, 0.5 * factor), 0.98 * factor)  # always down, never past half
-    closest = f"closest: {stored} bytes" if tried else smallest
-    raise SubspaceError(f"no {bits or 32}-bit fit of {len(items)} adapters lands under {budget:.0f} "
-                        f"bytes ({closest}; every module keeps at least one direction)")
+    raise BudgetError(f"no {bits or 32}-bit fit of {len(items)} adapters lands under {budget:.0f} "
+                      f"bytes (closest: {stored} bytes; every module keeps at least one direction)")

@@ -40,6 +40,18 @@ class SubspaceError(VLoRAError):
     """A subspace directory is missing, corrupt, locked, or asked for something it lacks."""
 
 
+class BudgetError(SubspaceError):
+    """No fit of the adapters lands under a byte budget.
+
+    Attributes:
+        closest: the smallest fit found (over the budget), for callers that go on from it.
+    """
+
+    def __init__(self, message: str, closest=None):
+        super().__init__(message)
+        self.closest = closest
+
+
 class TaskNotFoundError(SubspaceError, KeyError):
     """A task id is not in the subspace."""
 

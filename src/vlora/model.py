@@ -295,10 +295,17 @@ class VLoRAModel(Delegating):
         ``lm_head`` tied to the embeddings, two adapted layers sharing a weight) would
         change there too, so it is refused before anything is touched."""
         owners: dict[int, list[str]] = {}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            owners.setdefault(p.data_ptr(), []).append(name)
+        tensors = [*self.model.named_parameters(remove_duplicate=False),
+                   *self.model.named_buffers(remove_duplicate=False)]
+        for name, p in tensors:
+            if not p.is_meta and p.numel():  # meta and empty tensors all share address 0
+                owners.setdefault(p.data_ptr(), []).append(name)
         for name, layer in self._layers.items():
-            tied = owners.get(layer.base_layer.weight.data_ptr(), [])
+            w = layer.base_layer.weight
+            if w.is_meta:
+                raise VLoRAError(f"cannot merge into {name}: its weight is offloaded (on the meta "
+                                 "device); serve the task unmerged (set_task) instead")
+            tied = owners.get(w.data_ptr(), [])
             if len(tied) > 1:
                 raise VLoRAError(f"cannot merge into {name}: its weight is tied to "
                                  f"{', '.join(tied)}, which the merge would change too; "

@@ -21,6 +21,7 @@ along rows less (0.1206), and the DCT of bases nothing (their entries are alread
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -66,11 +67,14 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, block)
 
 
+@functools.lru_cache(maxsize=64)
 def dct_matrix(n: int) -> torch.Tensor:
-    """The orthonormal DCT-II ``(n, n)`` in float64: ``y = D @ x`` transforms x's rows."""
+    """The orthonormal DCT-II ``(n, n)`` in float64: ``y = D @ x`` transforms x's rows.
+    Cached (loading a subspace needs one per k): read it, never write to it."""
     i = torch.arange(n, dtype=F64)
-    d = torch.cos(math.pi * (i[None, :] + 0.5) * i[:, None] / n) * math.sqrt(2 / n)
-    d[0] /= math.sqrt(2)
+    d = torch.cos(math.pi * (i[None, :] + 0.5) * i[:, None] / max(n, 1)) * math.sqrt(2 / max(n, 1))
+    if n:
+        d[0] /= math.sqrt(2)
     return d
 
 

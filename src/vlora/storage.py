@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 FORMAT = "vlora-subspace"
 # 2: a diagonal Gram is stored as its diagonal; 3: quantized tensors may name a transform
+# (written only where one does)
 FORMAT_VERSION = 3
 READS = (1, 2, 3)
 MANIFEST = "manifest.json"
@@ -135,11 +136,12 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
         with lock(path):
             old = _read_manifest(path) if (path / MANIFEST).exists() else None
             where = str(path.resolve())
-            if sub.origin and sub.origin[0] == where and old and old.get("generation") != sub.origin[1]:
+            seen = sub._manifest_digests.get(where)
+            if seen is not None and (old is None or _digest(old) != seen):
                 raise SubspaceError(
-                    f"{path}: saved by another writer (generation {old.get('generation')}) since this "
-                    f"subspace was loaded (generation {sub.origin[1]}); saving would lose their "
-                    "changes: load it again and redo yours, or save elsewhere")
+                    f"{path}: saved, replaced or removed by another writer since this subspace "
+                    "loaded or saved it; saving would lose their changes: load it again and "
+                    "redo yours, or save elsewhere")
             # Above every generation present, so that no file a manifest names is rewritten.
             gens = [int(m[2]) for f in path.iterdir() if (m := _DATA_FILE.match(f.name))]
             gens.append((old or {}).get("generation"))
@@ -175,8 +177,9 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
                 fsync_write(path / name, blob)
                 files[kind] = {"name": name, "sha256": _sha(blob), "bytes": len(blob)}
             fsync_dir(path)
+            version = FORMAT_VERSION if _uses_transforms(module_quant, metas) else 2
             manifest = {
-                "format": FORMAT, "format_version": FORMAT_VERSION, "generation": gen,
+                "format": FORMAT, "format_version": version, "generation": gen,
                 "base_model": sub.base_model, "weighting": sub.weighting,
                 "missing_modules": sub.missing_modules,
                 "fingerprint": fingerprint(sub), "target_modules": sorted(
@@ -187,7 +190,7 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
                 "files": files, "tasks": metas,
             }
             atomic_write(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-            sub.origin = (where, gen)
+            sub._manifest_digests[where] = _digest(manifest)
             for f in path.iterdir():  # old generations: no manifest names them any more
                 if _DATA_FILE.match(f.name) and f.name not in {v["name"] for v in files.values()} \
                         or _STALE_TMP.match(f.name):
@@ -200,6 +203,19 @@ def fingerprint(sub: SharedSubspace) -> str:
     """Digest of module names and shapes: the base model as far as the adapters see it."""
     desc = ";".join(f"{m}:{b.d_out}x{b.d_in}" for m, b in sorted(sub.modules.items()))
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def _uses_transforms(module_quant: dict, metas: list[dict]) -> bool:
+    """Whether any quantized tensor names a transform: only such files need version 3, so
+    that older vlora versions still read the others."""
+    quants = [q for mq in module_quant.values() for q in mq.values()] + \
+        [q for meta in metas for q in meta["quant"].values()]
+    return any(q and q.get("transform") for q in quants)
+
+
+def _digest(manifest: dict[str, Any]) -> str:
+    """What a manifest says, as one digest: its generation and every file's sha256 with it."""
+    return _sha(json.dumps(manifest, sort_keys=True).encode())
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -349,5 +365,5 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
             bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
             dict(config), str(meta.get("dtype", "float32")),
             meta.get("source"), meta.get("sha256"), quant or None))
-    sub.origin = (str(path.resolve()), manifest.get("generation"))
+    sub._manifest_digests[str(path.resolve())] = _digest(manifest)
     return sub

@@ -24,7 +24,7 @@ import torch
 from vlora import linalg
 from vlora.adapter import LoRAWeights
 from vlora.budget import choose_ks, coordinate_numbers, core_ranks, resolve_module_weights, weighted_error
-from vlora.errors import IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
+from vlora.errors import BudgetError, IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
 from vlora.io import check_weights, config_for, load_adapter
 from vlora.progress import track
 from vlora.storage import SPECTRUM_DTYPE
@@ -106,9 +106,9 @@ class SharedSubspace:
         self.weighting = weighting
         self.base_model = base_model
         self.missing_modules = missing_modules  # policy of check_modules, kept for new tasks
-        # (directory, generation) this subspace was loaded from or last saved to: a save
-        # there refuses to replace another writer's newer generation (storage.save_subspace)
-        self.origin: tuple[str, int] | None = None
+        # {directory: digest of its manifest} as this subspace loaded or saved it: a save
+        # there refuses to replace what another writer saved since (storage.save_subspace)
+        self._manifest_digests: dict[str, str] = {}
         for t in tasks:
             self.add_task(t)
 
@@ -194,7 +194,7 @@ class SharedSubspace:
         # every task's original spectrum is stored (for the baselines), whatever the ks
         spectra_bytes = SPECTRUM_DTYPE.itemsize * sum(min(a.lora_a[m].shape[0], min(shapes[m]))
                                                       for a in items for m in shapes if m in a.lora_a)
-        best = None
+        fits = []
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
             ks = choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
@@ -208,15 +208,17 @@ class SharedSubspace:
                 for a, tid in zip(items, ids):
                     sub.add_task(sub.project(a, tid, pseudo_rank=ranks[tid]), replace=True)
             score = sum(weighted_error(sub.get_task(t), mw) for t in ids)
-            if best is None or score < best[0]:
-                best = (score, sub)
-        # Every module keeps one direction per side, and every spectrum is stored.
-        stored = best[1].compression_stats()["stored_bytes"] if budget is not None else 0
-        if budget is not None and stored > budget:
-            raise SubspaceError(f"a budget of {budget:.0f} bytes is below the smallest fit of these "
-                                f"{len(items)} adapters ({stored} bytes: one direction per module "
-                                "and side)")
-        return best[1]
+            stored = sub.compression_stats()["stored_bytes"] if budget is not None else 0
+            fits.append((budget is not None and stored > budget, score, stored, sub))
+        # Within the budget first, then by error. Where none fits (every module keeps one
+        # direction per side, and every spectrum is stored), the smallest is the closest.
+        over, _, stored, best = min(fits, key=lambda f: (f[0], f[1]))
+        if over:
+            _, _, stored, best = min(fits, key=lambda f: f[2])
+            raise BudgetError(f"a budget of {budget:.0f} bytes is below the smallest fit of these "
+                              f"{len(items)} adapters ({stored} bytes: one direction per module "
+                              "and side)", closest=best)
+        return best
 
     @classmethod
     def _fit(cls, items, ids, weights, shapes, starts, ks, refine_iters, pseudo_rank, progress,

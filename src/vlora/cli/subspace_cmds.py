@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -335,13 +336,14 @@ def validate(subspace, quiet, as_json):
 def _folder_names(task_ids: list[str]) -> dict[str, str]:
     """A folder name per task id (ids are data: any printable text up to 256 characters):
     the id itself when it is a usable name, else a shortened one with a hash of the id.
-    Ids equal but for case get hashed names too, or they would share one folder on
-    case-insensitive file systems (macOS, Windows)."""
+    Ids equal but for case or Unicode normalization get hashed names too, or they would
+    share one folder on file systems that ignore those (macOS, Windows)."""
     usable = [t for t in task_ids if t not in (".", "..") and len(t.encode()) <= 200]
-    folded = Counter(t.casefold() for t in usable)
+    fold = lambda t: unicodedata.normalize("NFC", t).casefold()  # noqa: E731
+    folded = Counter(fold(t) for t in usable)
     out = {}
     for t in task_ids:
-        if t in usable and folded[t.casefold()] == 1:
+        if t in usable and folded[fold(t)] == 1:
             out[t] = t
             continue
         digest = hashlib.sha256(t.encode()).hexdigest()[:12]
