@@ -235,6 +235,22 @@ def test_regex_patterns_that_backtrack_are_refused_and_real_ones_work(tmp_path):
     fails_fast(AdapterError, "module name of 600 characters", load_adapter, folder)
 
 
+def test_a_target_modules_regex_that_backtracks_is_never_run(tmp_path):
+    # target_modules is only read back when writing a config: a hostile regex there would
+    # hang the export; instead the written config names the modules
+    folder = good_adapter(tmp_path)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**config, "target_modules": "(.*)*x"}))
+    weights = load_adapter(folder)
+    with fuzz.time_limit(5.0):
+        save_adapter(weights, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["target_modules"]
+    assert isinstance(written, list) and written
+    (folder / CONFIG_NAME).write_text(json.dumps({**config, "target_modules": r"model\.layers\.\d+\.self_attn\..*proj"}))
+    save_adapter(load_adapter(folder), tmp_path / "kept")  # a real regex of two repeats is kept
+    assert json.loads((tmp_path / "kept" / CONFIG_NAME).read_text())["target_modules"] == r"model\.layers\.\d+\.self_attn\..*proj"
+
+
 def test_factors_must_be_finite_float_and_of_sane_magnitude(tmp_path):
     folder = good_adapter(tmp_path)
     tensors = load_file(folder / SAFETENSORS_NAME)

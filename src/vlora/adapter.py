@@ -135,15 +135,23 @@ def _check_pattern_key(key: Any, where: str, path: Any) -> None:
         raise AdapterError(path, f"config {where} key {str(key)[:60]!r} must be a module name "
                            f"or pattern of 1-{_MAX_PATTERN_KEY} characters")
     try:
-        risky = _variable_repeats(_sre_parse.parse(key)) > 2
-    except _Risky:
-        risky = True
+        risky = may_backtrack(key)
     except (re.error, RecursionError, OverflowError) as e:
         raise AdapterError(path, f"config {where} key {key[:60]!r} is not a valid pattern ({e})") \
             from None
     if risky:
         raise AdapterError(path, f"config {where} key {key[:60]!r}: patterns with nested or many "
                            "repeats, or backreferences, are refused (they can take hours to match)")
+
+
+def may_backtrack(pattern: str) -> bool:
+    """Whether matching ``pattern`` can take exponential (or high polynomial) time: a
+    variable repeat or an alternation inside a repeat, a backreference, or more than two
+    variable repeats in all. Raises re.error (and the like) for a pattern that is not one."""
+    try:
+        return _variable_repeats(_sre_parse.parse(pattern)) > 2
+    except _Risky:
+        return True
 
 
 def _variable_repeats(items: Any, under_repeat: bool = False) -> int:

@@ -26,6 +26,7 @@ from vlora.adapter import (
     MAX_MODULE_NAME,
     LoRAWeights,
     check_config,
+    may_backtrack,
     module_rank_and_alpha,
     peft_scale,
 )
@@ -269,11 +270,12 @@ def check_weights(weights: LoRAWeights) -> LoRAWeights:
 
 def _targeted(targets: Any, module: str) -> bool:
     """Whether PEFT's ``target_modules`` (a regex, matched whole, or names matched as
-    suffixes) selects ``module``."""
+    suffixes) selects ``module``. A regex that could backtrack for hours (a hostile config)
+    selects nothing, so that the config written names the modules instead."""
     if isinstance(targets, str):
         try:
-            return re.fullmatch(targets, module) is not None
-        except re.error:
+            return not may_backtrack(targets) and re.fullmatch(targets, module) is not None
+        except (re.error, RecursionError, OverflowError):
             return False
     return isinstance(targets, list) and any(module == t or module.endswith(f".{t}") for t in targets)
 
