@@ -38,8 +38,9 @@ def test_bad_targets_are_refused_with_our_errors(adapters):
     with pytest.raises(ValueError, match="positive"):
         compress(adapters, ratio=0)
     for bits in (None, 6):
-        with pytest.raises(SubspaceError, match="lands under 100 bytes"):
+        with pytest.raises(SubspaceError, match="lands under 100 bytes") as info:
             compress(adapters, budget=100, bits=bits)
+        assert info.value.closest.compression_stats()["stored_bytes"] > 100  # to go on from
 
 
 def test_the_svd_baseline_of_a_quantized_subspace_gets_numbers_at_the_same_bits(adapters):

@@ -245,3 +245,5 @@ def test_a_save_over_another_writers_newer_generation_is_refused(tmp_path):
     with pytest.raises(storage.SubspaceError, match="by another writer"):
         theirs.save(path)
     assert SharedSubspace.load(path).tasks == ["task0", "task1"]
+    theirs.save(path, force=True)  # replacing it anyway is the caller's call
+    assert SharedSubspace.load(path).tasks == ["task1", "task2", "task3"]

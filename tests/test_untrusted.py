@@ -247,8 +247,13 @@ def test_a_target_modules_regex_that_backtracks_is_never_run(tmp_path):
     written = json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["target_modules"]
     assert isinstance(written, list) and written
     (folder / CONFIG_NAME).write_text(json.dumps({**config, "target_modules": r"model\.layers\.\d+\.self_attn\..*proj"}))
-    save_adapter(load_adapter(folder), tmp_path / "kept")  # a real regex of two repeats is kept
+    save_adapter(load_adapter(folder), tmp_path / "kept")  # a real regex is kept
     assert json.loads((tmp_path / "kept" / CONFIG_NAME).read_text())["target_modules"] == r"model\.layers\.\d+\.self_attn\..*proj"
+    # three repeats (PEFT's own LoraConfig example has that many) on names this short: kept too
+    peft_example = r".*layers.*(self_attn|mlp).*(q|v)_proj$"
+    (folder / CONFIG_NAME).write_text(json.dumps({**config, "target_modules": peft_example}))
+    save_adapter(load_adapter(folder), tmp_path / "three")
+    assert json.loads((tmp_path / "three" / CONFIG_NAME).read_text())["target_modules"] == peft_example
 
 
 def test_factors_must_be_finite_float_and_of_sane_magnitude(tmp_path):

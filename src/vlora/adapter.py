@@ -144,14 +144,17 @@ def _check_pattern_key(key: Any, where: str, path: Any) -> None:
                            "repeats, or backreferences, are refused (they can take hours to match)")
 
 
-def may_backtrack(pattern: str) -> bool:
-    """Whether matching ``pattern`` can take exponential (or high polynomial) time: a
+def may_backtrack(pattern: str, max_length: int | None = None) -> bool:
+    """Whether matching ``pattern`` can take exponential or high polynomial time: a
     variable repeat or an alternation inside a repeat, a backreference, or more than two
-    variable repeats in all. Raises re.error (and the like) for a pattern that is not one."""
+    variable repeats in all, unless ``c`` repeats against strings of ``max_length``
+    cost at most ``max_length ** c`` = 10^7 steps (real patterns on real module names).
+    Raises re.error (and the like) for a pattern that is not one."""
     try:
-        return _variable_repeats(_sre_parse.parse(pattern)) > 2
+        repeats = _variable_repeats(_sre_parse.parse(pattern))
     except _Risky:
         return True
+    return repeats > 2 and (max_length is None or max(max_length, 2) ** repeats > 1e7)
 
 
 def _variable_repeats(items: Any, under_repeat: bool = False) -> int:

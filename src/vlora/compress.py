@@ -83,4 +83,5 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
             guess = f1 - (s1 - 0.995 * budget) * (f1 - f0) / (s1 - s0)
         factor = min(max(guess, 0.5 * factor), 0.98 * factor)  # always down, never past half
     raise BudgetError(f"no {bits or 32}-bit fit of {len(items)} adapters lands under {budget:.0f} "
-                      f"bytes (closest: {stored} bytes; every module keeps at least one direction)")
+                      f"bytes (closest: {stored} bytes; every module keeps at least one direction)",
+                      closest=sub)

@@ -274,7 +274,7 @@ def _targeted(targets: Any, module: str) -> bool:
     selects nothing, so that the config written names the modules instead."""
     if isinstance(targets, str):
         try:
-            return not may_backtrack(targets) and re.fullmatch(targets, module) is not None
+            return not may_backtrack(targets, len(module)) and re.fullmatch(targets, module) is not None
         except (re.error, RecursionError, OverflowError):
             return False
     return isinstance(targets, list) and any(module == t or module.endswith(f".{t}") for t in targets)

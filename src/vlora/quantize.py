@@ -67,11 +67,15 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, block)
 
 
-@functools.lru_cache(maxsize=64)
 def dct_matrix(n: int) -> torch.Tensor:
-    """The orthonormal DCT-II ``(n, n)`` in float64: ``y = D @ x`` transforms x's rows.
-    Cached (loading a subspace needs one per k): read it, never write to it."""
-    i = torch.arange(n, dtype=F64)
+    """The orthonormal DCT-II ``(n, n)`` in float64 on the CPU: ``y = D @ x`` transforms
+    x's rows. A copy of a cached one (a load needs one per k, and cosines cost more)."""
+    return _dct(n).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _dct(n: int) -> torch.Tensor:
+    i = torch.arange(n, dtype=F64, device="cpu")
     d = torch.cos(math.pi * (i[None, :] + 0.5) * i[:, None] / max(n, 1)) * math.sqrt(2 / max(n, 1))
     if n:
         d[0] /= math.sqrt(2)

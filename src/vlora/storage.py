@@ -127,8 +127,9 @@ def _task_meta(t: TaskProjection) -> dict[str, Any]:
             "quant": {}}
 
 
-def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
-    """Write ``sub`` to the directory ``path`` atomically, under its lock."""
+def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = False) -> None:
+    """Write ``sub`` to the directory ``path`` atomically, under its lock; unless ``force``,
+    refuse to replace what another writer saved there since ``sub`` loaded or saved it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SubspaceError(f"{path}: exists and is not a directory")
@@ -137,11 +138,11 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike) -> None:
             old = _read_manifest(path) if (path / MANIFEST).exists() else None
             where = str(path.resolve())
             seen = sub._manifest_digests.get(where)
-            if seen is not None and (old is None or _digest(old) != seen):
+            if seen is not None and not force and (old is None or _digest(old) != seen):
                 raise SubspaceError(
                     f"{path}: saved, replaced or removed by another writer since this subspace "
                     "loaded or saved it; saving would lose their changes: load it again and "
-                    "redo yours, or save elsewhere")
+                    "redo yours, save elsewhere, or pass force=True")
             # Above every generation present, so that no file a manifest names is rewritten.
             gens = [int(m[2]) for f in path.iterdir() if (m := _DATA_FILE.match(f.name))]
             gens.append((old or {}).get("generation"))

@@ -194,7 +194,7 @@ class SharedSubspace:
         # every task's original spectrum is stored (for the baselines), whatever the ks
         spectra_bytes = SPECTRUM_DTYPE.itemsize * sum(min(a.lora_a[m].shape[0], min(shapes[m]))
                                                       for a in items for m in shapes if m in a.lora_a)
-        fits = []
+        best = smallest = None  # (score, sub) within the budget; (bytes, sub) of all
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
             ks = choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
@@ -209,16 +209,16 @@ class SharedSubspace:
                     sub.add_task(sub.project(a, tid, pseudo_rank=ranks[tid]), replace=True)
             score = sum(weighted_error(sub.get_task(t), mw) for t in ids)
             stored = sub.compression_stats()["stored_bytes"] if budget is not None else 0
-            fits.append((budget is not None and stored > budget, score, stored, sub))
-        # Within the budget first, then by error. Where none fits (every module keeps one
-        # direction per side, and every spectrum is stored), the smallest is the closest.
-        over, _, stored, best = min(fits, key=lambda f: (f[0], f[1]))
-        if over:
-            _, _, stored, best = min(fits, key=lambda f: f[2])
+            if (budget is None or stored <= budget) and (best is None or score < best[0]):
+                best = (score, sub)
+            if smallest is None or stored < smallest[0]:
+                smallest = (stored, sub)
+            del sub
+        if best is None:  # every module keeps one direction per side, every spectrum is stored
             raise BudgetError(f"a budget of {budget:.0f} bytes is below the smallest fit of these "
-                              f"{len(items)} adapters ({stored} bytes: one direction per module "
-                              "and side)", closest=best)
-        return best
+                              f"{len(items)} adapters ({smallest[0]} bytes: one direction per module "
+                              "and side)", closest=smallest[1])
+        return best[1]
 
     @classmethod
     def _fit(cls, items, ids, weights, shapes, starts, ks, refine_iters, pseudo_rank, progress,
@@ -489,9 +489,14 @@ class SharedSubspace:
         from vlora.stats import compression_stats
         return compression_stats(self)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, force: bool = False) -> None:
+        """Write the subspace to the directory ``path``, atomically and under its lock.
+
+        Raises SubspaceError where another writer saved, replaced or removed ``path``
+        since this subspace loaded or saved it there (their work would be lost): load it
+        again and redo the change, or pass ``force=True`` to replace it anyway."""
         from vlora.storage import save_subspace
-        save_subspace(self, path)
+        save_subspace(self, path, force)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SharedSubspace:

@@ -336,19 +336,23 @@ def validate(subspace, quiet, as_json):
 def _folder_names(task_ids: list[str]) -> dict[str, str]:
     """A folder name per task id (ids are data: any printable text up to 256 characters):
     the id itself when it is a usable name, else a shortened one with a hash of the id.
-    Ids equal but for case or Unicode normalization get hashed names too, or they would
-    share one folder on file systems that ignore those (macOS, Windows)."""
-    usable = [t for t in task_ids if t not in (".", "..") and len(t.encode()) <= 200]
-    fold = lambda t: unicodedata.normalize("NFC", t).casefold()  # noqa: E731
-    folded = Counter(fold(t) for t in usable)
-    out = {}
-    for t in task_ids:
-        if t in usable and folded[fold(t)] == 1:
-            out[t] = t
-            continue
+    Names equal but for case or Unicode normalization get hashed names too, or they would
+    share one folder on file systems that ignore those (macOS, Windows); so does an id that
+    equals another's hashed name."""
+    def hashed(t: str) -> str:
         digest = hashlib.sha256(t.encode()).hexdigest()[:12]
-        out[t] = f"{t.encode()[:100].decode(errors='ignore').strip('.') or 'task'}-{digest}"
-    return out
+        return f"{t.encode()[:100].decode(errors='ignore').strip('.') or 'task'}-{digest}"
+
+    def fold(name: str) -> str:
+        return unicodedata.normalize("NFC", name).casefold()
+
+    out = {t: t if t not in (".", "..") and len(t.encode()) <= 200 else hashed(t) for t in task_ids}
+    while True:  # each round hashes at least one more id; hashed names differ by their digests
+        seen = Counter(fold(n) for n in out.values())
+        clash = [t for t, n in out.items() if seen[fold(n)] > 1 and n != hashed(t)]
+        if not clash:
+            return out
+        out.update({t: hashed(t) for t in clash})
 
 
 def _relative(diff_sq: float, norm_sq: float) -> float:
