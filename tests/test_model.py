@@ -377,6 +377,31 @@ def test_causal_lm_mixed_generate_and_export(tmp_path):
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:.*(tie_word_embeddings|save_embedding_layers):UserWarning")
+def test_a_tied_lm_head_adapter_serves_like_peft_and_refuses_to_merge(tmp_path):
+    # LoRA on a tied lm_head: PEFT saves the tied weight as lm_head.base_layer.weight
+    from peft import PeftModel
+    tied = lambda: tiny_llama_tied()  # noqa: E731
+    paths = peft_adapters(tied, "CAUSAL_LM", ["q_proj", "v_proj", "lm_head"], tmp_path, n=2)
+    sub = SharedSubspace.from_adapters(paths, task_ids=["a", "b"])
+    assert "lm_head.base_layer.weight" in sub.get_task("a").extra
+    vm = VLoRAModel(tied(), sub)
+    batch = {"input_ids": torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1))}
+    vm.set_task("a")
+    peft = PeftModel.from_pretrained(tied(), str(paths[0])).eval()
+    torch.testing.assert_close(logits(vm, batch), logits(peft, batch), atol=1e-5, rtol=0)
+    vm.clear_task()
+    with pytest.raises(VLoRAError, match="tied to"):
+        vm.merge("a")
+
+
+def tiny_llama_tied():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def test_gpt2_conv1d_matches_peft_and_merges(tmp_path):
     from peft import PeftModel
     from transformers import GPT2Config, GPT2LMHeadModel

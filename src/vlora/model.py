@@ -142,7 +142,7 @@ class VLoRAModel(Delegating):
             self._layers[m] = layer
         self._heads: dict[str, RowHead] = {}
         for key, (module, _) in self._targets.items():
-            head = key.rpartition(".")[0]
+            head = self._owner(key)[0]
             if head not in self._heads and head not in self._layers \
                     and isinstance(module, nn.Linear):
                 parent, attr, _ = self._named[head]
@@ -358,10 +358,18 @@ class VLoRAModel(Delegating):
         if not self._layers:
             raise VLoRAError("this VLoRAModel was unwrapped")
 
+    def _owner(self, key: str) -> tuple[str, str]:
+        """``(module name, attribute)`` of a task's non-LoRA tensor ``key``. PEFT names the
+        weight of a layer it wrapped ``<layer>.base_layer.weight`` (a tied ``lm_head``)."""
+        head, _, attr = key.rpartition(".")
+        if head not in self._named and head.endswith(".base_layer"):
+            head = head.removesuffix(".base_layer")
+        return head, attr
+
     def _target(self, key: str, task_id: str) -> tuple[nn.Module, str]:
         """The module and attribute a task's non-LoRA tensor ``key`` replaces."""
         if key not in self._targets:
-            head, _, attr = key.rpartition(".")
+            head, attr = self._owner(key)
             module = self._named.get(head, (None, None, None))[2]
             if not isinstance(getattr(module, attr, None), torch.Tensor):
                 raise IncompatibleAdaptersError(
