@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from synthetic import MODULES, dense_error, planted, regauge
-from vlora import IncompatibleAdaptersError, LoRAWeights, SharedSubspace, SubspaceError
+from vlora import IncompatibleAdaptersError, LoRAWeights, SharedSubspace, SubspaceError, save_adapter
 
 F64 = torch.float64
 
@@ -293,3 +293,30 @@ def test_bad_in_memory_input_gets_our_errors_and_writes_nothing(tmp_path):
     with pytest.raises(SubspaceError, match="not JSON"):
         sub.save(tmp_path / "s")
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").glob("*.safetensors"))
+
+
+def test_a_removed_task_leaves_the_grams_that_weight_incremental_absorbs(tmp_path):
+    ads = planted(5, noise=0.3)
+    paths = []
+    for i, a in enumerate(ads):
+        save_adapter(a, tmp_path / f"t{i}")
+        paths.append(tmp_path / f"t{i}")
+    for items in (paths, ads):  # originals at hand on disk, or only the coordinates
+        sub = SharedSubspace.from_adapters(items, task_ids=ids(5), num_components=4)
+        m = MODULES[0]
+        b = sub.modules[m]
+
+        assert torch.allclose(torch.diagonal(b.G_u), _gram_diag(sub, m, ads, range(5)), rtol=1e-6)
+        before = torch.diagonal(b.G_u).clone()
+        sub.remove_task(ids(5)[4])
+        want, got = _gram_diag(sub, m, ads, range(4)), torch.diagonal(b.G_u)
+        err, stale = float((got - want).norm() / want.norm()), float((before - want).norm() / want.norm())
+        assert err < 1e-6 if items is paths else err < 0.6 * stale  # the part outside V is not at hand
+        assert torch.equal(b.G_u, torch.diag(got))  # still diagonal: stored as k numbers
+
+
+def _gram_diag(sub, m, ads, keep):
+    """diag of ``U^T (sum_t w_t dW_t dW_t^T) U`` over the kept tasks (ids t0, t1, ...)."""
+    u = sub.modules[m].U.T.double()
+    return sum(sub.get_task(f"t{i}").weight * (u @ ads[i].delta_weight(m, torch.float64)).square().sum(1)
+               for i in keep)

@@ -297,7 +297,22 @@ class SharedSubspace:
         self._tasks[projection.task_id] = projection
 
     def remove_task(self, task_id: str) -> TaskProjection:
-        self.get_task(task_id)
+        """Remove a task, and its energy from the diagonal of the bases' Grams (which
+        weight later incremental absorbs): exactly where its original adapter is at hand,
+        else the part its coordinates hold. The bases do not move, so a model serving the
+        other tasks goes on; the off-diagonal part the removal would add is dropped (the
+        Grams stay diagonal, stored as k numbers)."""
+        t = self.get_task(task_id)
+        original = _original_if_at_hand(t)
+        for m, b in self.modules.items():
+            if original is not None and m in original.lora_a:
+                ut, st, vt = _factors(original, m)
+                yu, yv = b.U.T.to(F64) @ (ut * st), b.V.T.to(F64) @ (vt * st)
+            else:  # U^T dW = C V^T + (what lies outside V): C C^T is the part at hand
+                yu = t.coords_b[m].to(F64) @ t.coords_a[m].to(F64).T
+                yv = yu.T
+            b.G_u = torch.diag((torch.diagonal(b.G_u) - t.weight * yu.square().sum(1)).clamp_min(0))
+            b.G_v = torch.diag((torch.diagonal(b.G_v) - t.weight * yv.square().sum(1)).clamp_min(0))
         return self._tasks.pop(task_id)
 
     def task_error(self, task_id: str) -> float:
