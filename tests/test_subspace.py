@@ -313,6 +313,14 @@ def test_a_removed_task_leaves_the_grams_that_weight_incremental_absorbs(tmp_pat
         err, stale = float((got - want).norm() / want.norm()), float((before - want).norm() / want.norm())
         assert err < 1e-6 if items is paths else err < 0.6 * stale  # the part outside V is not at hand
         assert torch.equal(b.G_u, torch.diag(got))  # still diagonal: stored as k numbers
+    # a task projected and added on its own never entered the Grams: removing it takes nothing
+    sub.add_task(sub.project(ads[4], "late"))
+    sub.save(tmp_path / "s")
+    sub = SharedSubspace.load(tmp_path / "s")  # which tasks the Grams hold is kept on disk
+    before = sub.modules[MODULES[0]].G_u.clone()
+    assert [sub.get_task(t).in_grams for t in sub.tasks] == [True] * 4 + [False]
+    sub.remove_task("late")
+    assert torch.equal(sub.modules[MODULES[0]].G_u, before)
 
 
 def _gram_diag(sub, m, ads, keep):

@@ -124,7 +124,7 @@ def _task_meta(t: TaskProjection) -> dict[str, Any]:
             "norm_sq": t.norm_sq, "residual_sq": t.residual_sq,
             "error_is_bound": t.error_is_bound, "dtype": t.dtype, "config": t.config,
             "source": t.source, "sha256": t.sha256, "extra_keys": sorted(t.extra),
-            "quant": {}}
+            "in_grams": t.in_grams, "quant": {}}
 
 
 def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = False) -> None:
@@ -365,6 +365,7 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
              for m in modules}, _number(meta["weight"], f"{what} weight"),
             bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
             dict(config), str(meta.get("dtype", "float32")),
-            meta.get("source"), meta.get("sha256"), quant or None))
+            meta.get("source"), meta.get("sha256"), quant or None,
+            meta.get("in_grams") is True))  # older files: unknown, so never taken out
     sub._manifest_digests[str(path.resolve())] = _digest(manifest)
     return sub

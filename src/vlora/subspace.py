@@ -214,6 +214,9 @@ class SharedSubspace:
             if smallest is None or stored < smallest[0]:
                 smallest = (stored, sub)
             del sub
+        for fit in (best, smallest):
+            for t in (fit[1]._tasks.values() if fit else ()):
+                t.in_grams = True
         if best is None:  # every module keeps one direction per side, every spectrum is stored
             raise BudgetError(f"a budget of {budget:.0f} bytes is below the smallest fit of these "
                               f"{len(items)} adapters ({smallest[0]} bytes: one direction per module "
@@ -297,14 +300,14 @@ class SharedSubspace:
         self._tasks[projection.task_id] = projection
 
     def remove_task(self, task_id: str) -> TaskProjection:
-        """Remove a task, and its energy from the diagonal of the bases' Grams (which
-        weight later incremental absorbs): exactly where its original adapter is at hand,
+        """Remove a task, and its energy from the diagonal of the bases' Grams where they hold
+        it (they weight later incremental absorbs): exactly where its original is at hand,
         else the part its coordinates hold. The bases do not move, so a model serving the
         other tasks goes on; the off-diagonal part the removal would add is dropped (the
         Grams stay diagonal, stored as k numbers)."""
         t = self.get_task(task_id)
-        original = _original_if_at_hand(t)
-        for m, b in self.modules.items():
+        original = _original_if_at_hand(t) if t.in_grams else None
+        for m, b in (self.modules.items() if t.in_grams else ()):
             if original is not None and m in original.lora_a:
                 ut, st, vt = _factors(original, m)
                 yu, yv = b.U.T.to(F64) @ (ut * st), b.V.T.to(F64) @ (vt * st)
@@ -384,6 +387,8 @@ class SharedSubspace:
         with linalg.fixed_threads():
             report = self._move_bases(new_modules, exact_errors)
         self.add_task(self.project(adapter, task_id))
+        for t in self._tasks.values():  # the Grams were rebuilt from every task
+            t.in_grams = True
         return report
 
     def absorb_incremental(self, adapter: AdapterLike, task_id: str, grow: bool = False,
@@ -412,6 +417,7 @@ class SharedSubspace:
         with linalg.fixed_threads():
             report = self._move_bases(new_modules, exact_errors)
         self.add_task(self.project(adapter, task_id))
+        self._tasks[task_id].in_grams = True  # added to the Grams above, alone
         return report
 
     def _stored_factors(self, module: str) -> tuple[list[linalg.Factor], list[float]]:
