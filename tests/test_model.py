@@ -393,6 +393,11 @@ def test_a_tied_lm_head_adapter_serves_like_peft_and_refuses_to_merge(tmp_path):
     vm.clear_task()
     with pytest.raises(VLoRAError, match="tied to"):
         vm.merge("a")
+    vm.export("a", tmp_path / "out")  # as PEFT wrote it: the tied weight, no modules_to_save
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save")
+    again = PeftModel.from_pretrained(tied(), str(tmp_path / "out")).eval()
+    torch.testing.assert_close(logits(again, batch), logits(peft, batch), atol=1e-5, rtol=0)
 
 
 def tiny_llama_tied():

@@ -318,9 +318,34 @@ def test_a_removed_task_leaves_the_grams_that_weight_incremental_absorbs(tmp_pat
     sub.save(tmp_path / "s")
     sub = SharedSubspace.load(tmp_path / "s")  # which tasks the Grams hold is kept on disk
     before = sub.modules[MODULES[0]].G_u.clone()
-    assert [sub.get_task(t).in_grams for t in sub.tasks] == [True] * 4 + [False]
+    assert [sub.get_task(t).gram_share for t in sub.tasks] == ["original"] * 4 + [None]
     sub.remove_task("late")
     assert torch.equal(sub.modules[MODULES[0]].G_u, before)
+    # removed, added back (as a failed write-back does) and removed again: taken out once
+    sub.add_task(sub.remove_task("t0"))
+    once = sub.modules[MODULES[0]].G_u.clone()
+    sub.remove_task("t0")
+    assert torch.equal(sub.modules[MODULES[0]].G_u, once)
+
+
+def test_grams_after_an_absorb_hold_stored_tasks_and_replacing_a_task_takes_it_out():
+    ads = planted(5, noise=0.3)
+    sub = SharedSubspace.from_adapters(ads[:4], task_ids=ids(4), num_components=4)
+    sub.absorb(ads[4], "t4")  # refits on the old tasks' stored reconstructions
+    assert [sub.get_task(t).gram_share for t in sub.tasks] == ["stored"] * 4 + ["original"]
+    b = sub.modules[MODULES[0]]
+    u = b.U.T.double()
+
+    def share(t):  # what a stored task put in: w ||U^T dW^||^2 per axis, dW^ = U C V^T
+        dw = sub.reconstruct(t, torch.float64).delta_weight(MODULES[0], torch.float64)
+        return sub.get_task(t).weight * (u @ dw).square().sum(1)
+    want = torch.diagonal(b.G_u) - share("t1")
+    sub.remove_task("t1")
+    assert torch.allclose(torch.diagonal(b.G_u), want.clamp_min(0), rtol=1e-5, atol=1e-9)
+    want = torch.diagonal(b.G_u) - share("t2")
+    sub.add_task(sub.project(ads[2], "t2"), replace=True)  # a new projection: not in the Grams
+    assert torch.allclose(torch.diagonal(b.G_u), want.clamp_min(0), rtol=1e-5, atol=1e-9)
+    assert sub.get_task("t2").gram_share is None
 
 
 def _gram_diag(sub, m, ads, keep):

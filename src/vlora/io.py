@@ -363,8 +363,13 @@ def save_adapter(weights: LoRAWeights, path: str | os.PathLike, *, for_vllm: boo
         weights, left_out = _for_vllm(weights)
     config = config_for(weights, for_vllm=for_vllm)
     if not for_vllm and weights.extra:
-        heads = set(config.get("modules_to_save") or []) | {k.rsplit(".", 1)[0] for k in weights.extra}
-        config["modules_to_save"] = outermost(heads)
+        # A "<layer>.base_layer" tensor is the weight of a layer LoRA adapts (PEFT saves a
+        # tied lm_head's so): PEFT restores it without modules_to_save, which would untie it.
+        owners = {k.rsplit(".", 1)[0] for k in weights.extra}
+        heads = set(config.get("modules_to_save") or []) | {
+            o for o in owners if not o.endswith(".base_layer")}
+        if heads:
+            config["modules_to_save"] = outermost(heads)
     state: dict[str, torch.Tensor] = {}
     for m in weights.layer_names:
         for side, t in (("A", weights.lora_a[m]), ("B", weights.lora_b[m])):

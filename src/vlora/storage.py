@@ -124,7 +124,7 @@ def _task_meta(t: TaskProjection) -> dict[str, Any]:
             "norm_sq": t.norm_sq, "residual_sq": t.residual_sq,
             "error_is_bound": t.error_is_bound, "dtype": t.dtype, "config": t.config,
             "source": t.source, "sha256": t.sha256, "extra_keys": sorted(t.extra),
-            "in_grams": t.in_grams, "quant": {}}
+            "gram_share": t.gram_share, "quant": {}}
 
 
 def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = False) -> None:
@@ -366,6 +366,7 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
             bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
             dict(config), str(meta.get("dtype", "float32")),
             meta.get("source"), meta.get("sha256"), quant or None,
-            meta.get("in_grams") is True))  # older files: unknown, so never taken out
+            # older files: unknown, so never taken out of the Grams
+            meta.get("gram_share") if meta.get("gram_share") in ("original", "stored") else None))
     sub._manifest_digests[str(path.resolve())] = _digest(manifest)
     return sub

@@ -99,6 +99,6 @@ def from_adapters_streaming(cls: type[SharedSubspace], paths: Sequence[str | os.
     sub = cls(modules, weighting=weighting, base_model=base_model)
     for p, tid in track(list(zip(paths, ids)), "Projecting (pass 2/2)", len(paths), progress):
         sub.add_task(sub.project(load_adapter(p), tid, pseudo_rank=pseudo_rank))
-        sub.get_task(tid).in_grams = True  # the Grams above were built from every adapter
+        sub.get_task(tid).gram_share = "original"  # the Grams above were built from every adapter
     return sub
 

@@ -216,7 +216,7 @@ class SharedSubspace:
             del sub
         for fit in (best, smallest):
             for t in (fit[1]._tasks.values() if fit else ()):
-                t.in_grams = True
+                t.gram_share = "original"
         if best is None:  # every module keeps one direction per side, every spectrum is stored
             raise BudgetError(f"a budget of {budget:.0f} bytes is below the smallest fit of these "
                               f"{len(items)} adapters ({smallest[0]} bytes: one direction per module "
@@ -297,17 +297,25 @@ class SharedSubspace:
             if cb is None or ca is None or cb.shape[0] != basis.k_out or ca.shape[0] != basis.k_in:
                 raise SubspaceError(f"task {projection.task_id!r}: coordinates of module {m} "
                                     "do not match the subspace (projected on other bases?)")
+        if projection.task_id in self._tasks:  # replaced: its old energy leaves the Grams
+            self._forget(self._tasks[projection.task_id])
         self._tasks[projection.task_id] = projection
 
     def remove_task(self, task_id: str) -> TaskProjection:
-        """Remove a task, and its energy from the diagonal of the bases' Grams where they hold
-        it (they weight later incremental absorbs): exactly where its original is at hand,
-        else the part its coordinates hold. The bases do not move, so a model serving the
-        other tasks goes on; the off-diagonal part the removal would add is dropped (the
-        Grams stay diagonal, stored as k numbers)."""
+        """Remove a task, and its energy from the diagonal of the bases' Grams (which weight
+        later incremental absorbs) as they hold it (``TaskProjection.gram_share``): its
+        original adapter's, read again from disk (exact), or its stored reconstruction's.
+        The bases do not move, so a model serving the other tasks goes on; the off-diagonal
+        part the removal would add is dropped (the Grams stay diagonal, stored as k numbers)."""
         t = self.get_task(task_id)
-        original = _original_if_at_hand(t) if t.in_grams else None
-        for m, b in (self.modules.items() if t.in_grams else ()):
+        self._forget(t)
+        t.gram_share = None  # were it added again, its energy is no longer there
+        return self._tasks.pop(task_id)
+
+    def _forget(self, t: TaskProjection) -> None:
+        """Take ``t``'s energy out of the Grams' diagonal, as the Grams hold it."""
+        original = _original_if_at_hand(t) if t.gram_share == "original" else None
+        for m, b in (self.modules.items() if t.gram_share else ()):
             if original is not None and m in original.lora_a:
                 ut, st, vt = _factors(original, m)
                 yu, yv = b.U.T.to(F64) @ (ut * st), b.V.T.to(F64) @ (vt * st)
@@ -316,7 +324,6 @@ class SharedSubspace:
                 yv = yu.T
             b.G_u = torch.diag((torch.diagonal(b.G_u) - t.weight * yu.square().sum(1)).clamp_min(0))
             b.G_v = torch.diag((torch.diagonal(b.G_v) - t.weight * yv.square().sum(1)).clamp_min(0))
-        return self._tasks.pop(task_id)
 
     def task_error(self, task_id: str) -> float:
         """Relative dW error of a task against its original (float64, subtraction-free)."""
@@ -387,8 +394,9 @@ class SharedSubspace:
         with linalg.fixed_threads():
             report = self._move_bases(new_modules, exact_errors)
         self.add_task(self.project(adapter, task_id))
-        for t in self._tasks.values():  # the Grams were rebuilt from every task
-            t.in_grams = True
+        for t in self._tasks.values():  # the Grams were rebuilt from every stored task
+            t.gram_share = "stored"
+        self._tasks[task_id].gram_share = "original"
         return report
 
     def absorb_incremental(self, adapter: AdapterLike, task_id: str, grow: bool = False,
@@ -417,7 +425,7 @@ class SharedSubspace:
         with linalg.fixed_threads():
             report = self._move_bases(new_modules, exact_errors)
         self.add_task(self.project(adapter, task_id))
-        self._tasks[task_id].in_grams = True  # added to the Grams above, alone
+        self._tasks[task_id].gram_share = "original"  # added to the Grams above, alone
         return report
 
     def _stored_factors(self, module: str) -> tuple[list[linalg.Factor], list[float]]:

@@ -62,8 +62,10 @@ class TaskProjection:
             ``error_is_bound`` after the basis moved and the original was not at hand).
         spectrum: module -> singular values of the original ``dW`` (for baselines).
         weight: the task's weight in basis fits (``1 / ||dW||^2`` by default).
-        in_grams: whether the bases' Grams hold the task's energy (fits and absorbs put it
-            there; a projection added on its own does not).
+        gram_share: how the bases' Grams hold the task's energy: ``"original"`` (its
+            adapter's, as fits and incremental absorbs put it), ``"stored"`` (its stored
+            reconstruction's, as a full absorb refits old tasks) or None (not at all: a
+            projection added on its own).
         extra: non-LoRA tensors (``modules_to_save``), stored as they are.
         config, dtype, source, sha256: what the original adapter was.
     """
@@ -82,7 +84,7 @@ class TaskProjection:
     source: str | None = None
     sha256: str | None = None
     quant: dict[str, QuantizedTensor] | None = None  # "module::B"/"module::A" codes, if any
-    in_grams: bool = False
+    gram_share: str | None = None
 
     @property
     def modules(self) -> list[str]:
