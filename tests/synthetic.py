@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vlora import LoRAWeights
+from vlora import LoRAWeights, save_adapter
 
 MODULES = ["layer.0.q", "layer.0.v", "layer.1.q"]
 
@@ -50,3 +50,12 @@ def dense_error(original: LoRAWeights, recon: LoRAWeights) -> float:
               for m in original.layer_names)
     den = sum(float(original.delta_weight(m).norm() ** 2) for m in original.layer_names)
     return (num / den) ** 0.5
+
+
+def saved(adapters: list[LoRAWeights], folder, prefix: str = "t") -> list:
+    """Save each adapter as a PEFT folder ``folder/<prefix><i>`` (originals on disk, as
+    exact errors need); returns the paths."""
+    paths = [folder / f"{prefix}{i}" for i in range(len(adapters))]
+    for a, p in zip(adapters, paths):
+        save_adapter(a, p)
+    return paths

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from synthetic import MODULES, dense_error, planted, regauge
-from vlora import SharedSubspace, save_adapter
+from synthetic import MODULES, dense_error, planted, regauge, saved
+from vlora import SharedSubspace
 from vlora.errors import SubspaceError
 from vlora.quantize import dct_matrix, dequantize, pack, quantize, unpack
 
@@ -71,10 +71,7 @@ def test_bad_options_are_refused():
                                                 (6, "symmetric", True)])
 def test_subspace_quantize_reports_exact_errors_and_saves_small(tmp_path, bits, method, coords):
     ads = planted(6, noise=0.3, d_out=256, d_in=192)  # big enough that bases dominate the file
-    paths = []
-    for i, a in enumerate(ads):
-        save_adapter(a, tmp_path / f"t{i}")
-        paths.append(tmp_path / f"t{i}")
+    paths = saved(ads, tmp_path)
     sub = SharedSubspace.from_adapters(paths, num_components=4)
     sub.save(tmp_path / "float")
     before = {t: sub.reconstruct(t, torch.float64) for t in sub.tasks}

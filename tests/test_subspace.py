@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from synthetic import MODULES, dense_error, planted, regauge
-from vlora import IncompatibleAdaptersError, LoRAWeights, SharedSubspace, SubspaceError, save_adapter
+from synthetic import MODULES, dense_error, planted, regauge, saved
+from vlora import IncompatibleAdaptersError, LoRAWeights, SharedSubspace, SubspaceError
 
 F64 = torch.float64
 
@@ -130,12 +130,9 @@ def test_absorb_reports_drift_and_a_true_bound(method, quantized):
 
 
 def test_absorb_uses_exact_error_when_original_is_on_disk(tmp_path):
-    from vlora import load_adapter, save_adapter
+    from vlora import load_adapter
     ads = planted(6, noise=0.4)
-    paths = []
-    for i, a in enumerate(ads):
-        save_adapter(a, tmp_path / f"t{i}")
-        paths.append(tmp_path / f"t{i}")
+    paths = saved(ads, tmp_path)
     sub = SharedSubspace.from_adapters(paths[:5], num_components=3)
     report = sub.absorb(paths[5], "t5")
     for i in range(5):
@@ -297,10 +294,7 @@ def test_bad_in_memory_input_gets_our_errors_and_writes_nothing(tmp_path):
 
 def test_a_removed_task_leaves_the_grams_that_weight_incremental_absorbs(tmp_path):
     ads = planted(5, noise=0.3)
-    paths = []
-    for i, a in enumerate(ads):
-        save_adapter(a, tmp_path / f"t{i}")
-        paths.append(tmp_path / f"t{i}")
+    paths = saved(ads, tmp_path)
     for items in (paths, ads):  # originals at hand on disk, or only the coordinates
         sub = SharedSubspace.from_adapters(items, task_ids=ids(5), num_components=4)
         m = MODULES[0]
