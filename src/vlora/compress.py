@@ -14,6 +14,7 @@ from typing import Any
 from vlora.adapter import LoRAWeights
 from vlora.errors import BudgetError
 from vlora.io import load_adapter
+from vlora.stats import stored_bytes
 from vlora.subspace import SharedSubspace
 
 BUDGET_TRIES = 12
@@ -71,7 +72,7 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
             sub, smallest = e.closest, True
         if bits is not None:
             sub.quantize(bits, method, coordinates=quantize_coordinates)
-        stored = sub.compression_stats()["stored_bytes"]
+        stored = stored_bytes(sub)
         if stored <= budget:
             return sub
         if smallest:  # no smaller fit to try

@@ -54,6 +54,21 @@ def _spectrum_bytes(t: TaskProjection, m: str) -> int:
     return t.spectrum[m].numel() * SPECTRUM_DTYPE.itemsize
 
 
+def _bytes(b: ModuleBasis, m: str, tasks: list[TaskProjection]) -> tuple[int, int]:
+    """``(basis bytes, task bytes)`` of module ``m`` as stored: bases (quantized or float32)
+    with their Grams; every task's coordinates and spectrum."""
+    basis = (sum(q.nbytes() for q in b.quant.values()) if b.quant
+             else BYTES * (b.d_out * b.k_out + b.d_in * b.k_in)) + _gram_bytes(b)
+    return basis, sum(_coord_bytes(t, m) + _spectrum_bytes(t, m) for t in tasks)
+
+
+def stored_bytes(sub: SharedSubspace) -> int:
+    """What ``sub`` stores (heads apart), without :func:`compression_stats`' errors and
+    baselines: what a fit to a byte budget compares, once per candidate."""
+    tasks = [sub.get_task(t) for t in sub.tasks]
+    return sum(sum(_bytes(b, m, tasks)) for m, b in sub.modules.items())
+
+
 def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
     """Bytes per module and in total, the compression ratio, and the mean / max relative
     dW error over tasks next to per-adapter truncated SVD at equal bytes."""
@@ -63,11 +78,10 @@ def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
         shapes[m] = (b.d_out, b.d_in)
         # the original rank: the spectrum has one value per rank-1 term of the original dW
         ranks = [t.spectrum[m].numel() for t in tasks]
+        basis_bytes, task_bytes = _bytes(b, m, tasks)
         modules[m] = {
             "d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out, "k_in": b.k_in,
-            "basis_bytes": (sum(q.nbytes() for q in b.quant.values()) if b.quant
-                            else BYTES * (b.d_out * b.k_out + b.d_in * b.k_in)) + _gram_bytes(b),
-            "task_bytes": sum(_coord_bytes(t, m) + _spectrum_bytes(t, m) for t in tasks),
+            "basis_bytes": basis_bytes, "task_bytes": task_bytes,
             "original_bytes": BYTES * sum(r * (b.d_out + b.d_in) for r in ranks),
             "mean_error": (sum(t.module_errors()[m] for t in tasks) / len(tasks)) if tasks else 0.0,
         }

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from vlora import linalg
+from vlora import linalg, stats
 from vlora.adapter import LoRAWeights
 from vlora.budget import choose_ks, coordinate_numbers, core_ranks, resolve_module_weights, weighted_error
 from vlora.errors import BudgetError, IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
@@ -208,7 +208,7 @@ class SharedSubspace:
                 for a, tid in zip(items, ids):
                     sub.add_task(sub.project(a, tid, pseudo_rank=ranks[tid]), replace=True)
             score = sum(weighted_error(sub.get_task(t), mw) for t in ids)
-            stored = sub.compression_stats()["stored_bytes"] if budget is not None else 0
+            stored = stats.stored_bytes(sub) if budget is not None else 0
             if (budget is None or stored <= budget) and (best is None or score < best[0]):
                 best = (score, sub)
             if smallest is None or stored < smallest[0]:
@@ -515,8 +515,7 @@ class SharedSubspace:
         return self
 
     def compression_stats(self) -> dict[str, Any]:
-        from vlora.stats import compression_stats
-        return compression_stats(self)
+        return stats.compression_stats(self)
 
     def save(self, path: str | os.PathLike, force: bool = False) -> None:
         """Write the subspace to the directory ``path``, atomically and under its lock.

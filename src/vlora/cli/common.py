@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 
 from vlora.errors import VLoRAError
+from vlora.storage import MANIFEST
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
@@ -69,5 +70,5 @@ def check_adapter_output(path: str | Path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise click.UsageError(f"{path}: exists and is not a folder")
-    if (path / "manifest.json").exists():
+    if (path / MANIFEST).exists():
         raise click.UsageError(f"{path}: a vlora subspace folder; write the adapter elsewhere")
