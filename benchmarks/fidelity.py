@@ -203,45 +203,54 @@ def load_dirs(dirs: list[str]) -> tuple[list[LoRAWeights], list[str]]:
     return [load_adapter(p) for p in paths], [task_id(p) for p in paths]
 
 
-def original_accuracy(d, limit: int | None) -> float:
-    """The adapter's own accuracy: on every row, the one its training run measured and
-    stored (re-scoring gave the same value for all 50 test-bed adapters), else re-scored."""
-    import json
-
-    from vlora.testbed import evaluate_adapter
-    metrics = json.loads((d / "metrics.json").read_text())
-    return metrics["accuracy"] if limit is None else evaluate_adapter(d, limit=limit)
+def paired(before: list[int], after: list[int], gold: list[int]) -> dict:
+    """How a copy's answers differ from the original's on the same rows: its accuracy, the
+    rows it loses (original right, copy wrong) and gains, the share of rows where it gives
+    the original's answer, and the exact two-sided McNemar p-value (a binomial test on the
+    rows that changed): whether the loss is more than chance at this many rows."""
+    lost = sum(b == g != a for b, a, g in zip(before, after, gold))
+    gained = sum(a == g != b for b, a, g in zip(before, after, gold))
+    n = lost + gained
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1))
+    return {"accuracy": sum(a == g for a, g in zip(after, gold)) / max(1, len(gold)),
+            "lost": lost, "gained": gained, "p": min(1.0, 2 * tail / 2 ** n),
+            "agree": sum(a == b for a, b in zip(after, before)) / max(1, len(gold))}
 
 
 def accuracy_kept(sub: SharedSubspace, dirs: list[str], limit: int | None,
                   dev: dict | None = None, svd: dict[str, LoRAWeights] | None = None) -> list[dict]:
-    """Re-score each task's adapter exported from ``sub`` (and vlora-dev's export ``dev``:
-    task id -> folder, and the per-adapter SVD baseline ``svd``: task id -> adapter) on
-    the first ``limit`` rows (None: all) of its own held-out split."""
+    """Re-score each task's original adapter and its export from ``sub`` (and vlora-dev's
+    export ``dev``: task id -> folder, and the per-adapter SVD baseline ``svd``: task id ->
+    adapter) on the first ``limit`` rows (None: all) of its own held-out split, row by row
+    (:func:`paired`)."""
     import tempfile
     from pathlib import Path
 
     from vlora import save_adapter
-    from vlora.testbed import evaluate_adapter
-    from vlora.testbed.train import read_eval_json
+    from vlora.testbed import adapter_predictions
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for d in sorted(Path(x) for x in dirs):
-            out = Path(tmp) / d.name
-            save_adapter(sub.reconstruct(task_id(d)), out)
-            before = original_accuracy(d, limit)
-            after = evaluate_adapter(out, eval_json=d / "eval.json", limit=limit)
-            rows.append({"task": task_id(d), "original": before, "vlora_q": after,
-                         "kept_vlora_q": after / before if before else 1.0,
-                         "eval_rows": len(read_eval_json(d / "eval.json")["labels"][:limit])})
-            if svd:
-                save_adapter(svd[task_id(d)], out, overwrite=True)
-                after = evaluate_adapter(out, eval_json=d / "eval.json", limit=limit)
-                rows[-1].update(svd_q=after, kept_svd_q=after / before if before else 1.0)
+            out, ev = Path(tmp) / d.name, d / "eval.json"
+            before, gold = adapter_predictions(d, limit=limit)
+            copies = {"vlora_q": sub.reconstruct(task_id(d)), **({"svd_q": svd[task_id(d)]} if svd else {})}
+            row = {"task": task_id(d), "eval_rows": len(gold),
+                   "original": paired(before, before, gold)["accuracy"]}
+            for key, copy in copies.items():
+                save_adapter(copy, out, overwrite=True)
+                row.update(paired_row(key, paired(before, adapter_predictions(out, ev, limit)[0], gold),
+                                      row["original"]))
             if dev:
-                after = evaluate_adapter(dev[task_id(d)], eval_json=d / "eval.json", limit=limit)
-                rows[-1].update(vlora_dev=after, kept_vlora_dev=after / before if before else 1.0)
+                after = adapter_predictions(dev[task_id(d)], ev, limit)[0]
+                row.update(paired_row("vlora_dev", paired(before, after, gold), row["original"]))
+            rows.append(row)
     return rows
+
+
+def paired_row(key: str, p: dict, original: float) -> dict:
+    """One copy's :func:`paired` numbers as a row's ``key``, ``kept_key``, ``lost_key``..."""
+    return {key: p["accuracy"], f"kept_{key}": p["accuracy"] / original if original else 1.0,
+            **{f"{k}_{key}": p[k] for k in ("lost", "gained", "p", "agree")}}
 
 
 def main(argv=None) -> dict:
@@ -319,11 +328,30 @@ def dev_cell(r: dict) -> str:
     return f"{r['vlora_dev']:.4f} ({r['vlora_dev_k']}{over})"
 
 
-def target_line(what: str, kept: list[float]) -> str:
-    """The issue's target at 10x: every task keeps 97% of its accuracy, the mean 99%."""
+def target_line(what: str, acc: list[dict], key: str) -> str:
+    """The issue's target at 10x: every task keeps 97% of its accuracy, the mean 99%; with
+    how many of the misses are more than chance (exact McNemar on the task's rows) and the
+    rows lost and gained over all tasks together."""
+    kept = [a[f"kept_{key}"] for a in acc]
     ok = min(kept) >= 0.97 and statistics.mean(kept) >= 0.99
-    return (f"Target (every task >= 97%, mean >= 99%), {what}: {'met' if ok else 'MISSED'} "
-            f"({sum(k < 0.97 for k in kept)} of {len(kept)} tasks under 97%).")
+    misses = [a for a in acc if a[f"kept_{key}"] < 0.97]
+    line = (f"Target (every task >= 97%, mean >= 99%), {what}: {'met' if ok else 'MISSED'} "
+            f"({len(misses)} of {len(kept)} tasks under 97%")
+    if misses and f"p_{key}" in acc[0]:
+        line += f", {sum(a[f'p_{key}'] < 0.05 for a in misses)} of them lost more than chance (p < 0.05)"
+    if f"lost_{key}" in acc[0]:
+        lost, gained = (sum(a[f"{k}_{key}"] for a in acc) for k in ("lost", "gained"))
+        line += f"; over all tasks {lost} rows lost, {gained} gained"
+    return line + ")."
+
+
+def agreement(acc: list[dict], key: str) -> str:
+    """``"; same answer as the original on x% of rows (task mean), y% at least"``, if measured."""
+    if f"agree_{key}" not in acc[0]:
+        return ""
+    agree = [a[f"agree_{key}"] for a in acc]
+    return (f"; same answer as the original on {statistics.mean(agree):.1%} of rows (task mean), "
+            f"{min(agree):.1%} at least")
 
 
 def report(results: dict) -> str:
@@ -366,30 +394,40 @@ def report(results: dict) -> str:
                       f"error {s['vlora']:.4f} (not re-scored).",
                       f"vlora with {q['bits']}-bit bases and coordinates at {q['ratio']:.1f}x "
                       f"(dW error {q['vlora']:.4f}, max {q['vlora_max']:.4f}): mean kept "
-                      f"{statistics.mean(kq):.1%}, min kept {min(kq):.1%}."]
+                      f"{statistics.mean(kq):.1%}, min kept {min(kq):.1%}{agreement(acc, 'vlora_q')}."]
             with_svd, with_dev = "svd_q" in acc[0], "vlora_dev" in acc[0]
             if with_svd:
                 ks = [a["kept_svd_q"] for a in acc]
                 lines.append(f"Per-adapter SVD at the same bytes, factors in {q['bits']} bits "
                              f"(dW error {q['svd']:.4f}, max {q['svd_max']:.4f}, quantization "
-                             f"counted): mean kept {statistics.mean(ks):.1%}, min kept {min(ks):.1%}.")
+                             f"counted): mean kept {statistics.mean(ks):.1%}, min kept {min(ks):.1%}"
+                             f"{agreement(acc, 'svd_q')}.")
             if with_dev:
                 kd = [a["kept_vlora_dev"] for a in acc]
                 lines.append(f"vlora-dev 1.0.0 at k={s['vlora_dev_k']} ({s['vlora_dev_ratio']:.1f}x"
                              f"{', over budget' if s['vlora_dev_over_budget'] else ''}, dW error "
                              f"{s['vlora_dev']:.4f}): mean kept {statistics.mean(kd):.1%}, "
                              f"min kept {min(kd):.1%}.")
-            lines.append(target_line(f"vlora ({q['bits']}-bit)", kq))
+            lines.append(target_line(f"vlora ({q['bits']}-bit)", acc, "vlora_q"))
             if with_svd:
-                lines.append(target_line(f"per-adapter SVD ({q['bits']}-bit)", ks))
+                lines.append(target_line(f"per-adapter SVD ({q['bits']}-bit)", acc, "svd_q"))
+            if "agree_vlora_q" in acc[0]:
+                lines += ["", "Each copy is paired with the original row by row: rows lost (the original "
+                          "right, the copy wrong) and gained, p the exact two-sided McNemar p-value of "
+                          "that change, and agrees the share of rows where the copy gives the "
+                          "original's answer, right or wrong."]
             cols = [("vlora_q", f"from vlora {q['bits']}-bit"), ("svd_q", f"from SVD {q['bits']}-bit"),
                     ("vlora_dev", "from vlora-dev")]
             cols = [c for c in cols if c[0] in acc[0]]
-            head = " | ".join(f"{name} | kept" for _, name in cols)
+            detail = "agree_vlora_q" in acc[0]
+            head = " | ".join(f"{name} | kept" + (" | lost/gained (p) | agrees" if detail else "")
+                              for _, name in cols)
             lines += ["", f"| task | eval rows | original | {head} |",
-                      "|---|---|---|" + "---|---|" * len(cols)]
+                      "|---|---|---|" + ("---|" * (4 if detail else 2)) * len(cols)]
             lines += [f"| {a['task']} | {a['eval_rows']} | {a['original']:.3f} | "
-                      + " | ".join(f"{a[k]:.3f} | {a['kept_' + k]:.1%}" for k, _ in cols) + " |"
+                      + " | ".join(f"{a[k]:.3f} | {a['kept_' + k]:.1%}" + (
+                          f" | -{a['lost_' + k]}/+{a['gained_' + k]} ({a['p_' + k]:.2f}) | "
+                          f"{a['agree_' + k]:.1%}" if detail else "") for k, _ in cols) + " |"
                       for a in acc]
             lines.append("")
     return "\n".join(lines) + "\n"

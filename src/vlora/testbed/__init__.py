@@ -21,6 +21,7 @@ from .models import (
 )
 from .train import (
                      RECIPE_VERSION,
+                     adapter_predictions,
                      build_testbed,
                      default_cache_dir,
                      evaluate_adapter,
@@ -30,7 +31,7 @@ from .train import (
 )
 
 __all__ = [
-    "RECIPE_VERSION", "TASKS", "TaskSpec", "build_testbed", "default_cache_dir",
+    "RECIPE_VERSION", "TASKS", "TaskSpec", "adapter_predictions", "build_testbed", "default_cache_dir",
     "evaluate_adapter", "load_adapter_model", "load_minilm_classifier", "load_smollm2",
     "load_task", "minilm_path", "minilm_tokenizer", "read_eval_json", "smollm2_gguf_path",
     "task_summary", "tokenize", "train_adapter",

@@ -197,9 +197,10 @@ def load_adapter_model(adapter_dir, num_labels: int, seed: int = 0):
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-def evaluate_adapter(adapter_dir, eval_json=None, limit: int | None = None,
-                     batch_size: int = 64) -> float:
-    """Accuracy of the adapter in ``adapter_dir`` on a saved eval split.
+def adapter_predictions(adapter_dir, eval_json=None, limit: int | None = None,
+                        batch_size: int = 64) -> tuple[list[int], list[int]]:
+    """``(predicted, gold)`` label ids of the adapter in ``adapter_dir`` on a saved eval
+    split, row by row (to pair two adapters' answers on the same texts).
 
     ``eval_json`` defaults to ``adapter_dir/eval.json``; pass the original
     adapter's file to score a compressed or rebuilt copy on the same texts.
@@ -207,7 +208,14 @@ def evaluate_adapter(adapter_dir, eval_json=None, limit: int | None = None,
     ev = read_eval_json(eval_json or Path(adapter_dir) / "eval.json")
     texts, labels = ev["texts"][:limit], ev["labels"][:limit]
     model = load_adapter_model(adapter_dir, len(ev["label_names"]))
-    return _accuracy(predict(model, texts, batch_size, ev.get("max_length", 64)), labels)
+    return predict(model, texts, batch_size, ev.get("max_length", 64)), list(labels)
+
+
+def evaluate_adapter(adapter_dir, eval_json=None, limit: int | None = None,
+                     batch_size: int = 64) -> float:
+    """Accuracy of the adapter in ``adapter_dir`` on a saved eval split (arguments as
+    :func:`adapter_predictions`)."""
+    return _accuracy(*adapter_predictions(adapter_dir, eval_json, limit, batch_size))
 
 
 def default_cache_dir() -> Path:
