@@ -31,7 +31,7 @@ from vlora import LoRAWeights, SharedSubspace, linalg
 from vlora.compress import compress, lora_bytes
 from vlora.io import config_for
 from vlora.quantize import dequantize, general_error_sq, quantize
-from vlora.stats import svd_baseline_error
+from vlora.stats import stored_bytes, svd_baseline_error
 
 F64 = torch.float64
 
@@ -181,13 +181,37 @@ def quantized_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float
         "svd_max": max(x[1] for x in svd.values())}
 
 
-def held_out(adapters: list[LoRAWeights], ids: list[str], ratio: float, n_out: int) -> dict:
-    """Fit on all but ``n_out`` adapters, then only project those."""
-    fit, rest = adapters[:-n_out], adapters[-n_out:]
-    sub = SharedSubspace.from_adapters(fit, task_ids=ids[:-n_out], budget=lora_bytes(fit) / ratio)
-    errs = [sub.project(a, t).error for a, t in zip(rest, ids[-n_out:])]
-    return {"fitted_mean": sub.compression_stats()["mean_error"], "held_out_mean": statistics.mean(errs),
-            "n_fit": len(fit), "n_held_out": n_out}
+def held_out(adapters: list[LoRAWeights], ids: list[str], ratio: float, n_out: int,
+             dirs: list | None = None, limit: int | None = None) -> dict:
+    """Fit on all but the last ``n_out`` adapters at ``lora_bytes(fit) / ratio``, then add
+    those one by one in each of the three ways a user can: only projected (the bases stay),
+    absorbed incrementally (the bases turn toward each, k kept, cost free of N) and by a
+    full refit. Reports the new tasks' and the fitted tasks' mean dW error after each (an
+    absorb moves the bases under the old tasks) and, with ``dirs`` (the adapters' folders,
+    in ``adapters``' order), the new tasks' accuracy kept (:func:`accuracy_kept`)."""
+    import copy
+
+    fit, new = adapters[:-n_out], adapters[-n_out:]
+    fit_ids, new_ids = ids[:-n_out], ids[-n_out:]
+    start = SharedSubspace.from_adapters(fit, task_ids=fit_ids, budget=lora_bytes(fit) / ratio)
+    out = {"n_fit": len(fit), "n_held_out": n_out, "fitted_mean": start.compression_stats()["mean_error"]}
+    subs = {}
+    for way, add in (("projected", lambda s, a, t: s.add_task(s.project(a, t))),
+                     ("incremental", lambda s, a, t: s.absorb_incremental(a, t)),
+                     ("full", lambda s, a, t: s.absorb(a, t, exact_errors=False))):
+        sub = subs[way] = copy.deepcopy(start)
+        for a, t in zip(new, new_ids):
+            add(sub, a, t)
+        err = {t: rel_error(dense(a), dense(sub.reconstruct(t))) for a, t in zip(adapters, ids)}
+        out[way] = {"new_mean": statistics.mean(err[t] for t in new_ids),
+                    "fitted_mean": statistics.mean(err[t] for t in fit_ids),
+                    "fitted_max": max(err[t] for t in fit_ids),
+                    "ratio": lora_bytes(adapters) / stored_bytes(sub)}
+    out["held_out_mean"] = out["projected"]["new_mean"]
+    if dirs is not None:
+        out["accuracy"] = accuracy_kept(dirs[-n_out:], {w: {t: s.reconstruct(t) for t in new_ids}
+                                                        for w, s in subs.items()}, limit)
+    return out
 
 
 def task_id(path) -> str:
@@ -217,12 +241,12 @@ def paired(before: list[int], after: list[int], gold: list[int]) -> dict:
             "agree": sum(a == b for a, b in zip(after, before)) / max(1, len(gold))}
 
 
-def accuracy_kept(sub: SharedSubspace, dirs: list[str], limit: int | None,
-                  dev: dict | None = None, svd: dict[str, LoRAWeights] | None = None) -> list[dict]:
-    """Re-score each task's original adapter and its export from ``sub`` (and vlora-dev's
-    export ``dev``: task id -> folder, and the per-adapter SVD baseline ``svd``: task id ->
-    adapter) on the first ``limit`` rows (None: all) of its own held-out split, row by row
-    (:func:`paired`)."""
+def accuracy_kept(dirs: list, copies: dict[str, dict], limit: int | None) -> list[dict]:
+    """Re-score each task's original adapter (folders ``dirs``) and its copies on the
+    first ``limit`` rows (None: all) of its own held-out split, row by row (:func:`paired`).
+
+    ``copies[key][task_id]`` is a LoRAWeights (written to a scratch folder first) or an
+    adapter folder; a row holds ``key``, ``kept_key``, ``lost_key``... for each copy."""
     import tempfile
     from pathlib import Path
 
@@ -231,18 +255,17 @@ def accuracy_kept(sub: SharedSubspace, dirs: list[str], limit: int | None,
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for d in sorted(Path(x) for x in dirs):
-            out, ev = Path(tmp) / d.name, d / "eval.json"
+            ev = d / "eval.json"
             before, gold = adapter_predictions(d, limit=limit)
-            copies = {"vlora_q": sub.reconstruct(task_id(d)), **({"svd_q": svd[task_id(d)]} if svd else {})}
             row = {"task": task_id(d), "eval_rows": len(gold),
                    "original": paired(before, before, gold)["accuracy"]}
-            for key, copy in copies.items():
-                save_adapter(copy, out, overwrite=True)
-                row.update(paired_row(key, paired(before, adapter_predictions(out, ev, limit)[0], gold),
-                                      row["original"]))
-            if dev:
-                after = adapter_predictions(dev[task_id(d)], ev, limit)[0]
-                row.update(paired_row("vlora_dev", paired(before, after, gold), row["original"]))
+            for key, of_task in copies.items():
+                copy = of_task[task_id(d)]
+                if isinstance(copy, LoRAWeights):
+                    save_adapter(copy, Path(tmp) / d.name, overwrite=True)
+                    copy = Path(tmp) / d.name
+                after = adapter_predictions(copy, ev, limit)[0]
+                row.update(paired_row(key, paired(before, after, gold), row["original"]))
             rows.append(row)
     return rows
 
@@ -285,6 +308,7 @@ def main(argv=None) -> dict:
         if not dirs:
             continue
         adapters, ids = load_dirs(dirs)
+        paths = sorted(Path(d) for d in dirs)  # load_dirs' order
         order = list(range(len(adapters)))
         random.Random(0).shuffle(order)  # which adapters form each N: fixed, task-mixed
         rows = []
@@ -298,7 +322,8 @@ def main(argv=None) -> dict:
                 print(regime, json.dumps(row), flush=True)
         reg = {"n_adapters": len(adapters), "rows": rows,
                "held_out": held_out([adapters[i] for i in order], [ids[i] for i in order],
-                                    args.accuracy_ratio, max(2, len(adapters) // 5))}
+                                    args.accuracy_ratio, max(2, len(adapters) // 5),
+                                    None if args.no_accuracy else [paths[i] for i in order], args.limit)}
         if not args.no_accuracy:
             import tempfile
             with tempfile.TemporaryDirectory(prefix="vlora-dev-") as tmp:
@@ -309,7 +334,9 @@ def main(argv=None) -> dict:
                 q_sub, svd, reg["quantized"] = quantized_at_ratio(adapters, ids, args.accuracy_ratio,
                                                                   args.bits)
                 print(regime, "quantized", json.dumps(reg["quantized"]), flush=True)
-                reg["accuracy"] = accuracy_kept(q_sub, dirs, args.limit, dev, svd)
+                copies = {"vlora_q": {t: q_sub.reconstruct(t) for t in ids}, "svd_q": svd,
+                          **({"vlora_dev": dev} if dev else {})}
+                reg["accuracy"] = accuracy_kept(dirs, copies, args.limit)
             reg["accuracy_summary"] = full
         results["regimes"][regime] = reg
     out = Path(args.out)
@@ -343,6 +370,33 @@ def target_line(what: str, acc: list[dict], key: str) -> str:
         lost, gained = (sum(a[f"{k}_{key}"] for a in acc) for k in ("lost", "gained"))
         line += f"; over all tasks {lost} rows lost, {gained} gained"
     return line + ")."
+
+
+HOW = {"projected": "projected (bases unchanged)", "incremental": "absorbed incrementally (k kept)",
+       "full": "absorbed by a full refit (k kept)"}
+
+
+def held_out_lines(h: dict) -> list[str]:
+    """The held-out part of the report: one row per way of adding the new adapters."""
+    head = (f"Held out: a subspace fitted on {h['n_fit']} adapters (mean dW error "
+            f"{h['fitted_mean']:.4f}), then {h['n_held_out']} more added one by one")
+    if "projected" not in h:  # results of an older run
+        return ["", f"{head}, projected: mean error {h['held_out_mean']:.4f}.", ""]
+    acc = h.get("accuracy")
+    lines = ["", head + (", their accuracy re-scored as above." if acc else "."), "",
+             "| added by | new tasks' dW error | fitted tasks' dW error (mean / max) | ratio after"
+             + (" | new tasks' accuracy kept (mean / min) | rows lost / gained" if acc else "") + " |",
+             "|---|---|---|---|" + ("---|---|" if acc else "")]
+    for way, what in HOW.items():
+        r = h[way]
+        line = (f"| {what} | {r['new_mean']:.4f} | {r['fitted_mean']:.4f} / {r['fitted_max']:.4f} "
+                f"| {r['ratio']:.1f}x")
+        if acc:
+            kept = [a[f"kept_{way}"] for a in acc]
+            line += (f" | {statistics.mean(kept):.1%} / {min(kept):.1%} | "
+                     f"{sum(a[f'lost_{way}'] for a in acc)} / {sum(a[f'gained_{way}'] for a in acc)}")
+        lines.append(line + " |")
+    return lines + [""]
 
 
 def agreement(acc: list[dict], key: str) -> str:
@@ -380,9 +434,7 @@ def report(results: dict) -> str:
                          f"| {r['svd']:.4f} | {r['flat_pca']:.4f} ({r['flat_pca_k']}) "
                          + (f"| {dev_cell(r)} " if dev else "")
                          + f"| {r['mean_adapter']:.4f} | {'yes' if r['vlora'] < r['svd'] else 'no'} |")
-        h = reg["held_out"]
-        lines += ["", f"Held out: fitted on {h['n_fit']}, projected {h['n_held_out']}: mean error "
-                  f"fitted {h['fitted_mean']:.4f}, held-out {h['held_out_mean']:.4f}.", ""]
+        lines += held_out_lines(reg["held_out"])
         if "accuracy" in reg:
             acc, s, q = reg["accuracy"], reg["accuracy_summary"], reg["quantized"]
             kq, n = [a["kept_vlora_q"] for a in acc], [a["eval_rows"] for a in acc]

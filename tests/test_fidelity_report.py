@@ -3,7 +3,8 @@ original, and whether the loss is more than chance (exact McNemar)."""
 
 import pytest
 
-from benchmarks.fidelity import paired, paired_row, report, target_line
+from benchmarks.fidelity import held_out, held_out_lines, paired, paired_row, report, target_line
+from synthetic import planted
 
 
 def test_paired_counts_rows_lost_gained_and_agreement():
@@ -51,3 +52,18 @@ def test_report_reads_results_without_paired_numbers():
     text = report({"regimes": {"one-seed": reg}})
     assert "| a | 10 | 0.500 | 0.500 | 100.0% |" in text
     assert "lost/gained" not in text
+
+
+def test_held_out_adds_new_adapters_three_ways():
+    old = planted(8, dim=6, noise=0.05, seed=0)
+    new = planted(2, dim=6, noise=0.05, seed=1)  # another subspace: projection misses most of it
+    ids = [f"old{i}" for i in range(8)] + ["new0", "new1"]
+    h = held_out(old + new, ids, ratio=2.0, n_out=2)
+    proj, inc, full = h["projected"], h["incremental"], h["full"]
+    assert proj["fitted_mean"] == pytest.approx(h["fitted_mean"], abs=1e-6)  # the bases stayed
+    assert proj["new_mean"] > 0.9
+    assert inc["new_mean"] < 0.8 * proj["new_mean"] and full["new_mean"] < 0.8 * proj["new_mean"]
+    assert inc["fitted_mean"] > h["fitted_mean"] and full["fitted_mean"] > h["fitted_mean"]  # k kept
+    assert proj["ratio"] == pytest.approx(inc["ratio"]) == pytest.approx(full["ratio"])
+    text = "\n".join(held_out_lines(h))
+    assert "| projected (bases unchanged) |" in text and "accuracy" not in text
