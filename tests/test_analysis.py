@@ -94,6 +94,15 @@ def test_adapters_can_be_given_as_folders(tmp_path):
     assert adapter_diff(tmp_path / "x", ads[0]).overall.relative < 1e-14
 
 
+def test_folders_of_one_name_get_distinct_names(tmp_path):
+    ads = planted(4, noise=0.3)
+    paths = [tmp_path / "a" / "ad", tmp_path / "b" / "ad", tmp_path / "c" / "x" / "ad", tmp_path / "u"]
+    for p, a in zip(paths, ads):
+        save_adapter(a, p)
+    names = compute_similarity_matrix(paths + [ads[0]]).names
+    assert names == ["a/ad", "b/ad", "x/ad", "u", "task_4"]
+
+
 def test_similarity_is_gauge_invariant():
     ads = families()
     a, b = compute_similarity_matrix(ads), compute_similarity_matrix(gauged(ads))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
+import warnings
 
 import pytest
 import torch
@@ -132,6 +133,10 @@ def test_analyze_merge_plot_benchmark(adapters, tmp_path):
     run("merge", *adapters[:2], "-o", tmp_path / "c", "--method", "cat", "-q")
     assert set(load_adapter(tmp_path / "c").ranks().values()) == {8}
     run("merge", *adapters[:2], "-o", tmp_path / "w", "--weights", "1,2,3", code=2)
+    for method, option in (("cat", "--rank=3"), ("dare", "--density=0.1"), ("ties", "--seed=1"),
+                           ("linear", "--drop-rate=0.2")):  # an option the method would ignore
+        err = run("merge", *adapters[:2], "-o", tmp_path / "x", "--method", method, option, code=2).output
+        assert f"not used by --method {method}" in err and not (tmp_path / "x").exists()
     sub = tmp_path / "sub"
     run("compress", *adapters, "-o", sub, "-k", "3", "-q")
     run("plot", sub, "-o", tmp_path / "s.png")
@@ -158,6 +163,21 @@ def test_outputs_are_checked_before_anything_is_written(adapters, tmp_path):
     assert "seed" in run("merge", *adapters[:2], "-o", tmp_path / "m", "--method", "dare").output
 
 
+def test_quiet_silences_warnings(adapters, tmp_path):
+    short = load_adapter(adapters[0])
+    short = type(short)(short.layer_names[:1], {m: short.lora_a[m] for m in short.layer_names[:1]},
+                        {m: short.lora_b[m] for m in short.layer_names[:1]}, short.scales)
+    save_adapter(short, tmp_path / "short")
+    args = ("merge", tmp_path / "short", adapters[1], "-o", tmp_path / "m")
+    with pytest.warns(UserWarning, match="missing from some adapters"):
+        run(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would fail the command
+        assert run(*args, "-q").output == ""
+    with pytest.warns(UserWarning, match="missing from some adapters"):  # -q ended with its command
+        run(*args)
+
+
 def test_validate_accepts_quantized_bases_and_diff_of_a_zero_task(adapters, tmp_path):
     run("compress", *adapters[:3], "-o", tmp_path / "q", "-k", "3", "--bits", "4")
     assert "OK" in run("validate", tmp_path / "q").output
@@ -174,8 +194,9 @@ def test_validate_accepts_quantized_bases_and_diff_of_a_zero_task(adapters, tmp_
     sub.project(zero, "zero")
     sub.add_task(sub.project(zero, "zero"))
     sub.save(tmp_path / "z")
-    data = json.loads(run("diff", tmp_path / "z", "zero", sub.tasks[0], "--json").output)
-    assert data["total"]["relative_difference"] == float("inf")
+    out = run("diff", tmp_path / "z", "zero", sub.tasks[0], "--json").output
+    data = json.loads(out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert data["total"]["relative_difference"] is None  # infinite: relative to a zero task
 
 
 def test_export_names_folders_of_any_task_id(adapters, tmp_path):

@@ -13,6 +13,7 @@ from vlora import (
     IncompatibleAdaptersError,
     LoRAWeights,
     SharedSubspace,
+    VLoRAError,
     linalg,
     load_adapter,
     save_adapter,
@@ -322,3 +323,12 @@ def test_heads_that_cannot_be_averaged_are_left_out(make_peft_adapter):
     with pytest.warns(UserWarning, match="shapes"):
         out = concat([a1, a2])
     assert out.extra == {} and math.isclose(out.kept_energy, 1.0)
+
+
+def test_weights_must_be_finite_and_the_result_storable(ads):
+    with pytest.raises(ValueError, match="finite"):
+        task_arithmetic(ads, [float("nan"), 1.0, 1.0])
+    with pytest.raises(ValueError, match="finite"):
+        concat(ads, [float("inf"), 1.0, 1.0])
+    with pytest.raises(VLoRAError, match="cannot be stored"):  # overflows float32, not an inf file
+        task_arithmetic(ads, [1e100, 1.0, 1.0])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from synthetic import planted
 from vlora import SharedSubspace
 from vlora.router import AdapterMatchRouter, TaskRouter, pooled_features
 from vlora.testbed import load_task
@@ -67,3 +68,33 @@ def test_adapter_match_router_beats_chance_without_training(rows, make_peft_adap
     _, inputs, labels = rows["eval"]
     acc = accuracy(router.pick({f"bert.{m}": x for m, x in inputs.items()}), labels)
     assert acc > 0.25, acc  # chance; a heuristic, measured in the closing note
+
+
+def test_adapter_match_scores_are_exact_on_quantized_bases():
+    # the score is ||dW_t h|| / ||dW_t||; quantized bases are not orthonormal, so the
+    # shortcut through C_t V^T alone would be off (and route some rows elsewhere)
+    ads = planted(4, dim=6, noise=0.2, seed=3)
+    sub = SharedSubspace.from_adapters(ads, task_ids=list("abcd"), num_components=5)
+    sub.quantize(4)
+    h = torch.randn(50, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    router = AdapterMatchRouter(sub)
+    want = 0
+    for m in sub.modules:
+        dws = [sub.reconstruct(t, dtype=torch.float64).delta_weight(m) for t in "abcd"]
+        want = want + torch.stack([(h @ dw.T).norm(dim=1) / dw.norm() for dw in dws], 1)
+    torch.testing.assert_close(router.scores({m: h for m in sub.modules}), want, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match=r"must be \(rows, 32\)"):
+        router.scores({m: h[:, :10] for m in sub.modules})
+
+
+def test_task_router_checks_its_arguments_and_leaves_the_global_rng_alone():
+    for bad in ({"temperature": 0}, {"temperature": float("nan")}, {"top_k": 0}):
+        with pytest.raises(ValueError):
+            TaskRouter(4, ["a", "b"], **bad)
+    router, one_row = TaskRouter(4, ["a", "b"]), torch.randn(1, 4)
+    state = torch.random.get_rng_state()
+    router.fit(one_row, ["a"], epochs=3)  # one row: a std of 0, not NaN
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert bool(torch.isfinite(router(torch.randn(2, 4))).all())
+    with pytest.raises(ValueError, match=r"must be \(rows, 4\)"):
+        router(torch.randn(2, 5))

@@ -19,6 +19,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -90,8 +91,21 @@ def _load(adapters: Sequence[AdapterLike]) -> tuple[list[LoRAWeights], list[str]
     items = [a if isinstance(a, LoRAWeights) else load_adapter(a) for a in adapters]
     if not items:
         raise ValueError("need at least one adapter")
-    names = [default_task_id(a, i) for i, a in enumerate(items)]
+    names = _distinct_names(items)
     return items, names, check_modules(items, names, "zero")
+
+
+def _distinct_names(items: Sequence[LoRAWeights]) -> list[str]:
+    """Folder names (``task_<i>`` in memory); folders of one name (``x/ad``, ``y/ad``) are
+    told apart by as many parent folders as it takes, then by their position."""
+    names = [default_task_id(a, i) for i, a in enumerate(items)]
+    for depth in range(2, 5):
+        dupes = {n for n in names if names.count(n) > 1}
+        if not dupes:
+            return names
+        names = [("/".join(Path(a.source).parts[-depth:]) if n in dupes and a.source else n)
+                 for n, a in zip(names, items)]
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def _gram(items: Sequence[LoRAWeights], module: str) -> torch.Tensor:

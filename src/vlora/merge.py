@@ -9,7 +9,10 @@ TIES, DARE and magnitude pruning are ``peft.utils.merge_utils``'s, as
 ``LoraModel.add_weighted_adapter`` runs them for its ``*_svd`` combination types:
 trim or drop each ``dW_t``, elect signs on the unweighted trimmed tensors, average the
 weighted ones that agree. DARE draws from its own ``torch.Generator`` (the global RNG
-is untouched) in PEFT's order, module by module, adapter by adapter. Deliberate
+is untouched), module by module in the adapters' key order, adapter by adapter: its
+masks are those of ``merge_utils.dare_*`` called in that order on the global RNG seeded
+alike, but not ``add_weighted_adapter``'s (it visits modules in the model's order, after
+its own set-up has drawn from the global RNG). Deliberate
 differences from PEFT: float64 throughout (PEFT trims and elects in the adapters'
 dtype, so near-ties fall differently in float32); the result's scale is 1.0 whatever
 the first adapter's ``use_rslora`` (PEFT inherits it and scales its merge by
@@ -30,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,7 +44,8 @@ import torch
 
 from vlora import linalg
 from vlora.adapter import LoRAWeights
-from vlora.io import config_for, load_adapter
+from vlora.errors import AdapterError, VLoRAError
+from vlora.io import check_weights, config_for, load_adapter
 from vlora.subspace import SharedSubspace, check_modules, default_task_id
 
 F64 = torch.float64
@@ -81,6 +86,8 @@ def _prepare(adapters: Sequence[AdapterLike], weights: Sequence[float] | None
     ws = [1.0] * len(items) if weights is None else [float(w) for w in weights]
     if len(ws) != len(items):
         raise ValueError(f"{len(ws)} weights for {len(items)} adapters")
+    if not all(math.isfinite(w) for w in ws):
+        raise ValueError(f"merge weights must be finite numbers, not {ws}")
     ids = [default_task_id(a, i) for i, a in enumerate(items)]
     shapes = check_modules(items, ids, "zero")  # raises IncompatibleAdaptersError on shapes
     notes = []
@@ -151,7 +158,10 @@ def _result(items: Sequence[Any], ws: Sequence[float], factors: dict[str, tuple]
                       merged_norm_sq={m: f[3] for m, f in factors.items()},
                       info=dict(info, weights=list(ws)), notes=notes + extra_notes)
     out.config = config_for(out)
-    return out
+    try:
+        return check_weights(out)
+    except AdapterError as e:  # e.g. weights of 1e30 overflow float32
+        raise VLoRAError(f"the merged adapter cannot be stored: {e.problem} (weights {list(ws)})") from None
 
 
 def _out_dtype(items: Sequence[LoRAWeights]) -> torch.dtype:
@@ -193,7 +203,7 @@ def _trim(dw: torch.Tensor, density: float) -> torch.Tensor:
 def _drop(dw: torch.Tensor, drop_rate: float, gen: torch.Generator) -> torch.Tensor:
     """DARE: drop each entry with probability ``drop_rate``, rescale the rest by ``1/(1-p)``."""
     if drop_rate == 0:
-        return dw  # PEFT draws nothing here either, so the masks stay aligned with its order
+        return dw  # as PEFT: nothing is drawn
     keep = 1 - drop_rate
     return dw * torch.bernoulli(torch.full_like(dw, keep), generator=gen) / keep
 

@@ -11,11 +11,13 @@ the row (one forward of the bare base, see :func:`pooled_features`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from vlora import linalg
 from vlora.subspace import SharedSubspace
 
 F64 = torch.float64
@@ -35,6 +37,10 @@ class TaskRouter(nn.Module):
         super().__init__()
         if not task_order:
             raise ValueError("TaskRouter needs at least one task")
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a positive number, not {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, not {top_k!r}")
         self.task_order = list(task_order)
         n = len(self.task_order)
         self.net = nn.Linear(input_size, n) if hidden is None else nn.Sequential(
@@ -45,6 +51,8 @@ class TaskRouter(nn.Module):
         self.register_buffer("std", torch.ones(input_size))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 2 or features.shape[1] != self.mean.numel():
+            raise ValueError(f"features must be (rows, {self.mean.numel()}), not {tuple(features.shape)}")
         return self.net((features.float() - self.mean) / self.std)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -69,15 +77,19 @@ class TaskRouter(nn.Module):
         if features.shape[0] != len(task_ids):
             raise ValueError(f"{features.shape[0]} feature rows for {len(task_ids)} labels")
         x = features.float()
+        if x.ndim != 2 or x.shape[1] != self.mean.numel():
+            raise ValueError(f"features must be (rows, {self.mean.numel()}), not {tuple(x.shape)}")
         self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0).clamp_min(1e-6))
+        self.std.copy_(x.std(0, unbiased=False).clamp_min(1e-6))  # one row: 0, not NaN
         y = torch.tensor([index[t] for t in task_ids])
-        torch.manual_seed(seed)
-        for p in self.net.parameters():  # reinitialise: fit is deterministic given seed
-            if p.ndim > 1:
-                nn.init.xavier_uniform_(p)
-            else:
-                nn.init.zeros_(p)
+        gen = torch.Generator().manual_seed(seed)  # the global RNG stays the caller's
+        with torch.no_grad():
+            for p in self.net.parameters():  # reinitialise: fit is deterministic given seed
+                if p.ndim > 1:
+                    bound = (6 / (p.shape[0] + p.shape[1])) ** 0.5  # Xavier uniform
+                    p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+                else:
+                    p.zero_()
         opt = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=weight_decay)
         losses = []
         for _ in range(epochs):
@@ -93,10 +105,12 @@ class AdapterMatchRouter:
     """Training-free: route each row to the task whose adapter responds most to it.
 
     For a module with input ``h`` (a row's mean input to that module), task t's response
-    is ``||dW_t h|| / ||dW_t||``; it is computed in the subspace as
-    ``||C_t V^T h|| / ||C_t||`` and summed over the modules given. This is a heuristic
-    in the spirit of PEFT's Arrow routing: it needs no labels, and is only as good as
-    the tasks' adapters are distinct in what inputs they act on.
+    is ``||dW_t h|| / ||dW_t||``, summed over the modules given. It is computed in the
+    subspace: with ``z = V^T h``, ``||dW_t h|| = ||G_u^(1/2) C_t z||`` and
+    ``||dW_t||^2 = <C_t, G_u C_t G_v>`` (``G = U^T U``, ``V^T V``: identities unless the
+    bases are quantized), so only ``(k_out, k_in)`` maps are kept per task. This is a
+    heuristic in the spirit of PEFT's Arrow routing: it needs no labels, and is only as
+    good as the tasks' adapters are distinct in what inputs they act on.
     """
 
     def __init__(self, subspace: SharedSubspace, modules: Sequence[str] | None = None,
@@ -104,19 +118,27 @@ class AdapterMatchRouter:
         self.subspace = subspace
         self.modules = list(modules or subspace.modules)
         self.task_order = list(task_order or subspace.tasks)
-        self._maps = {}
+        self._maps, self._v = {}, {}
         for m in self.modules:
-            v = subspace.modules[m].V.to(F64)
+            gu, gv = subspace.grams(m)
+            evals, evecs = torch.linalg.eigh(gu)
+            root = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T
             cores = [subspace.core(t, m) for t in self.task_order]
-            norms = [float(c.norm()) or 1.0 for c in cores]
-            # (n_tasks, k_out, d_in): maps a module input to task t's normalised response
-            self._maps[m] = torch.stack([(c / n) @ v.T for c, n in zip(cores, norms)])
+            norms = [linalg.inner_in_bases(c, c, gu, gv) ** 0.5 or 1.0 for c in cores]
+            # (n_tasks, k_out, k_in): maps z = V^T h to task t's normalised response
+            self._maps[m] = torch.stack([root @ c / n for c, n in zip(cores, norms)])
+            self._v[m] = subspace.modules[m].V.to(F64)
 
     def scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``inputs``: module -> ``(rows, d_in)`` mean inputs; returns ``(rows, n_tasks)``."""
         total = None
         for m in self.modules:
-            response = torch.einsum("tkd,rd->rtk", self._maps[m], inputs[m].to(F64)).norm(dim=2)
+            h = inputs[m]
+            if h.ndim != 2 or h.shape[1] != self._v[m].shape[0]:
+                raise ValueError(f"inputs[{m!r}] must be (rows, {self._v[m].shape[0]}), "
+                                 f"not {tuple(h.shape)}")
+            z = h.to(F64) @ self._v[m]
+            response = torch.einsum("tkj,rj->rtk", self._maps[m], z).norm(dim=2)
             total = response if total is None else total + response
         return total
 

@@ -9,12 +9,13 @@ from rich.table import Table
 
 from vlora import analysis
 from vlora import merge as merging
-from vlora.cli.common import check_adapter_output, console, print_json
+from vlora.cli.common import QUIET, check_adapter_output, console, print_json
 from vlora.io import load_adapter, save_adapter
 
-QUIET = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 METHODS = ("linear", "ties", "dare", "dare_ties", "magnitude_prune", "cat")
+APPLIES = {"density": ("ties", "magnitude_prune"), "drop_rate": ("dare", "dare_ties"),
+           "seed": ("dare", "dare_ties"), "rank": tuple(m for m in METHODS if m != "cat")}
 
 
 @click.command()
@@ -111,9 +112,11 @@ def _plot(sim, curve, path) -> None:
 @click.option("--weights", help="Comma-separated weight per adapter (default: 1 each).")
 @click.option("--density", type=float, default=0.5, show_default=True,
               help="Share of entries kept (ties, magnitude_prune).")
-@click.option("--drop-rate", type=float, default=0.5, show_default=True, help="DARE drop rate.")
-@click.option("--seed", type=int, help="DARE seed (default: fresh, and reported).")
-@click.option("--rank", type=int, help="Rank of the result (default: the largest input rank).")
+@click.option("--drop-rate", type=float, default=0.5, show_default=True,
+              help="Share of entries dropped (dare, dare_ties).")
+@click.option("--seed", type=int, help="DARE seed (dare, dare_ties; default: fresh, and reported).")
+@click.option("--rank", type=int, help="Rank of the result (default: the largest input rank; "
+              "not with cat, which is exact).")
 @QUIET
 @JSON
 def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank, quiet, as_json):
@@ -124,6 +127,15 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
       vlora merge a/ b/ -o ab --method ties --density 0.3 --rank 16
       vlora merge a/ b/ c/ -o abc --method linear --weights 0.5,0.3,0.2
     """
+    ctx = click.get_current_context()
+    ignored = [f"--{name.replace('_', '-')}" for name, methods in APPLIES.items()
+               if method not in methods
+               and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if ignored:
+        raise click.UsageError(f"{', '.join(ignored)}: not used by --method {method}"
+                               + (" (cat is exact: its rank is the sum of the inputs' ranks; "
+                                  "--method linear --rank R truncates the same sum)"
+                                  if method == "cat" and "--rank" in ignored else ""))
     try:
         ws = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:

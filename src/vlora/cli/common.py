@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,30 @@ def console(quiet: bool = False) -> Console:
 
 
 def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=float))
+    """Strict JSON on stdout: an infinite or NaN number (a task missing a module has an
+    infinite relative difference) is written as null, which every parser reads."""
+    click.echo(json.dumps(_finite(data), indent=2, sort_keys=True, default=float, allow_nan=False))
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _silence_warnings(ctx: click.Context, param: click.Parameter, quiet: bool) -> bool:
+    if quiet:  # for this command only: the context undoes it when the command ends
+        ctx.with_resource(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+    return quiet
+
+
+QUIET = click.option("-q", "--quiet", is_flag=True, callback=_silence_warnings,
+                     help="Print nothing but errors (warnings included).")
 
 
 def progress_enabled(quiet: bool) -> bool:

@@ -12,7 +12,7 @@ import click
 import torch
 from rich.table import Table
 
-from vlora.cli.common import console, print_json
+from vlora.cli.common import QUIET, console, print_json
 from vlora.subspace import SharedSubspace
 
 
@@ -79,7 +79,7 @@ def _median_ms(fn, repeats: int) -> float:
 @click.argument("subspace", type=click.Path(exists=True))
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Runs per timing (their median is printed).")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@QUIET
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def benchmark(subspace, repeats, quiet, as_json):
     """Time load, reconstruct, project, absorb and save of a subspace on this machine.

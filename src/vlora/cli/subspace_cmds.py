@@ -14,6 +14,7 @@ from rich.table import Table
 
 from vlora import linalg
 from vlora.cli.common import (
+    QUIET,
     check_adapter_output,
     console,
     human_bytes,
@@ -28,7 +29,6 @@ from vlora.io import load_adapter, save_adapter
 from vlora.storage import lock
 from vlora.subspace import SharedSubspace
 
-QUIET = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
