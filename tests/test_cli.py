@@ -163,6 +163,19 @@ def test_outputs_are_checked_before_anything_is_written(adapters, tmp_path):
     assert "seed" in run("merge", *adapters[:2], "-o", tmp_path / "m", "--method", "dare").output
 
 
+def test_merge_writes_the_inputs_dtype(adapters, tmp_path):
+    for i, p in enumerate(adapters[:2]):
+        save_adapter(load_adapter(p), tmp_path / f"bf{i}", dtype=torch.bfloat16)
+    bf = [tmp_path / "bf0", tmp_path / "bf1"]
+    assert json.loads(run("merge", *bf, "-o", tmp_path / "m", "--json").output)["dtype"] == "bfloat16"
+    assert {x.dtype for x in load_adapter(tmp_path / "m").lora_a.values()} == {torch.bfloat16}
+    run("merge", *bf, "-o", tmp_path / "f", "--dtype", "float32", "-q")
+    run("merge", bf[0], adapters[2], "-o", tmp_path / "mixed", "-q")  # float32 when they differ
+    for name, want in (("f", torch.float32), ("mixed", torch.float32)):
+        out = load_adapter(tmp_path / name)
+        assert {x.dtype for x in out.lora_a.values()} == {want}
+
+
 def test_quiet_silences_warnings(adapters, tmp_path):
     short = load_adapter(adapters[0])
     short = type(short)(short.layer_names[:1], {m: short.lora_a[m] for m in short.layer_names[:1]},

@@ -16,7 +16,9 @@ its own set-up has drawn from the global RNG). Deliberate
 differences from PEFT: float64 throughout (PEFT trims and elects in the adapters'
 dtype, so near-ties fall differently in float32); the result's scale is 1.0 whatever
 the first adapter's ``use_rslora`` (PEFT inherits it and scales its merge by
-``sqrt(r)``); ``S`` is split evenly between B and A; no ``svd_clamp``.
+``sqrt(r)``); ``S`` is split evenly between B and A; no ``svd_clamp``. mergekit's TIES
+differs from PEFT's: it elects signs on the weighted tensors and divides by the sum of
+the agreeing weights, so the two part ways when the weights are not all equal.
 
 A module missing from some adapters counts as ``dW = 0`` there (with a warning).
 Non-LoRA tensors (``modules_to_save``, e.g. classifier heads) are full weights, not

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import click
+import torch
 from rich.table import Table
 
 from vlora import analysis
@@ -117,9 +118,12 @@ def _plot(sim, curve, path) -> None:
 @click.option("--seed", type=int, help="DARE seed (dare, dare_ties; default: fresh, and reported).")
 @click.option("--rank", type=int, help="Rank of the result (default: the largest input rank; "
               "not with cat, which is exact).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Factors' dtype (default: the inputs' when they share one, else float32; "
+              "the merge itself is computed in float64).")
 @QUIET
 @JSON
-def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank, quiet, as_json):
+def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank, dtype, quiet, as_json):
     """Merge adapters into one PEFT adapter, computed on dW and truncated by SVD.
 
     \b
@@ -158,9 +162,12 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
         result = merging.dare_merge(items, drop_rate, ws, seed=seed, rank=rank)
     else:
         result = merging.dare_ties_merge(items, drop_rate, ws, seed=seed, rank=rank)
-    save_adapter(result, output)
+    kinds = {it.lora_a[m].dtype for it in items for m in it.layer_names}
+    dtype = getattr(torch, dtype) if dtype else (kinds.pop() if len(kinds) == 1 else torch.float32)
+    save_adapter(result, output, dtype=dtype)
     seed = result.info.get("seed")  # DARE's (fresh unless given): printed, to redo the merge
     data = {"output": output, "method": method, "rank": result.rank, "seed": seed,
+            "dtype": str(dtype).removeprefix("torch."),
             "kept_energy": result.kept_energy, "info": result.info, "notes": result.notes}
     if as_json:
         print_json(data)
