@@ -432,3 +432,38 @@ def test_gpt2_conv1d_matches_peft_and_merges(tmp_path):
     torch.testing.assert_close(logits(vm, batch), ours, atol=1e-5, rtol=0)
     vm.unmerge()
     assert all(torch.equal(v, before[k]) for k, v in vm.model.state_dict().items())
+
+
+def test_a_task_whose_tensors_fail_changes_nothing(minilm_sub, minilm_dir, batch):
+    sub = copy_of(minilm_sub)
+    vm = VLoRAModel(base_classifier(minilm_dir, seed=9), sub)
+    vm.set_task("a")
+    good = logits(vm, batch)
+    bad = dataclasses.replace(sub.get_task("b"), task_id="bad", extra={"score.weight": torch.zeros(3, 384)})
+    sub.add_task(bad)  # added after wrapping: its head has no counterpart in the model
+    with pytest.raises(IncompatibleAdaptersError, match="score.weight"):
+        vm.set_task("bad")
+    assert vm.active_task == "a" and torch.equal(logits(vm, batch), good)
+    with pytest.raises(IncompatibleAdaptersError):
+        logits(vm, batch, task_ids=["a", "bad", None, "a"][:batch["input_ids"].shape[0]])
+    assert torch.equal(logits(vm, batch), good)
+
+
+def test_a_replaced_or_removed_task_is_not_served_from_the_cache(minilm_sub, minilm_dir, batch):
+    sub = copy_of(minilm_sub)
+    vm = VLoRAModel(base_classifier(minilm_dir, seed=9), sub)
+    vm.set_task("a")
+    served_a, served_b = logits(vm, batch), logits(vm, batch, task_ids=["b"] * batch["input_ids"].shape[0])
+    # replace a by b's coordinates and head: the active task and per-call ids follow at once
+    sub.add_task(dataclasses.replace(sub.get_task("b"), task_id="a"), replace=True)
+    torch.testing.assert_close(logits(vm, batch), served_b, rtol=0, atol=1e-6)
+    sub.remove_task("b")
+    with pytest.raises(TaskNotFoundError):
+        logits(vm, batch, task_ids=["b"] * batch["input_ids"].shape[0])
+    with pytest.raises(TaskNotFoundError):
+        vm.set_task("b")
+    sub.remove_task("a")
+    with pytest.raises(TaskNotFoundError):
+        logits(vm, batch)  # the active task is gone: not served from the cache either
+    vm.clear_task()
+    assert not torch.equal(logits(vm, batch), served_a)

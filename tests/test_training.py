@@ -362,3 +362,38 @@ def test_extra_directions_where_the_bases_fill_a_side():
     for _ in range(2):
         st.step(st.model(x).square().mean())
     assert st.write_back() is not None and "new" in sub
+
+
+def test_training_heads_leaves_the_model_own_head(adapters, new_task):
+    sub = fresh_subspace(adapters)
+    enc, y = batch_of(new_task)
+    base = load_minilm_classifier(len(new_task[-1]), 5)
+    own = {k: v.clone() for k, v in base.state_dict().items()}
+    with torch.no_grad():
+        ref = base(**enc).logits
+    st = SubspaceTrainer(sub, "new", model=base, lr=1e-2)
+    for _ in range(2):
+        st.step(loss_of(st, enc, y))
+    st.write_back()
+    trained = st.heads["classifier.weight"].detach().clone()
+    assert not torch.equal(trained, own["classifier.weight"])
+    torch.testing.assert_close(sub.get_task("new").extra["classifier.weight"], trained)
+    st.model.clear_task()
+    with torch.no_grad():
+        assert torch.equal(st.model(**enc).logits, ref)  # the bare base again
+        rows = st.model(**enc, task_ids=[None, "new"] * (len(y) // 2)).logits
+    assert torch.equal(rows[0::2], ref[0::2])
+    assert all(torch.equal(v, own[k]) for k, v in st.model.unwrap().state_dict().items())
+
+
+def test_bad_arguments_leave_model_and_subspace_untouched(adapters, new_task):
+    sub = fresh_subspace(adapters)
+    base = load_minilm_classifier(len(new_task[-1]), 5)
+    task = sub.tasks[0]
+    with pytest.raises(ValueError, match="pseudo_rank 16"):
+        SubspaceTrainer(sub, task, model=base, pseudo_rank=16)
+    with pytest.raises(ValueError, match="classifer"):
+        SubspaceTrainer(sub, "new", model=base, train_modules_to_save=["classifer"])
+    assert "new" not in sub and all(p.requires_grad for p in base.parameters())
+    assert type(base.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear  # not wrapped
+    SubspaceTrainer(sub, task, model=base, pseudo_rank=4)  # the same model, corrected: it works

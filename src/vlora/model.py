@@ -40,6 +40,8 @@ from vlora.layer import Route, Router, RowHead, SubspaceLinear
 from vlora.subspace import SharedSubspace
 from vlora.task import TaskProjection
 
+_TRAINING = object()  # stands for a trainer's heads where a task id names a task's tensors
+
 
 def _normalize(name: str) -> str:
     """A module name as PEFT writes it: without torch.compile's ``_orig_mod`` levels and
@@ -149,6 +151,7 @@ class VLoRAModel(Delegating):
                 self._heads[head] = RowHead(module, self._router, head)
                 setattr(parent, attr, self._heads[head])
         self._slots: dict[str, int] = {}  # task -> its slot in every layer's cores
+        self._cached: dict[str, TaskProjection | None] = {}  # task -> what its slot holds
         self._extras: dict[str, dict[str, torch.Tensor]] = {}  # task -> tensors on device
         self._originals: dict[str, torch.Tensor] = {}  # key -> the model's own tensor
         self._applied: str | None = None  # task whose extras are in the model
@@ -198,30 +201,33 @@ class VLoRAModel(Delegating):
         self._router.route = None
         self._active = None
 
-    def set_train_route(self, deltas: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    def set_train_route(self, deltas: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                        heads: dict[str, torch.Tensor] | None = None) -> None:
         """Make every forward run ``base(x) + deltas[module](x)`` in each wrapped module: a
-        trainer's differentiable adapter path (:class:`vlora.training.SubspaceTrainer`). The
-        model's own non-LoRA tensors (its heads) are in place, so they may train alongside;
-        ``set_task`` or ``clear_task`` ends it."""
+        trainer's differentiable adapter path (:class:`vlora.training.SubspaceTrainer`).
+        ``heads`` (keyed as a task's non-LoRA tensors, ``classifier.weight``) are swapped
+        into the model's parameters, as a task's are, to train there in place of the
+        model's own; ``set_task`` or ``clear_task`` ends it and puts the model's own back."""
         self._check_state()
         missing = sorted(set(self._layers) - set(deltas))
         if missing:
             raise VLoRAError(f"set_train_route: no delta for modules {missing[:5]}")
+        for key in heads or {}:
+            self._target(key, "being trained")
         self._reset()
+        self._extras[_TRAINING] = dict(heads or {})
+        self._apply_extras(_TRAINING)
         self._router.route = Route("train", deltas=dict(deltas))
 
     def refresh_task(self, task_id: str) -> None:
         """Re-read ``task_id`` from the subspace after its coordinates or non-LoRA tensors
-        were replaced there (a trainer's ``write_back``): cached cores and tensors are stale."""
+        were changed there in place. A task replaced there (``add_task(replace=True)``, a
+        trainer's ``write_back``) or removed is noticed without it."""
         self._check_state()
-        applied = self._applied
-        self._apply_extras(None)
-        self._extras.pop(task_id, None)
+        self.subspace.get_task(task_id)  # a removed task raises before anything changes
         if task_id in self._slots:
-            t = self.subspace.get_task(task_id)
-            for name, layer in self._layers.items():
-                layer.store_cores(self._slots[task_id], _core(t, name)[None])
-        self._apply_extras(applied)
+            self._cached[task_id] = None
+            self._cache_cores([task_id])
 
     @contextmanager
     def tasks(self, task_ids: Sequence[str | None] | None = None,
@@ -231,6 +237,8 @@ class VLoRAModel(Delegating):
         base), or the blend ``sum_t task_weights[i, t] * M_t`` of the cores of
         ``task_order``. Nothing given: the ``set_task`` state applies."""
         if task_ids is None and task_weights is None:
+            if self._active is not None and self._merged is None:
+                self._cache_cores([self._active])  # replaced in the subspace, or removed
             yield
             return
         self._check_state()
@@ -276,6 +284,7 @@ class VLoRAModel(Delegating):
         """Add ``U C V^T`` of ``task_id`` to the base weights (transposed for Conv1D) and
         swap its non-LoRA tensors in; :meth:`unmerge` restores the weights bitwise."""
         self._check_state()
+        self._cache_cores([task_id])
         t = self.subspace.get_task(task_id)
         self._check_untied()
         self._apply_extras(task_id)
@@ -388,7 +397,7 @@ class VLoRAModel(Delegating):
         else:
             module._buffers[attr] = value
 
-    def _task_extras(self, task_id: str) -> dict[str, torch.Tensor]:
+    def _task_extras(self, task_id: Any) -> dict[str, torch.Tensor]:
         if task_id not in self._extras:
             extras = {}
             with torch.inference_mode(False):  # they become parameters' data
@@ -399,26 +408,43 @@ class VLoRAModel(Delegating):
             self._extras[task_id] = extras
         return self._extras[task_id]
 
-    def _apply_extras(self, task_id: str | None) -> None:
+    def _apply_extras(self, task_id: Any) -> None:
+        """Swap ``task_id``'s non-LoRA tensors in (None: the model's own; ``_TRAINING``: a
+        trainer's heads). Reads them first, so a task whose tensors fail changes nothing."""
         if task_id == self._applied:
             return
+        new = self._task_extras(task_id) if task_id is not None else {}
         for key, original in self._originals.items():
             self._put(key, original)
-        self._originals = {}
-        for key, value in (self._task_extras(task_id) if task_id else {}).items():
+        self._originals, self._applied = {}, None
+        for key, value in new.items():
             self._originals[key] = self._current(key)
             self._put(key, value)
         self._applied = task_id
 
     def _cache_cores(self, task_ids: Sequence[str | None]) -> None:
-        new = [t for t in dict.fromkeys(task_ids) if t is not None and t not in self._slots]
-        if not new:
-            return
-        tasks = [self.subspace.get_task(t) for t in new]
-        start = 1 + len(self._slots)
-        for name, layer in self._layers.items():
-            layer.store_cores(start, torch.stack([_core(t, name) for t in tasks]))
-        self._slots.update({t: start + i for i, t in enumerate(new)})
+        """Cache the cores of tasks not seen yet, and re-read those the subspace has replaced
+        since (by identity: one dict lookup per task). A removed task raises
+        TaskNotFoundError before anything changes."""
+        ids = [t for t in dict.fromkeys(task_ids) if t is not None]
+        current = {t: self.subspace.get_task(t) for t in ids}
+        for t in [t for t in ids if t in self._slots and self._cached[t] is not current[t]]:
+            for name, layer in self._layers.items():
+                layer.store_cores(self._slots[t], _core(current[t], name)[None])
+            self._cached[t] = current[t]
+            applied = self._applied == t
+            if applied:
+                self._apply_extras(None)
+            self._extras.pop(t, None)
+            if applied:
+                self._apply_extras(t)
+        new = [t for t in ids if t not in self._slots]
+        if new:
+            start = 1 + len(self._slots)
+            for name, layer in self._layers.items():
+                layer.store_cores(start, torch.stack([_core(current[t], name) for t in new]))
+            self._slots.update({t: start + i for i, t in enumerate(new)})
+            self._cached.update({t: current[t] for t in new})
 
     def _plan(self, task_ids, task_weights, task_order) -> tuple[Route | None, str | None]:
         """The route of a per-call task assignment and the task whose extras it needs."""
@@ -483,7 +509,8 @@ class VLoRAModel(Delegating):
         # clear_task restores are the moved ones, then re-swap on the new device.
         applied = self._applied
         self._apply_extras(None)
-        self._extras = {}
+        training = self._extras.get(_TRAINING)  # a trainer's heads cannot be read again: moved
+        self._extras = {} if training is None else {_TRAINING: {k: fn(v) for k, v in training.items()}}
         out = super()._apply(fn, *args, **kwargs)
         self._apply_extras(applied)
         return out

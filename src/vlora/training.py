@@ -228,19 +228,42 @@ class SubspaceTrainer:
                  init_scale: float | None = None, seed: int = 0):
         if direction_lr is not None and not num_expand:
             raise ValueError("direction_lr is the lr of the extra directions: pass num_expand > 0")
-        self.subspace, self.task_id, self.num_expand = subspace, task_id, num_expand
-        vm = model if isinstance(model, VLoRAModel) else VLoRAModel(model, subspace)
-        if vm.subspace is not subspace:
+        if isinstance(model, VLoRAModel) and model.subspace is not subspace:
             raise ValueError("model is a VLoRAModel of another subspace")
-        if task_id not in subspace:
-            orthogonal_init(subspace, task_id, pseudo_rank, init_scale, seed)
-        task = subspace.get_task(task_id)
+        # Every check that can fail runs before the model is wrapped, frozen or the task created.
+        if task_id in subspace and pseudo_rank is not None:
+            lowest = min(subspace.get_task(task_id).coords_b[m].shape[1] for m in subspace.modules)
+            if pseudo_rank > lowest:
+                raise ValueError(f"pseudo_rank {pseudo_rank} > task {task_id!r}'s rank {lowest}")
+        head_modules = self._head_modules(subspace, model, train_modules_to_save)
+        self.subspace, self.task_id, self.num_expand = subspace, task_id, num_expand
+        wrapped_here, created = not isinstance(model, VLoRAModel), task_id not in subspace
+        vm = model if not wrapped_here else VLoRAModel(model, subspace)
+        grads = {p: p.requires_grad for p in vm.model.parameters()}
+        try:
+            if created:
+                orthogonal_init(subspace, task_id, pseudo_rank, init_scale, seed)
+            self._set_up(vm, subspace.get_task(task_id), head_modules, lr=lr, a_lr=a_lr,
+                         head_lr=head_lr, optimizer=optimizer, direction_lr=direction_lr,
+                         pseudo_rank=pseudo_rank, init_scale=init_scale, seed=seed)
+        except BaseException:  # leave the model and the subspace as they were
+            for p, g in grads.items():
+                p.requires_grad_(g)
+            if wrapped_here:
+                vm.unwrap()
+            else:
+                vm.clear_task()
+            if created and task_id in subspace:
+                subspace.remove_task(task_id)
+            raise
+
+    def _set_up(self, vm: VLoRAModel, task: TaskProjection, head_modules: dict[str, nn.Module], *,
+                lr, a_lr, head_lr, optimizer, direction_lr, pseudo_rank, init_scale, seed) -> None:
+        subspace, num_expand = self.subspace, self.num_expand
         gen = torch.Generator().manual_seed(seed + 1)
         deltas = []
         for m, basis in subspace.modules.items():
             lb, la = task.coords_b[m].to(F64), task.coords_a[m].to(F64)
-            if pseudo_rank is not None and pseudo_rank > lb.shape[1]:
-                raise ValueError(f"pseudo_rank {pseudo_rank} > task {task_id!r}'s rank {lb.shape[1]}")
             if pseudo_rank is not None and pseudo_rank < lb.shape[1]:
                 lb, la = linalg.truncate_core(lb, la, pseudo_rank)
             layer = vm._layers[m]
@@ -256,11 +279,16 @@ class SubspaceTrainer:
         self.module = TrainingModule(vm, nn.ModuleList(deltas))
         self.model = vm
         self._modules = list(subspace.modules)
-        # First the route, which puts the model's own heads back in place: those train.
-        vm.set_train_route({m: d for m, d in zip(self._modules, deltas)})
+        self.heads = {f"{name}.{pname}": p for name, module in head_modules.items()
+                      for pname, p in module.named_parameters()}
+        # The heads train as copies swapped into the model's parameters (the task's stored
+        # ones, else the model's own): set_task / clear_task put the model's own back.
+        vm.clear_task()  # the model's own heads in place, not another task's
+        starts = {k: task.extra.get(k, p.data).to(p.device, p.dtype, copy=True)
+                  for k, p in self.heads.items()}
+        vm.set_train_route({m: d for m, d in zip(self._modules, deltas)}, heads=starts)
         for p in vm.model.parameters():
             p.requires_grad_(False)
-        self.heads = self._find_heads(vm, task, train_modules_to_save)
         for p in self.heads.values():
             p.requires_grad_(True)
         side_b = [p for d in deltas for p in ([d.lb, d.xb] if d.phi else [d.lb])]
@@ -279,26 +307,22 @@ class SubspaceTrainer:
                                                                                weight_decay=0.0)
 
     @staticmethod
-    def _find_heads(vm: VLoRAModel, task: TaskProjection,
-                    which: bool | Iterable[str]) -> dict[str, nn.Parameter]:
-        """Head parameters keyed as the task's ``extra`` (``classifier.weight``), started from
-        the task's stored heads when it has them."""
+    def _head_modules(subspace: SharedSubspace, model: Any,
+                      which: bool | Iterable[str]) -> dict[str, nn.Module]:
+        """The modules whose parameters train as heads, by name (their Linear inside a
+        mixed-batch wrapper); an unknown name in ``which`` is a ValueError."""
+        base = model.model if isinstance(model, VLoRAModel) else model
         if which is True:
-            names = sorted({n for t in vm.subspace.tasks
-                            for n in vm.subspace.get_task(t).config.get("modules_to_save") or ()})
-            modules = {n: _submodule(vm.model, n) for n in names or HEAD_NAMES}
-            modules = {n: mod for n, mod in modules.items() if mod is not None}
+            names = sorted({n for t in subspace.tasks
+                            for n in subspace.get_task(t).config.get("modules_to_save") or ()})
+            modules = {n: _submodule(base, n) for n in names or HEAD_NAMES}
         else:
-            modules = {n: vm.model.get_submodule(n) for n in which or ()}
-        heads = {}
-        for name, module in modules.items():
-            module = module.base_layer if isinstance(module, RowHead) else module
-            for pname, p in module.named_parameters():
-                key = f"{name}.{pname}"
-                if key in task.extra:  # continue from the task's own head (shapes may differ)
-                    p.data = task.extra[key].to(p.device, p.dtype, copy=True)
-                heads[key] = p
-        return heads
+            modules = {n: _submodule(base, n) for n in which or ()}
+            unknown = [n for n, mod in modules.items() if mod is None]
+            if unknown:
+                raise ValueError(f"train_modules_to_save: no module {unknown} in the model")
+        return {n: mod.base_layer if isinstance(mod, RowHead) else mod
+                for n, mod in modules.items() if mod is not None}
 
     # ------------------------------------------------------------------ training
     def coordinates(self) -> list[nn.Parameter]:
