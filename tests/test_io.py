@@ -230,3 +230,12 @@ def test_saving_keeps_other_files_and_writes_what_peft_loads(tmp_path):
     assert config_for(renamed(["m.layer.0.q", "m.layer.1.v", "m.layer.2.q"], regex))["target_modules"] == regex
     unet = renamed(["unet.a.to_q", "unet.a.to_out.0", "unet.b.to_q"], ["to_q"])
     assert config_for(unet)["target_modules"] == ["to_out.0", "to_q"]  # never "0": every first child
+
+
+def test_written_config_names_rank_and_alpha_even_at_peft_defaults():
+    from synthetic import planted
+    from vlora.io import config_for
+    a = planted(1, r=8, scale=1.0)[0]
+    a.config = {}  # rank 8, scale 1: what PEFT's defaults give, but not spelled out
+    config = config_for(a)
+    assert config["r"] == 8 and config["lora_alpha"] == 8

@@ -305,7 +305,8 @@ def config_for(weights: LoRAWeights, for_vllm: bool = False) -> dict[str, Any]:
         and math.isclose(peft_scale(config, m), weights.scales[m], rel_tol=1e-12)
         for m in weights.layer_names
     ):
-        return config
+        # written out, not left to PEFT's defaults (8 and 8), which a later PEFT may change
+        return {"r": 8, "lora_alpha": 8, **config}
     rslora = bool(config.get("use_rslora")) and not for_vllm
     norm = (lambda r: math.sqrt(r)) if rslora else (lambda r: r)
     r0 = Counter(ranks.values()).most_common(1)[0][0]
