@@ -239,3 +239,20 @@ def test_written_config_names_rank_and_alpha_even_at_peft_defaults():
     a.config = {}  # rank 8, scale 1: what PEFT's defaults give, but not spelled out
     config = config_for(a)
     assert config["r"] == 8 and config["lora_alpha"] == 8
+
+
+def test_written_files_get_the_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    from synthetic import planted
+    from vlora import SharedSubspace
+    old = os.umask(0o022)
+    try:
+        sub = SharedSubspace.from_adapters(planted(3), task_ids=["a", "b", "c"], num_components=2)
+        sub.save(tmp_path / "s")
+        modes = {p.name.split("-")[0]: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "s").iterdir()
+                 if not p.name.startswith(".")}
+    finally:
+        os.umask(old)
+    assert modes["manifest.json"] == 0o644 and modes["bases"] == 0o644, modes  # others may read it

@@ -68,6 +68,8 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        # mkstemp's file is private (0600); the file it replaces gets what open() would give
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         fsync_write(Path(tmp), data)
         os.replace(tmp, path)
     except BaseException:
