@@ -47,6 +47,10 @@ def test_compress_info_export_round_trip(adapters, tmp_path):
     exported = load_adapter(tmp_path / "e1")
     assert set(exported.ranks().values()) == {4}
     run("export", sub, "--all", "-o", tmp_path / "all", "--rank", "2", "--vllm")
+    before = load_adapter(adapters[1]).sha256
+    out = run("export", sub, "--all", "-o", tmp_path / "ad", code=2).output  # the originals' folder
+    assert "holds an adapter already" in out and load_adapter(adapters[1]).sha256 == before
+    run("export", sub, "task1", "-o", tmp_path / "e1", "--force")
     assert set(load_adapter(tmp_path / "all" / "task3").ranks().values()) == {2}
 
 
@@ -133,6 +137,11 @@ def test_analyze_merge_plot_benchmark(adapters, tmp_path):
     run("merge", *adapters[:2], "-o", tmp_path / "c", "--method", "cat", "-q")
     assert set(load_adapter(tmp_path / "c").ranks().values()) == {8}
     run("merge", *adapters[:2], "-o", tmp_path / "w", "--weights", "1,2,3", code=2)
+    run("merge", *adapters[:2], "-o", tmp_path / "m", code=2)  # an adapter is there already
+    before = load_adapter(adapters[0]).sha256
+    run("merge", *adapters[:2], "-o", adapters[0], "--force", code=2)  # never onto an input
+    assert load_adapter(adapters[0]).sha256 == before
+    run("merge", *adapters[:2], "-o", tmp_path / "m", "--force", "-q")
     for method, option in (("cat", "--rank=3"), ("dare", "--density=0.1"), ("ties", "--seed=1"),
                            ("linear", "--drop-rate=0.2")):  # an option the method would ignore
         err = run("merge", *adapters[:2], "-o", tmp_path / "x", "--method", method, option, code=2).output
@@ -181,7 +190,7 @@ def test_quiet_silences_warnings(adapters, tmp_path):
     short = type(short)(short.layer_names[:1], {m: short.lora_a[m] for m in short.layer_names[:1]},
                         {m: short.lora_b[m] for m in short.layer_names[:1]}, short.scales)
     save_adapter(short, tmp_path / "short")
-    args = ("merge", tmp_path / "short", adapters[1], "-o", tmp_path / "m")
+    args = ("merge", tmp_path / "short", adapters[1], "-o", tmp_path / "m", "--force")
     with pytest.warns(UserWarning, match="missing from some adapters"):
         run(*args)
     with warnings.catch_warnings():

@@ -121,9 +121,11 @@ def _plot(sim, curve, path) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Factors' dtype (default: the inputs' when they share one, else float32; "
               "the merge itself is computed in float64).")
+@click.option("--force", is_flag=True, help="Replace an adapter already in OUTPUT (never an input).")
 @QUIET
 @JSON
-def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank, dtype, quiet, as_json):
+def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank, dtype, force, quiet,
+              as_json):
     """Merge adapters into one PEFT adapter, computed on dW and truncated by SVD.
 
     \b
@@ -148,7 +150,7 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
         raise click.UsageError(f"{len(ws)} weights for {len(adapters)} adapters")
     if ws is not None and not all(math.isfinite(w) and abs(w) < 1e150 for w in ws):
         raise click.UsageError(f"--weights {weights!r}: finite numbers below 1e150 expected")
-    check_adapter_output(output)
+    check_adapter_output(output, force, inputs=adapters)
     items = [load_adapter(p) for p in adapters]
     if method == "linear":
         result = merging.task_arithmetic(items, ws, rank=rank)

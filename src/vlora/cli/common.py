@@ -8,6 +8,7 @@ import re
 import sys
 import traceback
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from rich.console import Console
 from vlora.errors import VLoRAError
 from vlora.storage import MANIFEST
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
 
@@ -89,11 +91,19 @@ def progress_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def check_adapter_output(path: str | Path) -> None:
-    """Refuse to write an adapter over a file or into a subspace folder. Other files of
-    an existing folder are kept (save_adapter replaces only the adapter's own files)."""
+def check_adapter_output(path: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse to write an adapter over a file, into a subspace folder, onto one of the
+    command's own ``inputs``, or (without ``force``) over an adapter already there: it may
+    be an original. Other files of an existing folder are kept (save_adapter replaces only
+    the adapter's own files)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise click.UsageError(f"{path}: exists and is not a folder")
     if (path / MANIFEST).exists():
         raise click.UsageError(f"{path}: a vlora subspace folder; write the adapter elsewhere")
+    if path.exists() and any(path.resolve() == Path(p).resolve() for p in inputs):
+        raise click.UsageError(f"{path}: one of this command's inputs; write the result elsewhere")
+    held = [n for n in ADAPTER_FILES if (path / n).exists()]
+    if held and not force:
+        raise click.UsageError(f"{path}: holds an adapter already ({', '.join(held)}); "
+                               "pass --force to replace it")

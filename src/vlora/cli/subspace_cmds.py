@@ -195,8 +195,9 @@ def info(subspace, quiet, as_json):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Weights dtype (default: each original adapter's).")
 @click.option("--vllm", is_flag=True, help="Write what vLLM accepts (no modules_to_save, one rank).")
+@click.option("--force", is_flag=True, help="Replace adapters already in the output folders.")
 @QUIET
-def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, quiet):
+def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, force, quiet):
     """Write tasks back as standard PEFT adapters.
 
     \b
@@ -212,10 +213,10 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, quiet):
     targets = {t: Path(output) / folders[t] if len(names) > 1 or all_tasks else Path(output)
                for t in names}
     if len(names) > 1 or all_tasks:
-        check_adapter_output(output)  # the parent folder: not a subspace's either
+        check_adapter_output(output, force=True)  # the parent folder: not a subspace's either
     for t, target in targets.items():  # fail before writing anything
         sub.get_task(t)
-        check_adapter_output(target)
+        check_adapter_output(target, force)
     out = console(quiet)
     for t, target in targets.items():
         left_out = save_adapter(sub.reconstruct(t, getattr(torch, dtype) if dtype else None, rank),
