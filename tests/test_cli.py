@@ -245,4 +245,20 @@ def test_conflicting_or_empty_options_are_refused(adapters, tmp_path):
     r = run("add", sub, adapters[2], "--incremental", "--project-only", code=2)
     assert "exclude each other" in r.output
     assert "x>=1" in run("benchmark", sub, "--repeats", "0", code=2).output
+    assert "0 task ids for 1 adapters" in run("add", sub, adapters[2], "--task-ids", ",", code=2).output
+    r = run("compress", *adapters[:2], "-o", tmp_path / "s2", "--missing-modules", "skip", "--streaming",
+            code=2)
+    assert "--streaming needs every adapter to have the same modules" in r.output
+    r = run("compress", *adapters[:2], "-o", adapters[3], "-k", "2", "--force", code=2)
+    assert "is not a subspace" in r.output and load_adapter(adapters[3])  # an adapter, not replaced
     assert SharedSubspace.load(sub).tasks == ["task0", "task1"]
+
+
+@pytest.mark.parametrize("budget, ok", [("1e5", True), ("20KB", True), ("0.5", False), ("-5", False),
+                                        ("abc", False), ("1e400", False)])
+def test_budget_sizes_and_usage_errors_on_one_line(adapters, tmp_path, budget, ok):
+    r = run("compress", *adapters[:3], "-o", tmp_path / "s", "--budget", budget, "-q", code=0 if ok else 2)
+    if not ok:
+        assert len(r.output.strip().splitlines()) == 1, r.output
+        assert r.output.startswith("vlora: error: Invalid value for '--budget'")
+        assert r.output.rstrip().endswith("compress --help')")

@@ -89,3 +89,10 @@ def test_budgets_met_by_any_candidate_or_only_once_quantized_are_met():
         smallest.quantize(bits, coordinates=True)
         target = smallest.compression_stats()["stored_bytes"]
         assert compress(ads, ids, budget=target, bits=bits).compression_stats()["stored_bytes"] <= target
+
+
+def test_a_ratio_or_budget_that_is_not_a_positive_number_is_refused():
+    ads = planted(3)
+    for kw in ({"ratio": float("nan")}, {"budget": float("inf")}, {"ratio": 0}):
+        with pytest.raises(ValueError, match="positive finite"):
+            compress(ads, **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -347,3 +348,17 @@ def _gram_diag(sub, m, ads, keep):
     u = sub.modules[m].U.T.double()
     return sum(sub.get_task(f"t{i}").weight * (u @ ads[i].delta_weight(m, torch.float64)).square().sum(1)
                for i in keep)
+
+
+def test_adapters_of_different_base_models_are_warned_about():
+    ads = planted(3)
+    for a, name in zip(ads, ["/models/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2",
+                             "bert-base-uncased"]):
+        a.config = dict(a.config, base_model_name_or_path=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a local copy and the hub id are one model
+        sub = SharedSubspace.from_adapters(ads[:2], task_ids=["a", "b"], num_components=2)
+    with pytest.warns(UserWarning, match="different base models.*bert-base-uncased"):
+        SharedSubspace.from_adapters(ads, task_ids=["a", "b", "c"], num_components=2)
+    with pytest.warns(UserWarning, match="task 'c' and the subspace name different base models"):
+        sub.project(ads[2], "c")

@@ -7,6 +7,7 @@ lands just under the target, so fewer bits buy more directions at the same bytes
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -48,8 +49,9 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
     """
     if budget is not None and ratio is not None:
         raise ValueError("give a budget or a ratio, not both")
-    if (budget is not None and budget <= 0) or (ratio is not None and ratio <= 0):
-        raise ValueError(f"budget and ratio must be positive, not {budget if budget is not None else ratio}")
+    for name, x in (("budget", budget), ("ratio", ratio)):
+        if x is not None and not (x > 0 and math.isfinite(x)):
+            raise ValueError(f"{name} must be a positive finite number, not {x}")
     items = [a if isinstance(a, LoRAWeights) else load_adapter(a) for a in adapters]
     if ratio is not None:
         budget = lora_bytes(items) / ratio

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,16 @@ def default_task_id(adapter: LoRAWeights, index: int) -> str:
     return Path(adapter.source).name if adapter.source else f"task_{index}"
 
 
+def warn_base_models(names: Iterable[str | None], what: str) -> None:
+    """Warn when ``names`` (``base_model_name_or_path`` values) name more than one model.
+    Only the last part counts (a local copy and the hub id of one model agree): shapes
+    that agree make the mathematics run, but adapters of two models share nothing."""
+    models = {str(n).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower(): n for n in names if n}
+    if len(models) > 1:
+        warnings.warn(f"{what} name different base models: {sorted(map(str, models.values()))[:4]}; "
+                      "their shapes agree, so vlora goes on", UserWarning, stacklevel=3)
+
+
 def check_modules(adapters: Sequence[LoRAWeights], ids: Sequence[str],
                   missing_modules: str = "error") -> dict[str, tuple[int, int]]:
     """The modules a subspace over ``adapters`` covers, with their ``(d_out, d_in)``.
@@ -64,6 +75,7 @@ def check_modules(adapters: Sequence[LoRAWeights], ids: Sequence[str],
     """
     if missing_modules not in ("error", "skip", "zero"):
         raise ValueError(f"missing_modules must be error, skip or zero, not {missing_modules!r}")
+    warn_base_models((a.base_model for a in adapters), "the adapters")
     shapes: dict[str, tuple[int, int]] = {}
     for adapter, tid in zip(adapters, ids):
         for m, shape in adapter.shapes().items():
@@ -271,6 +283,7 @@ class SharedSubspace:
                                    self.missing_modules == "zero")
 
     def _check_adapter(self, adapter: LoRAWeights, task_id: str) -> None:
+        warn_base_models([self.base_model, adapter.base_model], f"task {task_id!r} and the subspace")
         for m, basis in self.modules.items():
             if m not in adapter.lora_a:
                 if self.missing_modules != "zero":

@@ -24,11 +24,15 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 
 class VLoRAGroup(click.Group):
-    """Turns our exceptions into a one-line error and exit code 2."""
+    """Turns our exceptions, and click's usage errors, into a one-line error and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else ctx.command_path
+            click.echo(f"vlora: error: {e.format_message()} (see '{where} --help')", err=True)
+            ctx.exit(2)
         except (VLoRAError, ValueError, OSError) as e:
             if (ctx.obj or {}).get("debug") or "--debug" in sys.argv:
                 traceback.print_exc()
@@ -37,11 +41,14 @@ class VLoRAGroup(click.Group):
 
 
 def parse_size(text: str) -> int:
-    """``20MB``, ``1.5GiB``, ``300000`` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    """``20MB``, ``1.5GiB``, ``300000``, ``1e6`` -> bytes (at least 1)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m[2].upper() not in _UNITS:
         raise click.BadParameter(f"{text!r} is not a size like 20MB, 1.5GiB or 300000")
-    return int(float(m[1]) * _UNITS[m[2].upper()])
+    size = float(m[1]) * _UNITS[m[2].upper()]
+    if not 1 <= size < 2 ** 63:
+        raise click.BadParameter(f"{text!r}: a size is at least 1 byte (and finite)")
+    return int(size)
 
 
 def human_bytes(n: float) -> str:

@@ -26,7 +26,7 @@ from vlora.cli.common import (
 from vlora.compress import compress as fit_to_bytes
 from vlora.errors import SubspaceError
 from vlora.io import load_adapter, save_adapter
-from vlora.storage import lock
+from vlora.storage import MANIFEST, lock
 from vlora.subspace import SharedSubspace
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -99,7 +99,8 @@ def _module_weights(ctx, param, values) -> dict[str, float] | None:
 @click.option("--k-out", type=click.IntRange(min=1), help="k of the output side (use with --k-in).")
 @click.option("--k-in", type=click.IntRange(min=1), help="k of the input side (use with --k-out).")
 @click.option("--variance-threshold", type=float, help="Keep this share of energy per module, e.g. 0.9.")
-@click.option("--budget", help="Total bytes for bases plus coordinates, e.g. 20MB.")
+@click.option("--budget", callback=lambda ctx, param, v: None if v is None else parse_size(v),
+              help="Total bytes for bases plus coordinates, e.g. 20MB, 1.5MiB or 2e6.")
 @click.option("--ratio", type=float, help="Compression ratio of LoRA bytes to reach, e.g. 10.")
 @click.option("--bits", type=click.Choice(["4", "5", "6", "8"]),
               help="Store bases and coordinates in this many bits; --budget/--ratio then count "
@@ -111,7 +112,7 @@ def _module_weights(ctx, param, values) -> dict[str, float] | None:
 @click.option("--streaming", is_flag=True, help="Read adapters a chunk at a time (bounded memory).")
 @click.option("--missing-modules", type=click.Choice(["error", "skip", "zero"]), default="error",
               show_default=True, help="What to do with modules only some adapters have.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it is already a subspace.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is already a subspace (only then).")
 @QUIET
 @JSON
 def compress(adapters, output, num_components, k_out, k_in, variance_threshold, budget, ratio, bits,
@@ -133,8 +134,14 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
         raise click.UsageError("choose one of -k, --k-out/--k-in, --variance-threshold, --budget, --ratio")
     if (k_out is None) != (k_in is None):
         raise click.UsageError("--k-out and --k-in go together")
-    if Path(output).exists() and any(Path(output).iterdir()) and not force:
-        raise click.UsageError(f"{output} exists and is not empty (use --force to replace)")
+    if Path(output).exists() and any(Path(output).iterdir()):
+        if not force:
+            raise click.UsageError(f"{output} exists and is not empty (use --force to replace a subspace)")
+        if not (Path(output) / MANIFEST).exists():
+            raise click.UsageError(f"{output} is not a subspace: --force replaces a subspace only")
+    if streaming and missing_modules != "error":
+        raise click.UsageError("--streaming needs every adapter to have the same modules: "
+                               "--missing-modules works without --streaming")
     ids = split_ids(task_ids)
     k = (k_out, k_in) if k_out is not None else num_components
     progress = progress_enabled(quiet)
@@ -148,7 +155,7 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
             sub.quantize(int(bits), coordinates=True)
     else:
         loaded = [load_adapter(p) for p in adapters]
-        sub = fit_to_bytes(loaded, ids, budget=parse_size(budget) if budget else None, ratio=ratio,
+        sub = fit_to_bytes(loaded, ids, budget=budget, ratio=ratio,
                            bits=int(bits) if bits else None, num_components=k,
                            variance_threshold=variance_threshold, module_weights=module_weights,
                            missing_modules=missing_modules, progress=progress)
@@ -242,7 +249,8 @@ def add(subspace, adapters, task_ids, incremental, project_only, quiet, as_json)
     if incremental and project_only:
         raise click.UsageError("--incremental and --project-only exclude each other: pick one")
     mode = "incremental" if incremental else "project" if project_only else "absorb"
-    ids = split_ids(task_ids) or [Path(p).name for p in adapters]
+    ids = split_ids(task_ids)
+    ids = [Path(p).name for p in adapters] if ids is None else ids
     if len(ids) != len(adapters):
         raise click.UsageError(f"{len(ids)} task ids for {len(adapters)} adapters")
     with lock(subspace):
