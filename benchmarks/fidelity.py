@@ -241,6 +241,31 @@ def paired(before: list[int], after: list[int], gold: list[int]) -> dict:
             "agree": sum(a == b for a, b in zip(after, before)) / max(1, len(gold))}
 
 
+def original_predictions(d, limit: int | None) -> tuple[list[int], list[int]]:
+    """The original adapter's answers on its eval split, cached (like its recorded accuracy,
+    a fixed property of an adapter trained once) under ~/.cache/vlora/predictions, keyed by
+    the adapter's and the eval split's sha256 and the row limit: the suite re-scores only
+    the copies."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from vlora import load_adapter
+    from vlora.testbed import adapter_predictions
+    digest = hashlib.sha256(f"{load_adapter(d).sha256}:{limit}:".encode()
+                            + (Path(d) / "eval.json").read_bytes()).hexdigest()[:32]
+    cache = Path.home() / ".cache" / "vlora" / "predictions" / f"{digest}.json"
+    if cache.is_file():
+        got = json.loads(cache.read_text())
+        return got["predicted"], got["gold"]
+    predicted, gold = adapter_predictions(d, limit=limit)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"adapter": str(d), "predicted": predicted, "gold": gold}))
+    tmp.replace(cache)
+    return predicted, gold
+
+
 def accuracy_kept(dirs: list, copies: dict[str, dict], limit: int | None) -> list[dict]:
     """Re-score each task's original adapter (folders ``dirs``) and its copies on the
     first ``limit`` rows (None: all) of its own held-out split, row by row (:func:`paired`).
@@ -256,7 +281,7 @@ def accuracy_kept(dirs: list, copies: dict[str, dict], limit: int | None) -> lis
     with tempfile.TemporaryDirectory() as tmp:
         for d in sorted(Path(x) for x in dirs):
             ev = d / "eval.json"
-            before, gold = adapter_predictions(d, limit=limit)
+            before, gold = original_predictions(d, limit)
             row = {"task": task_id(d), "eval_rows": len(gold),
                    "original": paired(before, before, gold)["accuracy"]}
             for key, of_task in copies.items():

@@ -108,6 +108,22 @@ def test_validate_fails_on_corruption(adapters, tmp_path):
     assert "checksum mismatch" in run("validate", sub, code=1).output
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["tasks"][0].update(residual_sq=dict.fromkeys(m["tasks"][0]["residual_sq"], 0.0)),
+     "the manifest's error is below what its coordinates allow"),
+    (lambda m: m.update(fingerprint="0" * 16), "fingerprint does not match"),
+    (lambda m: m["tasks"][0].update(error_is_bound="no"), "true or false expected"),
+    (lambda m: m.update(generation="x"), "an integer >= 0 expected"),
+])
+def test_validate_checks_the_manifest_numbers_no_checksum_covers(adapters, tmp_path, edit, message):
+    sub = tmp_path / "sub"
+    run("compress", *adapters[:3], "-o", sub, "-k", "2", "-q")  # k = 2: every task has an error
+    manifest = json.loads((sub / "manifest.json").read_text())
+    edit(manifest)
+    (sub / "manifest.json").write_text(json.dumps(manifest))
+    assert message in run("validate", sub, code=1).output
+
+
 def test_errors_are_one_line_with_exit_2(adapters, tmp_path):
     sub = tmp_path / "sub"
     run("compress", *adapters[:3], "-o", sub, "-q")

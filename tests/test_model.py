@@ -391,6 +391,11 @@ def test_a_tied_lm_head_adapter_serves_like_peft_and_refuses_to_merge(tmp_path):
     peft = PeftModel.from_pretrained(tied(), str(paths[0])).eval()
     torch.testing.assert_close(logits(vm, batch), logits(peft, batch), atol=1e-5, rtol=0)
     vm.clear_task()
+    # the tied weight each task carries is the model's own: nothing is swapped, and rows mix
+    single_b = logits(vm, batch, task_ids=["b", "b"])
+    mixed = logits(vm, batch, task_ids=["a", "b"])
+    torch.testing.assert_close(mixed[0], logits(peft, batch)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], single_b[1], atol=1e-6, rtol=0)
     with pytest.raises(VLoRAError, match="tied to"):
         vm.merge("a")
     vm.export("a", tmp_path / "out")  # as PEFT wrote it: the tied weight, no modules_to_save

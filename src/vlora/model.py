@@ -404,7 +404,11 @@ class VLoRAModel(Delegating):
                 for key, value in self.subspace.get_task(task_id).extra.items():
                     self._target(key, task_id)
                     here = self._originals.get(key, self._current(key))
-                    extras[key] = value.to(here.device, here.dtype, copy=True)
+                    value = value.to(here.device, here.dtype, copy=True)
+                    # A copy of the model's own tensor (PEFT saves a tied lm_head's weight with
+                    # every adapter) changes nothing: not swapped, so no memory and mixed batches
+                    if not (value.shape == here.shape and torch.equal(value, here)):
+                        extras[key] = value
             self._extras[task_id] = extras
         return self._extras[task_id]
 

@@ -233,6 +233,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format_version") not in READS:
         raise SubspaceError(f"{path / MANIFEST}: format version {manifest.get('format_version')}"
                             f" is not supported (this vlora reads {', '.join(map(str, READS))})")
+    gen = manifest.get("generation")
+    if type(gen) is not int or gen < 0:
+        raise SubspaceError(f"{path / MANIFEST}: generation is {str(gen)[:40]} (an integer >= 0 expected)")
     return manifest
 
 
@@ -290,6 +293,12 @@ def _number(x: Any, what: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= sys.float_info.max:
         raise SubspaceError(f"{what} is {str(x)[:40]} (a finite number >= 0 expected)")
     return float(x)
+
+
+def _flag(x: Any, what: str) -> bool:
+    if not isinstance(x, bool):
+        raise SubspaceError(f"{what} is {str(x)[:40]} (true or false expected)")
+    return x
 
 
 def load_subspace(path: str | os.PathLike, verify: bool = True) -> SharedSubspace:
@@ -363,10 +372,14 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
             {m: _number(meta["residual_sq"][m], f"{what} residual_sq") for m in modules},
             {m: _tensor(coords[f"{i}::{m}::S"], f"{what} module {m} spectrum", ndim=1).to(torch.float64)
              for m in modules}, _number(meta["weight"], f"{what} weight"),
-            bool(meta["error_is_bound"]), {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
+            _flag(meta["error_is_bound"], f"{what} error_is_bound"),
+            {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
             dict(config), str(meta.get("dtype", "float32")),
             meta.get("source"), meta.get("sha256"), quant or None,
             # older files: unknown, so never taken out of the Grams
             meta.get("gram_share") if meta.get("gram_share") in ("original", "stored") else None))
+    if manifest.get("fingerprint", fingerprint(sub)) != fingerprint(sub):
+        raise SubspaceError(f"{path / MANIFEST}: its fingerprint does not match its modules' "
+                            "names and shapes")
     sub._manifest_digests[str(path.resolve())] = _digest(manifest)
     return sub

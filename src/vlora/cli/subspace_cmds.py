@@ -301,7 +301,8 @@ def remove(subspace, tasks, quiet):
 @QUIET
 @JSON
 def validate(subspace, quiet, as_json):
-    """Check a subspace: checksums, manifest against tensors, NaN/Inf, orthonormal bases.
+    """Check a subspace: checksums, manifest against tensors, NaN/Inf, orthonormal bases,
+    and each task's recorded error against its stored coordinates.
 
     Exits 1 when anything is wrong.
     """
@@ -325,11 +326,23 @@ def validate(subspace, quiet, as_json):
                 if dev > tol:
                     problems.append(f"module {m}: {name} is not orthonormal (max |U^T U - I| = {dev:.2e}"
                                     f"{f', {bits}-bit bases allow {tol:.2g}' if bits else ''})")
+        grams = {m: sub.grams(m) for m in sub.modules}
         for t in sub.tasks:
             task = sub.get_task(t)
             coords = [*task.coords_a.values(), *task.coords_b.values()]
             if not all(bool(torch.isfinite(x).all()) for x in coords):
                 problems.append(f"task {t}: coordinates have NaN or Inf")
+                continue
+            # the manifest's errors are not under a checksum: they must at least agree with
+            # what is stored, ||dW - dW^|| >= | ||dW|| - ||dW^|| | (a bound holds it too)
+            for m in sub.modules:
+                stored = linalg.inner_in_bases(sub.core(t, m), sub.core(t, m), *grams[m]) ** 0.5
+                norm = task.norm_sq[m] ** 0.5
+                if task.residual_sq[m] ** 0.5 < abs(norm - stored) - 1e-3 * max(norm, stored):
+                    problems.append(f"task {t}: module {m}: the manifest's error is below what its "
+                                    f"coordinates allow (||dW|| {norm:.4g}, stored {stored:.4g}, "
+                                    f"error {task.residual_sq[m] ** 0.5:.4g})")
+                    break
     if as_json:
         print_json({"ok": not problems, "problems": problems})
     elif problems:
@@ -337,7 +350,7 @@ def validate(subspace, quiet, as_json):
             click.echo(f"FAIL {p}", err=True)
     else:
         console(quiet).print(f"OK {subspace}: {len(sub.modules)} modules, {len(sub)} tasks, "
-                             "checksums verified")
+                             "checksums, tensors and recorded errors checked")
     if problems:
         raise SystemExit(1)
 
