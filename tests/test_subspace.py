@@ -362,3 +362,36 @@ def test_adapters_of_different_base_models_are_warned_about():
         SharedSubspace.from_adapters(ads, task_ids=["a", "b", "c"], num_components=2)
     with pytest.warns(UserWarning, match="task 'c' and the subspace name different base models"):
         sub.project(ads[2], "c")
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_projecting_onto_quantized_bases_takes_the_best_coordinates_there(bits):
+    ads = planted(5, dim=6, d_out=64, d_in=48, r=4, noise=0.1, seed=44)
+    sub = SharedSubspace.from_adapters(ads, [f"t{i}" for i in range(5)], num_components=6)
+    sub.quantize(bits)
+    p = sub.project(ads[0], "again")
+    lost = naive = total = 0.0
+    for m, b in sub.modules.items():  # the least-squares core in the same (rounded) bases
+        u, v = b.U.double(), b.V.double()
+        dw = ads[0].delta_weight(m).double()
+        best = torch.linalg.pinv(u) @ dw @ torch.linalg.pinv(v).T
+        torch.testing.assert_close(p.coords_b[m].double() @ p.coords_a[m].double().T, best,
+                                   atol=1e-5, rtol=1e-4)
+        lost += float((dw - u @ best @ v.T).square().sum())
+        naive += float((dw - u @ (u.T @ dw @ v) @ v.T).square().sum())  # U^T X: orthonormal only
+        total += float(dw.square().sum())
+    assert p.error == pytest.approx((lost / total) ** 0.5, rel=1e-4)
+    assert p.error < (naive / total) ** 0.5
+
+
+@pytest.mark.parametrize("call", [
+    lambda ads: SharedSubspace.from_adapters(ads, list("abc"), num_components=2, pseudo_rank=-1),
+    lambda ads: SharedSubspace.from_adapters(ads, list("abc"), num_components=2, pseudo_rank=0),
+    lambda ads: SharedSubspace.from_adapters(ads, list("abc"), num_components=2).project(ads[0], "x",
+                                                                                          pseudo_rank=-3),
+    lambda ads: SharedSubspace.from_adapters(ads, list("abc"), num_components=2).reconstruct("a", rank=-1),
+    lambda ads: SharedSubspace.from_adapters(ads, list("abc"), num_components=2).reconstruct("a", rank=1.5),
+])
+def test_ranks_must_be_positive_integers(call):
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        call(planted(3))

@@ -8,6 +8,7 @@ through; plus the numerics of odd-but-valid adapters and byte-identical output.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -371,8 +372,10 @@ def test_hostile_manifest_names_are_refused_or_stay_data(tmp_path):
         f = path / good["files"][kind]["name"]
         tensors = load_file(f)
         save_file({k.replace(old, evil): v for k, v in tensors.items()}, f)
-    text = json.dumps(good).replace(old, evil)
-    (path / "manifest.json").write_text(text)
+    renamed = json.loads(json.dumps(good).replace(old, evil))
+    desc = ";".join(f"{m}:{x['d_out']}x{x['d_in']}" for m, x in sorted(renamed["modules"].items()))
+    renamed["fingerprint"] = hashlib.sha256(desc.encode()).hexdigest()[:16]  # as storage.fingerprint
+    (path / "manifest.json").write_text(json.dumps(renamed))
     for kind in ("bases", "coords"):
         fuzz._fix_checksum(path, kind)
     before = tree(tmp_path.parent)

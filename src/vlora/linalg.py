@@ -386,6 +386,8 @@ def allocate_budget(gains: dict[object, torch.Tensor], costs: dict[object, float
 
 def truncate_core(lb: torch.Tensor, la: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``p`` coordinates of the core ``C = lb @ la^T`` (Share's pseudo-rank)."""
+    if p < 0:
+        raise ValueError(f"a rank is >= 0, not {p}")
     u, s, v = canonical(lb, la.T)
     p = min(p, s.numel())
     return (u[:, :p] * s[:p]).to(lb.dtype), v[:, :p].to(la.dtype)

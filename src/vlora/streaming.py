@@ -20,6 +20,7 @@ from vlora import linalg
 from vlora.errors import IncompatibleAdaptersError
 from vlora.io import load_adapter
 from vlora.progress import track
+from vlora.subspace import check_rank
 from vlora.task import ModuleBasis, adapter_weight
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ def from_adapters_streaming(cls: type[SharedSubspace], paths: Sequence[str | os.
         oversample: extra directions tracked during the pass so that truncation errs less.
         chunk_size: adapters read and folded in at a time.
     """
+    check_rank(pseudo_rank, "pseudo_rank")
     ids = list(task_ids) if task_ids is not None else [Path(p).name for p in paths]
     if len(ids) != len(paths):
         raise ValueError(f"{len(ids)} task ids for {len(paths)} adapters")

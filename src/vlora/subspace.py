@@ -56,6 +56,13 @@ def default_task_id(adapter: LoRAWeights, index: int) -> str:
     return Path(adapter.source).name if adapter.source else f"task_{index}"
 
 
+def check_rank(rank: int | None, name: str) -> int | None:
+    """``rank`` if it is None or an integer >= 1; else a ValueError naming ``name``."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"{name} must be a positive integer, not {rank!r}")
+    return rank
+
+
 def warn_base_models(names: Iterable[str | None], what: str) -> None:
     """Warn when ``names`` (``base_model_name_or_path`` values) name more than one model.
     Only the last part counts (a local copy and the hub id of one model agree): shapes
@@ -165,6 +172,7 @@ class SharedSubspace:
         ks_given = num_components if isinstance(num_components, tuple) else (num_components,)
         if any(k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0) for k in ks_given):
             raise ValueError(f"num_components must be k >= 0 or (k_out, k_in), not {num_components!r}")
+        check_rank(pseudo_rank, "pseudo_rank")
         items = [_as_adapter(a) for a in track(adapters, "Reading adapters", len(adapters),
                                                  progress and not all(isinstance(a, LoRAWeights)
                                                                       for a in adapters))]
@@ -276,6 +284,8 @@ class SharedSubspace:
         Changes nothing; pass the result to :meth:`add_task` to keep it."""
         from vlora.storage import validate_task_id
         validate_task_id(task_id)
+        if not isinstance(pseudo_rank, dict):
+            check_rank(pseudo_rank, "pseudo_rank")  # per module, 0 marks a module the task lacks
         adapter = _as_adapter(adapter)
         self._check_adapter(adapter, task_id)
         with linalg.fixed_threads():
@@ -373,7 +383,7 @@ class SharedSubspace:
             if t.coords_b[m].shape[1] == 0:
                 continue  # a module the adapter never had: dW = 0, as PEFT initialises it
             lb, la = t.coords_b[m].to(F64), t.coords_a[m].to(F64)
-            if rank is not None and rank < lb.shape[1]:
+            if check_rank(rank, "rank") is not None and rank < lb.shape[1]:
                 lb, la = linalg.truncate_core(lb, la, rank)
             b[m] = (basis.U.to(F64) @ lb).to(dtype)
             a[m] = (la.T @ basis.V.to(F64).T).to(dtype)

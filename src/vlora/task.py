@@ -162,9 +162,15 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
         s = adapter.scales[m]
         ut, st, vt = linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], s)
         u, v = basis.U.to(F64), basis.V.to(F64)
-        lb = u.T @ (s * adapter.lora_b[m].to(F64))
-        la = v.T @ adapter.lora_a[m].to(F64).T
+        if basis.quant:  # rounded bases are not orthonormal: U^T X is not the best fit there
+            lb = linalg.lstsq_map(u, s * adapter.lora_b[m].to(F64))
+            la = linalg.lstsq_map(v, adapter.lora_a[m].to(F64).T)
+        else:
+            lb = u.T @ (s * adapter.lora_b[m].to(F64))
+            la = v.T @ adapter.lora_a[m].to(F64).T
         p = pseudo_rank.get(m) if isinstance(pseudo_rank, dict) else pseudo_rank
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 0):
+            raise ValueError(f"pseudo_rank must be a positive integer, not {p!r}")
         if p is not None and p < lb.shape[1]:
             lb, la = linalg.truncate_core(lb, la, p)
         lb, la = lb.to(basis.U.dtype), la.to(basis.V.dtype)
