@@ -124,7 +124,7 @@ class AdapterMatchRouter:
             evals, evecs = torch.linalg.eigh(gu)
             root = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T
             cores = [subspace.core(t, m) for t in self.task_order]
-            norms = [linalg.inner_in_bases(c, c, gu, gv) ** 0.5 or 1.0 for c in cores]
+            norms = [max(linalg.inner_in_bases(c, c, gu, gv), 0.0) ** 0.5 or 1.0 for c in cores]
             # (n_tasks, k_out, k_in): maps z = V^T h to task t's normalised response
             self._maps[m] = torch.stack([root @ c / n for c, n in zip(cores, norms)])
             self._v[m] = subspace.modules[m].V.to(F64)
