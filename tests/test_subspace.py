@@ -395,3 +395,15 @@ def test_projecting_onto_quantized_bases_takes_the_best_coordinates_there(bits):
 def test_ranks_must_be_positive_integers(call):
     with pytest.raises(ValueError, match="must be a positive integer"):
         call(planted(3))
+
+
+def test_a_fit_over_different_base_models_warns_once_and_names_none():
+    ads = planted(3)
+    for a, name in zip(ads, ["m/one", "m/one", "m/two"]):
+        a.config = dict(a.config, base_model_name_or_path=name)
+    with pytest.warns(UserWarning, match="different base models") as seen:
+        sub = SharedSubspace.from_adapters(ads, task_ids=["a", "b", "c"], num_components=2)
+    assert len([w for w in seen if "different base models" in str(w.message)]) == 1
+    assert sub.base_model is None
+    agreeing = SharedSubspace.from_adapters(ads[:2], task_ids=["a", "b"], num_components=2)
+    assert agreeing.base_model == "m/one"

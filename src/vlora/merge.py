@@ -48,7 +48,7 @@ from vlora import linalg
 from vlora.adapter import LoRAWeights
 from vlora.errors import AdapterError, VLoRAError
 from vlora.io import check_weights, config_for, load_adapter
-from vlora.subspace import SharedSubspace, check_modules, default_task_id
+from vlora.subspace import SharedSubspace, check_modules, check_rank, default_task_id
 
 F64 = torch.float64
 AdapterLike = LoRAWeights | str | os.PathLike
@@ -102,10 +102,7 @@ def _prepare(adapters: Sequence[AdapterLike], weights: Sequence[float] | None
 
 
 def _check_rank(rank: int | None, default: int) -> int:
-    rank = default if rank is None else rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, not {rank!r}")
-    return rank
+    return check_rank(default if rank is None else rank, "rank")
 
 
 def _check_fraction(name: str, value: float, upper_open: bool = False) -> float:

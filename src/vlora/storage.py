@@ -378,7 +378,8 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
             meta.get("source"), meta.get("sha256"), quant or None,
             # older files: unknown, so never taken out of the Grams
             meta.get("gram_share") if meta.get("gram_share") in ("original", "stored") else None))
-    if manifest.get("fingerprint", fingerprint(sub)) != fingerprint(sub):
+    expected = fingerprint(sub)
+    if manifest.get("fingerprint", expected) != expected:
         raise SubspaceError(f"{path / MANIFEST}: its fingerprint does not match its modules' "
                             "names and shapes")
     sub._manifest_digests[str(path.resolve())] = _digest(manifest)

@@ -20,7 +20,7 @@ from vlora import linalg
 from vlora.errors import IncompatibleAdaptersError
 from vlora.io import load_adapter
 from vlora.progress import track
-from vlora.subspace import check_rank
+from vlora.subspace import check_rank, one_base_model, warn_base_models
 from vlora.task import ModuleBasis, adapter_weight
 
 if TYPE_CHECKING:
@@ -58,14 +58,15 @@ def from_adapters_streaming(cls: type[SharedSubspace], paths: Sequence[str | os.
     k_out, k_in = num_components if isinstance(num_components, tuple) else (num_components,) * 2
     state: dict[str, list[torch.Tensor]] = {}  # module -> [U, G_u, V, G_v]
     shapes: dict[str, tuple[int, int]] = {}
-    base_model = None
+    names = []  # base models, warned about once here (the subspace then names none)
     with linalg.fixed_threads():
         for start in track(range(0, len(paths), chunk_size), "Fitting (pass 1/2)",
                            (len(paths) + chunk_size - 1) // chunk_size, progress):
             chunk = [load_adapter(p) for p in paths[start:start + chunk_size]]
             for a, tid in zip(chunk, ids[start:start + chunk_size]):
+                names.append(a.base_model)
                 if not shapes:
-                    shapes, base_model = a.shapes(), a.base_model
+                    shapes = a.shapes()
                 if a.shapes() != shapes:
                     raise IncompatibleAdaptersError(
                         f"task {tid!r} ({a.source}): modules or shapes differ from the first "
@@ -98,7 +99,8 @@ def from_adapters_streaming(cls: type[SharedSubspace], paths: Sequence[str | os.
         ki = linalg.choose_k(gv.diagonal().sqrt(), k_in, variance_threshold)
         modules[m] = ModuleBasis(u[:, :ko].float().contiguous(), v[:, :ki].float().contiguous(),
                                  gu[:ko, :ko].clone(), gv[:ki, :ki].clone())
-    sub = cls(modules, weighting=weighting, base_model=base_model)
+    warn_base_models(names, "the adapters")
+    sub = cls(modules, weighting=weighting, base_model=one_base_model(names))
     for p, tid in track(list(zip(paths, ids)), "Projecting (pass 2/2)", len(paths), progress):
         sub.add_task(sub.project(load_adapter(p), tid, pseudo_rank=pseudo_rank))
         sub.get_task(tid).gram_share = "original"  # the Grams above were built from every adapter

@@ -63,11 +63,22 @@ def check_rank(rank: int | None, name: str) -> int | None:
     return rank
 
 
+def _base_models(names: Iterable[str | None]) -> dict[str, str]:
+    """The distinct models ``names`` (``base_model_name_or_path`` values) name, by their
+    last part: a local copy and the hub id of one model are one."""
+    return {str(n).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower(): n for n in names if n}
+
+
+def one_base_model(names: Iterable[str | None]) -> str | None:
+    """The base model every name names (the first spelling), None if several or none."""
+    models = _base_models(names)
+    return next(iter(models.values())) if len(models) == 1 else None
+
+
 def warn_base_models(names: Iterable[str | None], what: str) -> None:
-    """Warn when ``names`` (``base_model_name_or_path`` values) name more than one model.
-    Only the last part counts (a local copy and the hub id of one model agree): shapes
-    that agree make the mathematics run, but adapters of two models share nothing."""
-    models = {str(n).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower(): n for n in names if n}
+    """Warn when ``names`` name more than one model: shapes that agree make the
+    mathematics run, but adapters of two models share nothing."""
+    models = _base_models(names)
     if len(models) > 1:
         warnings.warn(f"{what} name different base models: {sorted(map(str, models.values()))[:4]}; "
                       "their shapes agree, so vlora goes on", UserWarning, stacklevel=3)
@@ -214,6 +225,8 @@ class SharedSubspace:
         # every task's original spectrum is stored (for the baselines), whatever the ks
         spectra_bytes = SPECTRUM_DTYPE.itemsize * sum(min(a.lora_a[m].shape[0], min(shapes[m]))
                                                       for a in items for m in shapes if m in a.lora_a)
+        # several models (warned about in check_modules): none, so tasks are not warned again
+        base_model = one_base_model(a.base_model for a in items)
         best = smallest = None  # (score, sub) within the budget; (bytes, sub) of all
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
@@ -221,7 +234,7 @@ class SharedSubspace:
                            budget, adaptive_k, mw, fixed_bytes=spectra_bytes)
             sub = cls._fit(items, ids, weights, shapes, starts, ks, refine_iters,
                            None if adaptive else p, progress, weighting=weighting,
-                           base_model=items[0].base_model, missing_modules=missing_modules)
+                           base_model=base_model, missing_modules=missing_modules)
             if adaptive and p < max_rank:
                 tasks = [sub.get_task(t) for t in ids]
                 ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p), mw)

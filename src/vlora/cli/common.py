@@ -16,9 +16,9 @@ import click
 from rich.console import Console
 
 from vlora.errors import VLoRAError
+from vlora.io import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from vlora.storage import MANIFEST
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
 
@@ -110,7 +110,7 @@ def check_adapter_output(path: str | Path, force: bool = False, inputs: Sequence
         raise click.UsageError(f"{path}: a vlora subspace folder; write the adapter elsewhere")
     if path.exists() and any(path.resolve() == Path(p).resolve() for p in inputs):
         raise click.UsageError(f"{path}: one of this command's inputs; write the result elsewhere")
-    held = [n for n in ADAPTER_FILES if (path / n).exists()]
+    held = [n for n in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME) if (path / n).exists()]
     if held and not force:
         raise click.UsageError(f"{path}: holds an adapter already ({', '.join(held)}); "
                                "pass --force to replace it")
