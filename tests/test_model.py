@@ -71,7 +71,7 @@ def test_mixed_batch_rows_equal_single_task_runs(minilm_sub, minilm_dir, batch, 
     assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())
 
 
-def test_heads_of_different_shapes_run_alone_not_mixed(minilm_sub, minilm_dir, batch):
+def test_heads_of_different_widths_mix_padded_with_minus_inf(minilm_sub, minilm_dir, batch):
     sub = copy_of(minilm_sub)
     g = torch.Generator().manual_seed(0)
     sub.add_task(dataclasses.replace(
@@ -81,15 +81,77 @@ def test_heads_of_different_shapes_run_alone_not_mixed(minilm_sub, minilm_dir, b
     base = base_classifier(minilm_dir, seed=9)
     ref = logits(base, batch)
     vm = VLoRAModel(base, sub)
-    vm.set_task("two")
-    assert logits(vm, batch).shape == (4, 2)
-    torch.testing.assert_close(logits(vm, batch, task_ids=["two"] * 4), logits(vm, batch))
-    for ids in (["a", "two", "a", "a"], ["two", None, "two", "two"]):
-        with pytest.raises(VLoRAError, match="separate batches"):
-            logits(vm, batch, task_ids=ids)
+    single = {}
+    for t in ("a", "two"):
+        vm.set_task(t)
+        single[t] = logits(vm, batch)
+    assert single["two"].shape == (4, 2)
+    torch.testing.assert_close(logits(vm, batch, task_ids=["two"] * 4), single["two"])
+    for ids in (["a", "two", "a", "two"], ["two", None, "two", "two"]):
+        out = logits(vm, batch, task_ids=ids)
+        widths = vm.head_widths(ids)["classifier"]
+        assert out.shape == (4, 3) and widths.tolist() == [2 if t == "two" else 3 for t in ids]
+        for i, t in enumerate(ids):
+            own = ref[i] if t is None else single[t][i]
+            torch.testing.assert_close(out[i, :widths[i]], own, atol=1e-5, rtol=0)
+            assert torch.all(out[i, widths[i]:] == float("-inf"))
+        torch.testing.assert_close(out.softmax(-1)[3, :2], single["two"][3].softmax(-1))
     assert vm.active_task == "two" and vm.model.classifier.weight.shape == (2, 384)
     vm.clear_task()
     assert torch.equal(logits(vm, batch), ref)
+
+    sub.add_task(dataclasses.replace(sub.get_task("a"), task_id="narrow_in",
+                                     extra={"classifier.weight": torch.zeros(3, 100)}))
+    with pytest.raises(VLoRAError, match=r"inputs of different widths.*'narrow_in': \(3, 100\)"):
+        logits(vm, batch, task_ids=["a", "narrow_in", "a", "a"])
+    assert torch.equal(logits(vm, batch), ref)
+
+
+def test_shipped_tasks_with_different_heads_mix_row_by_row_like_peft(tokenizer):
+    """The README's line: lang_id (8 labels), rt_sentiment (2), chat_topic_en (4) and the
+    bare base (3) in one batch, each row equal to its own original PEFT adapter's."""
+    from peft import PeftModel
+
+    from vlora.examples import example_adapter_dir
+    from vlora.testbed.models import load_minilm_classifier
+    names = ["lang_id", "rt_sentiment", "chat_topic_en"]
+    sub = SharedSubspace.from_adapters([example_adapter_dir(n) for n in names],
+                                       num_components=24)  # 3 tasks of rank 8: no loss
+    texts = ["bonjour tout le monde", "a tedious, overlong mess",
+             "what is the capital of france", "hola, como estas"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    ids = ["lang_id", "rt_sentiment", None, "chat_topic_en"]
+    base = load_minilm_classifier(num_labels=3, seed=1)
+    ref = logits(base, batch)
+    out = logits(VLoRAModel(base, sub), batch, task_ids=ids)
+    assert out.shape == (4, 8)
+    for i, t in enumerate(ids):
+        if t is None:
+            own = ref[i]
+        else:
+            width = load_adapter(example_adapter_dir(t)).extra["classifier.weight"].shape[0]
+            peft = PeftModel.from_pretrained(load_minilm_classifier(num_labels=width),
+                                             str(example_adapter_dir(t))).eval()
+            own = logits(peft, batch)[i]
+        torch.testing.assert_close(out[i, :len(own)], own, atol=1e-4, rtol=0)
+        assert torch.all(out[i, len(own):] == float("-inf"))
+        assert out[i].argmax() == own.argmax()
+
+
+def test_task_ids_of_another_length_than_the_batch_are_refused(minilm_sub, minilm_dir, batch):
+    sub = copy_of(minilm_sub)
+    sub.add_task(dataclasses.replace(sub.get_task("a"), task_id="a0", extra={}))  # blends: no head
+    vm = VLoRAModel(base_classifier(minilm_dir, seed=9), sub)
+    vm.set_task("a")
+    good = logits(vm, batch)
+    for ids in (["a"] * 3, ["b"] * 5, [None] * 3, ["a", "b", "c"]):
+        with pytest.raises(VLoRAError, match=f"the batch has 4 rows but {len(ids)} task ids"):
+            logits(vm, batch, task_ids=ids)
+    with pytest.raises(VLoRAError, match="4 rows but 2 task_weights rows"):
+        logits(vm, batch, task_weights=torch.ones(2, 1), task_order=["a0"])
+    with pytest.raises(ValueError, match="not a string"):
+        logits(vm, batch, task_ids="a")
+    assert vm.active_task == "a" and torch.equal(logits(vm, batch), good)
 
 
 def test_task_weights_blend_cores(minilm_sub, minilm_dir, batch):

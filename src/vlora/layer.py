@@ -32,12 +32,14 @@ class Route:
         kind: ``"single"`` (one core for all rows), ``"rows"`` (a core per row),
             ``"blend"`` (a weighted sum of cores per row) or ``"train"`` (a trainer's
             differentiable adapter path, ``deltas``).
-        rows: number of batch rows the route was made for (checked against inputs).
-        slot: the core's slot in each layer's ``cores`` (``"single"``).
+        rows: number of batch rows the route was made for, checked against every
+            input (0: unchecked, ``set_task``'s route, which serves any batch).
+        slot: the core's slot in each layer's ``cores`` (``"single"``; 0: the bare base).
         index: ``(rows,)`` slot of every row (``"rows"``; slot 0 is the zero core).
         groups: ``[(slot, row indices)]``, rows grouped by slot (``"rows"``).
         weights: ``(rows, n)`` blend weights over ``slots`` ``(n,)`` (``"blend"``).
-        heads: head name -> ``[(row indices, weight, bias)]`` for mixed-task heads.
+        heads: head name -> ``[(row indices, weight, bias)]`` for mixed-task heads
+            (weights may differ in output width; see :class:`RowHead`).
         deltas: module name -> ``f(x) = x dW^T``, ``(..., d_in) -> (..., d_out)`` (``"train"``).
     """
 
@@ -66,9 +68,10 @@ class Router:
 
 def _check_rows(x: torch.Tensor, route: Route, name: str) -> None:
     if x.shape[0] != route.rows:
+        given = "task_weights rows" if route.kind == "blend" else "task ids"
         raise VLoRAError(
-            f"{name}: input has {x.shape[0]} rows but the batch was given {route.rows} task "
-            "ids (one per row; generate() expands them for num_beams/num_return_sequences)")
+            f"the batch has {x.shape[0]} rows but {route.rows} {given} were given, one per row "
+            f"(seen at {name}; generate() repeats them for num_beams/num_return_sequences)")
 
 
 class SubspaceLinear(nn.Module):
@@ -114,12 +117,12 @@ class SubspaceLinear(nn.Module):
             return y
         if route.kind == "train":
             return y + route.deltas[self.name](x).to(y.dtype)
-        z = F.linear(x.to(self.u.dtype), self.vt)  # (..., k_in), shared by every task
-        if route.kind == "single":
-            z = z @ self.cores[route.slot]
-        else:
+        if route.rows:
             _check_rows(x, route, self.name)
-            z = self._per_row(z, route)
+        if route.kind == "single" and not route.slot:
+            return y  # every row runs the bare base
+        z = F.linear(x.to(self.u.dtype), self.vt)  # (..., k_in), shared by every task
+        z = z @ self.cores[route.slot] if route.kind == "single" else self._per_row(z, route)
         return self._add_up(y, z)
 
     def _add_up(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -153,7 +156,10 @@ class RowHead(nn.Module):
     """A ``nn.Linear`` head that, in a batch mixing tasks, applies each row's own head.
 
     Outside mixed batches it is ``base_layer`` (whose parameters hold the active task's
-    head, swapped in by ``set_task``).
+    head, swapped in by ``set_task``). In a mixed batch whose heads differ in output
+    width (an 8-label and a 2-label classifier) the output ``(rows, ..., widest)`` holds
+    row ``i``'s own ``(..., width_i)`` first and ``-inf`` after: to argmax, softmax and
+    cross-entropy a padded entry is a class of probability 0, so they need no mask.
     """
 
     def __init__(self, base_layer: nn.Linear, router: Router, name: str):
@@ -172,10 +178,11 @@ class RowHead(nn.Module):
         if not plan:
             return self.base_layer(x)
         _check_rows(x, route, self.name)
-        out = None
-        for rows, w, b in plan:
-            part = F.linear(x.index_select(0, rows), w, b)
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out.index_copy_(0, rows, part)
+        parts = [(rows, F.linear(x.index_select(0, rows), w, b)) for rows, w, b in plan]
+        widths = {part.shape[-1] for _, part in parts}
+        first = parts[0][1]
+        shape = (x.shape[0], *first.shape[1:-1], max(widths))
+        out = first.new_empty(shape) if len(widths) == 1 else first.new_full(shape, float("-inf"))
+        for rows, part in parts:
+            out[..., :part.shape[-1]].index_copy_(0, rows, part)
         return out

@@ -7,15 +7,19 @@ shared bases and a cache of per-task cores ``M_t = L_A L_B^T`` ``(k_in, k_out)``
     vm = VLoRAModel(model, sub)
     vm.set_task("sst2"); vm(**batch)                      # one task, switched in microseconds
     vm(**batch, task_ids=["sst2", "mnli", None, "sst2"])  # one task per row (None: base)
+    vm.head_widths(["sst2", "mnli", None, "sst2"])        # {"classifier": tensor([2, 3, 3, 2])}
     vm.generate(**inputs, task_ids=ids, num_beams=2)      # ids expanded like the inputs
     vm.merge("sst2"); ...; vm.unmerge()                   # bake one task in, restore bitwise
 
 Non-LoRA tensors of a task (``modules_to_save``, e.g. ``classifier.weight``) are
 swapped into the model's parameters by ``set_task`` and the originals put back by
-``clear_task`` or the next ``set_task``. In a batch mixing tasks each row gets its
-own ``nn.Linear`` head when the heads' shapes agree; heads of different shapes (a
-3-label and a 2-label task) cannot share one output tensor and raise, as do other
-non-LoRA tensors: mixed batches cover the shared body and Linear heads.
+``clear_task`` or the next ``set_task``. In a batch mixing tasks each row goes through
+its own ``nn.Linear`` head. Where the heads differ in width (a 3-label and a 2-label
+task) the output is padded to the widest head with ``-inf``: row ``i``'s own logits
+are ``logits[i, ..., :w_i]`` (``w = head_widths(task_ids)[head]``), and argmax, softmax
+and cross-entropy need no mask. Where they agree nothing is padded. Other non-LoRA
+tensors (not a Linear head's weight or bias) raise in a mixed batch: mixed batches
+cover the shared body and Linear heads; ``set_task`` serves everything.
 
 Device and dtype: the bases and cores are buffers of the wrapped layers, on each
 layer's device, in ``compute_dtype`` (default: that layer's weight dtype). Move the
@@ -235,7 +239,11 @@ class VLoRAModel(Delegating):
               task_order: Sequence[str] | None = None) -> Iterator[None]:
         """Within the block, row ``i`` of every forward runs ``task_ids[i]`` (None: bare
         base), or the blend ``sum_t task_weights[i, t] * M_t`` of the cores of
-        ``task_order``. Nothing given: the ``set_task`` state applies."""
+        ``task_order``. Nothing given: the ``set_task`` state applies.
+
+        ``task_ids`` holds one id per batch row, ``task_weights`` one row per batch row: a
+        forward whose inputs have another number of rows raises VLoRAError. Heads of
+        different widths among the rows' tasks pad the output (see :meth:`head_widths`)."""
         if task_ids is None and task_weights is None:
             if self._active is not None and self._merged is None:
                 self._cache_cores([self._active])  # replaced in the subspace, or removed
@@ -257,7 +265,11 @@ class VLoRAModel(Delegating):
     def forward(self, *args: Any, task_ids: Sequence[str | None] | None = None,
                 task_weights: torch.Tensor | None = None,
                 task_order: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward; ``task_ids`` / ``task_weights`` as in :meth:`tasks`."""
+        """The base model's forward; ``task_ids`` / ``task_weights`` as in :meth:`tasks`.
+
+        With ``task_ids`` whose tasks' heads differ in width (``lang_id``'s 8 labels,
+        ``rt_sentiment``'s 2) ``.logits`` is ``(rows, ..., widest)``, each row's own logits
+        first and ``-inf`` after; :meth:`head_widths` gives each row's width."""
         with self.tasks(task_ids, task_weights, task_order):
             return self.model(*args, **kwargs)
 
@@ -277,6 +289,21 @@ class VLoRAModel(Delegating):
             task_weights = task_weights.repeat_interleave(n, dim=0)
         with self.tasks(task_ids, task_weights, task_order):
             return self.model.generate(*args, **kwargs)
+
+    def head_widths(self, task_ids: Sequence[str | None]) -> dict[str, torch.Tensor]:
+        """``{head: (rows,) int64}``: the output width of row ``i``'s own head, for every
+        Linear head the subspace's tasks replace (``classifier``), ``task_ids[i]`` None
+        meaning the model's own. In a batch of ``task_ids`` row ``i`` of that head's
+        output is ``[i, ..., :width[i]]`` and ``-inf`` after (nothing after where all agree)."""
+        ids = self._ids(task_ids)
+        widths = {}
+        for head in self._heads:
+            key = f"{head}.weight"
+            own = self._originals.get(key, self._heads[head].base_layer.weight.data)
+            widths[head] = torch.tensor(
+                [(self._task_extras(t).get(key, own) if t is not None else own).shape[0]
+                 for t in ids])
+        return widths
 
     # -------------------------------------------------------- merge / export
     @torch.no_grad()
@@ -468,12 +495,11 @@ class VLoRAModel(Delegating):
             slots = torch.tensor([self._slots[t] for t in order], device=device)
             return Route("blend", rows=task_weights.shape[0], slots=slots,
                          weights=task_weights.to(device, torch.float32)), None
-        ids = list(task_ids)
-        if not ids:
-            raise ValueError("task_ids is empty")
+        ids = self._ids(task_ids)
         self._cache_cores(ids)
-        if len(set(ids)) == 1:
-            return (None if ids[0] is None else Route("single", slot=self._slots[ids[0]])), ids[0]
+        if len(set(ids)) == 1:  # slot 0: the bare base, still one id per row
+            slot = 0 if ids[0] is None else self._slots[ids[0]]
+            return Route("single", rows=len(ids), slot=slot), ids[0]
         slot_of = [0 if t is None else self._slots[t] for t in ids]
         groups = {t: torch.tensor([i for i, u in enumerate(ids) if u == t], device=device)
                   for t in dict.fromkeys(ids)}
@@ -483,8 +509,19 @@ class VLoRAModel(Delegating):
         route.heads = self._mixed_heads(groups)
         return route, None
 
+    @staticmethod
+    def _ids(task_ids: Sequence[str | None]) -> list[str | None]:
+        if isinstance(task_ids, str):
+            raise ValueError(f"task_ids is one id per batch row, not a string ({task_ids!r}); "
+                             f"use set_task({task_ids!r}) or task_ids=[{task_ids!r}] * rows")
+        ids = list(task_ids)
+        if not ids:
+            raise ValueError("task_ids is empty")
+        return ids
+
     def _mixed_heads(self, groups: dict[str | None, torch.Tensor]):
-        """Per-row head plans for a mixed batch; refuses what rows cannot share."""
+        """Per-row head plans for a mixed batch; refuses what rows cannot share (heads
+        of different input widths, tensors other than Linear heads')."""
         extras = {t: self._task_extras(t) if t else {} for t in groups}
         keys = sorted({k for e in extras.values() for k in e})
         bad = [k for k in keys if k.rpartition(".")[0] not in self._heads
@@ -499,12 +536,12 @@ class VLoRAModel(Delegating):
             for t, rows in groups.items():
                 w = extras[t].get(f"{head}.weight", module.weight.data)
                 b = extras[t].get(f"{head}.bias", None if module.bias is None else module.bias.data)
-                shapes[t] = (tuple(w.shape), None if b is None else tuple(b.shape))
+                shapes[t] = tuple(w.shape)
                 plan.append((rows, w, b))
-            if len(set(shapes.values())) > 1:
+            if len({s[1:] for s in shapes.values()}) > 1:  # output widths may differ, inputs not
                 raise VLoRAError(
-                    f"head {head!r} differs in shape between the batch's tasks {shapes}: rows "
-                    "cannot share one output tensor; run these tasks in separate batches")
+                    f"head {head!r} takes inputs of different widths in the batch's tasks "
+                    f"(weights {shapes}): no input fits them all; run these tasks in separate batches")
             plans[head] = plan
         return plans
 
