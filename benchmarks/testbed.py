@@ -8,6 +8,7 @@
 
 ``python -m benchmarks.testbed [--root DIR]`` trains what is missing (about 30 s an
 adapter on two quiet cores) and prints the folders; the suite calls :func:`ensure`.
+``--llm`` builds the LLM test bed instead (:mod:`vlora.testbed.llm`: SmolLM2-135M adapters).
 """
 
 from __future__ import annotations
@@ -41,12 +42,27 @@ def ensure(root: Path = DEFAULT_ROOT, progress: bool = True) -> dict[str, list[P
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default=str(DEFAULT_ROOT))
+    ap.add_argument("--root", default=None,
+                    help=f"cache folder (default {DEFAULT_ROOT}; with --llm ~/.cache/vlora/llm-testbed)")
+    ap.add_argument("--llm", action="store_true",
+                    help="build the LLM test bed instead (SmolLM2-135M, LoRA on 210 modules; "
+                         "vlora.testbed.llm)")
+    ap.add_argument("--steps", type=int, default=None, help="--llm: training steps per adapter")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="--llm: build only the first N planned adapters")
     args = ap.parse_args(argv)
+    if not args.llm and (args.steps is not None or args.limit is not None):
+        ap.error("--steps and --limit apply to --llm only")
     start = time.perf_counter()
-    regimes = ensure(Path(args.root))
+    if args.llm:
+        from vlora.testbed.llm import build_llm_testbed
+
+        steps = {} if args.steps is None else {"steps": args.steps}
+        regimes = build_llm_testbed(args.root, limit=args.limit, **steps)
+    else:
+        regimes = ensure(Path(args.root or DEFAULT_ROOT))
     for regime, dirs in regimes.items():
-        print(f"{regime}: {len(dirs)} adapters")
+        print(f"{regime}: {len(dirs)} adapters{' admitted' if args.llm else ''}")
     print(f"test bed ready in {time.perf_counter() - start:.0f} s")
 
 

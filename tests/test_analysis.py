@@ -179,18 +179,37 @@ def test_outliers_are_the_adapters_unlike_the_rest():
     assert find_outliers(ads[:2]) == {}  # too few to tell
 
 
-def test_outlier_scores_are_leave_one_out_z_scores():
+def test_outlier_scores_are_robust_median_mad_scores():
     ads = families((5, 2))
     s = compute_similarity_matrix(ads).matrix
     n = len(ads)
-    mean = [(float(s[i].sum()) - float(s[i, i])) / (n - 1) for i in range(n)]
+    mean = sorted((float(s[i].sum()) - float(s[i, i])) / (n - 1) for i in range(n))
+    mean_of = [(float(s[i].sum()) - float(s[i, i])) / (n - 1) for i in range(n)]
+    med = mean[(n - 1) // 2]
+    mad = sorted(abs(x - med) for x in mean)[(n - 1) // 2]
     found = find_outliers(ads, z=0.0)
+    assert found  # the pair of the small family scores below the median
     for i, score in found.items():
-        rest = [x for j, x in enumerate(mean) if j != i]
-        mu = sum(rest) / len(rest)
-        sd = math.sqrt(sum((x - mu) ** 2 for x in rest) / (len(rest) - 1))
-        assert score == pytest.approx((mean[i] - mu) / sd)
+        assert score == pytest.approx((mean_of[i] - med) / max(1.4826 * mad, 0.02))
     assert list(found.values()) == sorted(found.values())
+
+
+def test_one_adapter_far_from_a_tight_cluster_is_the_outlier():
+    ads = families((8, 1), noise=0.1)
+    found = find_outliers(ads)
+    assert list(found) == [8] and found[8] < -3.5
+
+
+def test_unrelated_adapters_are_not_outliers():
+    # three unrelated adapters: a z-score over their three mean cosines called one an
+    # outlier at z = -29696.9; too few to call anything
+    assert find_outliers(families((1, 1, 1))) == {}
+    assert find_outliers(families((1, 1, 1)), z=0.0) == {}
+    # many unrelated adapters: their mean cosines differ by noise only
+    assert find_outliers(families((1,) * 7)) == {}
+    # two of eight unlike the rest stay outliers (the median ignores them)
+    found = find_outliers(families((6, 1, 1), noise=0.1))
+    assert sorted(found) == [6, 7]
 
 
 # ------------------------------------------------------------------------ diff

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-import warnings
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from synthetic import planted
-from vlora import SharedSubspace, load_adapter, save_adapter
+from vlora import SharedSubspace, load_adapter, merge, save_adapter
 from vlora.cli import cli
 
 
@@ -201,19 +200,16 @@ def test_merge_writes_the_inputs_dtype(adapters, tmp_path):
         assert {x.dtype for x in out.lora_a.values()} == {want}
 
 
-def test_quiet_silences_warnings(adapters, tmp_path):
+def test_quiet_keeps_warnings_and_their_filters_end_with_the_command(adapters, tmp_path):
     short = load_adapter(adapters[0])
     short = type(short)(short.layer_names[:1], {m: short.lora_a[m] for m in short.layer_names[:1]},
                         {m: short.lora_b[m] for m in short.layer_names[:1]}, short.scales)
     save_adapter(short, tmp_path / "short")
     args = ("merge", tmp_path / "short", adapters[1], "-o", tmp_path / "m", "--force")
-    with pytest.warns(UserWarning, match="missing from some adapters"):
-        run(*args)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a warning would fail the command
-        assert run(*args, "-q").output == ""
-    with pytest.warns(UserWarning, match="missing from some adapters"):  # -q ended with its command
-        run(*args)
+    r = run(*args, "-q")  # a warning may be the only word of a loss: -q keeps it
+    assert r.stdout == "" and r.stderr.startswith("vlora: warning: 2 module(s) missing from some")
+    with pytest.warns(UserWarning, match="missing from some adapters"):  # the library's own
+        merge.task_arithmetic([short, load_adapter(adapters[1])])
 
 
 def test_validate_accepts_quantized_bases_and_diff_of_a_zero_task(adapters, tmp_path):

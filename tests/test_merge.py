@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -219,6 +220,52 @@ def test_different_shapes_are_refused_naming_the_module(ads):
     (odd,) = planted(1, d_out=24, seed=5, modules=[MODULES[1]])
     with pytest.raises(IncompatibleAdaptersError, match=MODULES[1].replace(".", r"\.")):
         ties_merge([ads[0], odd])
+
+
+@pytest.mark.parametrize("merge", [
+    lambda a, **kw: ties_merge(a, 0.3, **kw), lambda a, **kw: magnitude_prune_merge(a, 0.3, **kw),
+    lambda a, **kw: dare_merge(a, 0.3, seed=0, **kw), lambda a, **kw: dare_ties_merge(a, 0.3, seed=0, **kw),
+])
+def test_dense_merges_hold_one_dense_dw_at_a_time(ads, monkeypatch, merge):
+    """Memory per module does not grow with the number of adapters: when a dW_t is formed,
+    at most one earlier one is still alive (the last, about to be replaced)."""
+    many = ads + planted(3, noise=0.3, dtype=F64, seed=7)
+    want = merge(many)
+    alive, most = [], [0]
+    plain = LoRAWeights.delta_weight
+
+    def counted(self, module, dtype=F64):
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        out = plain(self, module, dtype)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(LoRAWeights, "delta_weight", counted)
+    got = merge(many, progress=False)
+    assert most[0] <= 1 and len(alive) >= len(many) * len(MODULES)
+    assert_delta(got, {m: want.delta_weight(m) for m in MODULES}, atol=0)
+
+
+def test_trim_keeps_exactly_its_share_when_magnitudes_tie():
+    from vlora.merge import _trim
+
+    x = torch.tensor([[3.0, -1.0, 1.0, 0.0], [1.0, -1.0, 0.0, 2.0]], dtype=F64)
+    for density, k in ((0.5, 4), (0.25, 2), (0.875, 7), (0.1, 0)):
+        keep = _trim(x, density)
+        assert int(keep.sum()) == k
+        if k:  # the largest magnitudes are kept
+            assert float(x[keep].abs().min()) >= float(x[~keep].abs().max())
+
+
+def test_merge_progress_is_one_bar_over_the_modules(ads, monkeypatch):
+    from vlora import progress
+
+    totals = []
+    with progress.session():
+        monkeypatch.setattr(progress._Bar, "stop", lambda bar: totals.append(
+            (bar.progress.tasks[0].total, bar.progress.tasks[0].completed)))
+        ties_merge(ads, 0.5, progress=True)
+    assert totals[0] == (len(MODULES), len(MODULES))
 
 
 @pytest.mark.parametrize("call", [

@@ -215,8 +215,10 @@ def test_modules_in_only_some_adapters():
                           {m: ads[3].lora_b[m] for m in MODULES[:2]}, dict(ads[3].scales))
     with pytest.raises(IncompatibleAdaptersError, match="layer.1.q missing in \\['t3'\\]"):
         SharedSubspace.from_adapters([*ads[:3], partial], task_ids=ids(4))
-    skip = SharedSubspace.from_adapters([*ads[:3], partial], task_ids=ids(4), missing_modules="skip")
+    with pytest.warns(UserWarning, match=r"skipping 1 module.*'t0': 1 of 3 \(layer\.1\.q\)"):
+        skip = SharedSubspace.from_adapters([*ads[:3], partial], task_ids=ids(4), missing_modules="skip")
     assert list(skip.modules) == MODULES[:2]
+    assert skip.task_error("t0") > 0.4 and skip.task_error("t3") < 1e-5  # layer.1.q lost in full
     zero = SharedSubspace.from_adapters([*ads[:3], partial], task_ids=ids(4), missing_modules="zero")
     assert zero.task_error("t3") < 1e-5
     assert "layer.1.q" not in zero.reconstruct("t3").lora_a

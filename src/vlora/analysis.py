@@ -196,14 +196,21 @@ def find_clusters(sim: SimilarityMatrix | torch.Tensor, threshold: float | None 
     return [first.setdefault(x, len(first)) for x in label]
 
 
-def find_outliers(adapters_or_sim: Sequence[AdapterLike] | SimilarityMatrix | torch.Tensor,
-                  z: float = 2.0) -> dict[int, float]:
-    """Adapters whose mean similarity to the others is unusually low.
+MIN_OUTLIER_ADAPTERS = 5  # below this a median and a spread of the others mean nothing
+MIN_SPREAD = 0.02  # of mean cosines: differences of a few hundredths are noise
 
-    For each adapter i, ``m_i`` is its mean similarity to the others; its score is
-    ``(m_i - mean(m_j, j != i)) / std(m_j, j != i)`` (leave-one-out, so a single outlier
-    does not hide itself by inflating the spread; the std is floored at 1e-9, cosines
-    being bounded). Needs at least 3 adapters.
+
+def find_outliers(adapters_or_sim: Sequence[AdapterLike] | SimilarityMatrix | torch.Tensor,
+                  z: float = 3.5) -> dict[int, float]:
+    """Adapters whose mean similarity to the others is far below the rest's (a robust rule).
+
+    For each adapter i, ``m_i`` is its mean cosine to the others. Its score is
+    ``(m_i - median(m)) / max(1.4826 * MAD(m), MIN_SPREAD)`` with ``MAD(m) =
+    median(|m_j - median(m)|)``: median and MAD are not moved by the outliers
+    themselves, 1.4826 makes the MAD a standard deviation for normal data, and the floor
+    keeps adapters that are all about equally unrelated (mean cosines within a few
+    hundredths of each other) from scoring high on noise. With fewer than
+    ``MIN_OUTLIER_ADAPTERS`` adapters no one is called an outlier.
 
     Returns:
         index -> score for every adapter scoring below ``-z``, lowest first.
@@ -213,13 +220,12 @@ def find_outliers(adapters_or_sim: Sequence[AdapterLike] | SimilarityMatrix | to
     else:
         s = compute_similarity_matrix(adapters_or_sim).matrix
     n = s.shape[0]
-    if n < 3:
+    if n < MIN_OUTLIER_ADAPTERS:
         return {}
     mean = (s.sum(1) - s.diagonal()) / (n - 1)
-    scores = {}
-    for i in range(n):
-        rest = torch.cat([mean[:i], mean[i + 1:]])
-        scores[i] = float((mean[i] - rest.mean()) / rest.std().clamp_min(1e-9))
+    centre = float(mean.median())  # the lower middle for even n: also robust
+    spread = max(1.4826 * float((mean - centre).abs().median()), MIN_SPREAD)
+    scores = {i: (float(x) - centre) / spread for i, x in enumerate(mean)}
     return dict(sorted(((i, sc) for i, sc in scores.items() if sc < -z), key=lambda kv: kv[1]))
 
 

@@ -230,6 +230,17 @@ def load_adapter(path: str | os.PathLike, adapter_name: str | None = None) -> Lo
     return adapter
 
 
+def adapter_disk_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes on disk of the adapter at ``path``: its config and weights file (what a
+    subspace stores in its place); None when it is not there any more."""
+    try:
+        folder = resolve_adapter_dir(path)
+        weights = folder / SAFETENSORS_NAME if (folder / SAFETENSORS_NAME).is_file() else folder / BIN_NAME
+        return (folder / CONFIG_NAME).stat().st_size + weights.stat().st_size
+    except (AdapterError, OSError):
+        return None
+
+
 def load_adapter_from_hub(repo_id: str, revision: str | None = None,
                           adapter_name: str | None = None, **kwargs: Any) -> LoRAWeights:
     """Download (or find in the local cache) a LoRA adapter from the Hugging Face Hub.

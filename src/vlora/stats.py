@@ -12,6 +12,8 @@ spectrum alone cannot give it), which favours the baseline.
 from __future__ import annotations
 
 import math
+import os
+import stat
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,14 +29,15 @@ BYTES = 4  # float32, the storage dtype of bases and coordinates unless quantize
 
 
 def svd_baseline_error(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
-                       numbers: float) -> float:
+                       numbers: float, dropped_sq: float = 0.0) -> float:
     """Relative dW error of one adapter truncated per module by SVD, with ``numbers``
-    floats to spend: a rank-1 term of a module costs ``d_out + d_in``."""
+    floats to spend: a rank-1 term of a module costs ``d_out + d_in``. ``dropped_sq``:
+    the energy of the adapter's modules outside ``spectra``, lost as in the subspace."""
     gains = {m: s.square() for m, s in spectra.items() if s.numel()}
     costs = {m: float(sum(shapes[m])) for m in gains}
     ks = linalg.allocate_budget(gains, costs, numbers, minimum=0)
-    total = sum(float(g.sum()) for g in gains.values())
-    lost = sum(float(g[ks[m]:].sum()) for m, g in gains.items())
+    total = sum(float(g.sum()) for g in gains.values()) + dropped_sq
+    lost = sum(float(g[ks[m]:].sum()) for m, g in gains.items()) + dropped_sq
     return math.sqrt(lost / total) if total > 0 else 0.0
 
 
@@ -69,6 +72,48 @@ def stored_bytes(sub: SharedSubspace) -> int:
     return sum(sum(_bytes(b, m, tasks)) for m, b in sub.modules.items())
 
 
+def task_stored_bytes(t: TaskProjection) -> int:
+    """What one task stores (heads apart): its coordinates and spectra."""
+    return sum(_coord_bytes(t, m) + _spectrum_bytes(t, m) for m in t.modules)
+
+
+def direction_bytes(sub: SharedSubspace, m: str, d: int, tasks: list[TaskProjection]) -> float:
+    """About what one more direction of length ``d`` on one side of module ``m`` stores:
+    its basis column, its Gram entry (float64), and a coordinate row of every task in
+    ``tasks`` (one number per rank), each number as ``sub`` stores it."""
+    q = sub.quantization
+    per_number = q["bits"] / 8 + 4 / q["block"] if q else BYTES
+    coords = q["bits"] / 8 + 4 / q["block"] if q and q["coordinates"] else BYTES
+    return d * per_number + 8 + coords * sum(t.coords_b[m].shape[1] for t in tasks)
+
+
+def lora_bytes(sub: SharedSubspace, t: TaskProjection) -> int:
+    """The float32 bytes of a task's original LoRA factors in the subspace's modules (what
+    the compression ratio counts)."""
+    return BYTES * sum(t.spectrum[m].numel() * (b.d_out + b.d_in) for m, b in sub.modules.items())
+
+
+def growth_headroom(sub: SharedSubspace, new: TaskProjection) -> float:
+    """Bytes that adding ``new`` (a projection on ``sub``'s bases) may add beyond its own
+    coordinates, so that ``sub`` keeps its compression ratio: the byte target of an add."""
+    tasks = [sub.get_task(t) for t in sub.tasks]
+    before = sum(lora_bytes(sub, t) for t in tasks)
+    stored = stored_bytes(sub)
+    target = stored * (before + lora_bytes(sub, new)) / before if before else stored
+    return target - stored - task_stored_bytes(new)
+
+
+def directory_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every regular file under ``path`` (links not followed): what a folder takes
+    on disk, heads, manifest and lock included."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            st = os.lstat(os.path.join(root, f))
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
 def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
     """Bytes per module and in total, the compression ratio, and the mean / max relative
     dW error over tasks next to per-adapter truncated SVD at equal bytes."""
@@ -92,7 +137,8 @@ def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
     q = next((b.quant["U"] for b in sub.modules.values() if b.quant), None)
     per_number = q.bytes_per_number if q else BYTES
     per_task_numbers = stored / per_number / len(tasks) if tasks else 0.0
-    svd = [svd_baseline_error(t.spectrum, shapes, per_task_numbers) for t in tasks]
+    svd = [svd_baseline_error(t.spectrum, shapes, per_task_numbers, sum(t.dropped_sq.values()))
+           for t in tasks]
     return {
         "num_tasks": len(tasks), "num_modules": len(modules), "modules": modules,
         **total, "stored_bytes": stored,

@@ -1,4 +1,4 @@
-"""The subspace directory format (DESIGN.md section 7).
+"""The subspace directory format (docs/FORMAT.md).
 
 ::
 
@@ -72,8 +72,18 @@ def lock(path: str | os.PathLike, timeout: float = 60.0) -> FileLock:
 
     One FileLock object per directory and process, so that a command holding the lock
     around read-modify-write can call ``save`` (which takes it again) without deadlock.
+    Refuses (SubspaceError, writing nothing) a directory that holds other files but no
+    subspace: an adapter folder, say.
     """
-    Path(path).mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    if path.is_dir() and not (path / MANIFEST).exists():
+        other = sorted(f.name for f in path.iterdir() if not (
+            f.name == LOCK or _DATA_FILE.match(f.name) or _STALE_TMP.match(f.name)))
+        if other:
+            raise SubspaceError(f"{path}: not a vlora subspace (no {MANIFEST}; holds "
+                                f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); "
+                                "refusing to lock or write a subspace there")
+    path.mkdir(parents=True, exist_ok=True)
     if (Path(path) / LOCK).is_symlink():  # older filelock versions truncate the target
         raise SubspaceError(f"{Path(path) / LOCK}: is a symbolic link; refusing to lock through "
                             "it (remove it if you trust this directory)")
@@ -124,7 +134,7 @@ def _task_meta(t: TaskProjection) -> dict[str, Any]:
             "norm_sq": t.norm_sq, "residual_sq": t.residual_sq,
             "error_is_bound": t.error_is_bound, "dtype": t.dtype, "config": t.config,
             "source": t.source, "sha256": t.sha256, "extra_keys": sorted(t.extra),
-            "gram_share": t.gram_share, "quant": {}}
+            "gram_share": t.gram_share, "quant": {}, "dropped_sq": t.dropped_sq}
 
 
 def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = False) -> None:
@@ -133,6 +143,9 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = Fa
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SubspaceError(f"{path}: exists and is not a directory")
+    if not sub.modules:
+        raise SubspaceError(f"{path}: a subspace with no modules holds no LoRA weights; "
+                            "not written")
     try:
         with lock(path):
             old = _read_manifest(path) if (path / MANIFEST).exists() else None
@@ -182,7 +195,7 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = Fa
             manifest = {
                 "format": FORMAT, "format_version": version, "generation": gen,
                 "base_model": sub.base_model, "weighting": sub.weighting,
-                "missing_modules": sub.missing_modules,
+                "missing_modules": sub.missing_modules, "quantization": sub.quantization,
                 "fingerprint": fingerprint(sub), "target_modules": sorted(
                     {m.rsplit(".", 1)[-1] for m in sub.modules}),
                 "modules": {m: {"d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out,
@@ -301,6 +314,30 @@ def _flag(x: Any, what: str) -> bool:
     return x
 
 
+def _dropped(x: Any, modules: dict[str, ModuleBasis], what: str) -> dict[str, float]:
+    if not isinstance(x, dict) or any(not isinstance(m, str) or m in modules for m in x):
+        raise SubspaceError(f"{what}: dropped_sq is not a map of modules outside the subspace")
+    return {m: _number(v, f"{what} dropped_sq") for m, v in x.items()}
+
+
+def _quantization(x: Any, sub: SharedSubspace, path: Path) -> dict[str, Any] | None:
+    """The storage format of ``sub`` as its manifest says, checked against its tensors;
+    for files written before it was recorded, as its tensors say (coordinates quantized
+    when any task's are, or when there is no task: vlora's compress quantizes both)."""
+    first = next((b.quant["U"] for b in sub.modules.values() if b.quant), None)
+    tasks = [sub.get_task(t) for t in sub.tasks]
+    if x is None and first is not None:
+        x = {"bits": first.bits, "method": first.method, "block": first.block,
+             "coordinates": not tasks or any(t.quant for t in tasks)}
+    if x is None:
+        return None
+    if not isinstance(x, dict) or set(x) != {"bits", "method", "block", "coordinates"} \
+            or first is None or not isinstance(x["coordinates"], bool) \
+            or (x["bits"], x["method"], x["block"]) != (first.bits, first.method, first.block):
+        raise SubspaceError(f"{path / MANIFEST}: quantization {str(x)[:100]} disagrees with its tensors")
+    return dict(x)
+
+
 def load_subspace(path: str | os.PathLike, verify: bool = True) -> SharedSubspace:
     """Read a subspace directory, checking checksums and that tensors match the manifest.
 
@@ -335,6 +372,8 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
     bases = _read_data(path, files["bases"], verify)
     coords = _read_data(path, files["coords"], verify)
     extras = _read_data(path, files["extras"], verify)
+    if not manifest["modules"]:
+        raise SubspaceError(f"{path / MANIFEST}: no modules (a subspace of no LoRA weights)")
     modules = {}
     for m, meta in manifest["modules"].items():
         quant = meta.get("quant") or {}
@@ -377,7 +416,9 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
             dict(config), str(meta.get("dtype", "float32")),
             meta.get("source"), meta.get("sha256"), quant or None,
             # older files: unknown, so never taken out of the Grams
-            meta.get("gram_share") if meta.get("gram_share") in ("original", "stored") else None))
+            meta.get("gram_share") if meta.get("gram_share") in ("original", "stored") else None,
+            _dropped(meta.get("dropped_sq") or {}, modules, what)))
+    sub.quantization = _quantization(manifest.get("quantization"), sub, path)
     expected = fingerprint(sub)
     if manifest.get("fingerprint", expected) != expected:
         raise SubspaceError(f"{path / MANIFEST}: its fingerprint does not match its modules' "

@@ -27,9 +27,16 @@ from vlora.adapter import LoRAWeights
 from vlora.budget import choose_ks, coordinate_numbers, core_ranks, resolve_module_weights, weighted_error
 from vlora.errors import BudgetError, IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
 from vlora.io import check_weights, config_for, load_adapter
-from vlora.progress import track
+from vlora.progress import expect, track
 from vlora.storage import SPECTRUM_DTYPE
-from vlora.task import ModuleBasis, TaskProjection, adapter_weight, error_sq, project_adapter
+from vlora.task import (
+    ModuleBasis,
+    TaskProjection,
+    adapter_weight,
+    error_sq,
+    project_adapter,
+    quantize_coords,
+)
 
 F64 = torch.float64
 AdapterLike = LoRAWeights | str | os.PathLike
@@ -81,7 +88,8 @@ def warn_base_models(names: Iterable[str | None], what: str) -> None:
     models = _base_models(names)
     if len(models) > 1:
         warnings.warn(f"{what} name different base models: {sorted(map(str, models.values()))[:4]}; "
-                      "their shapes agree, so vlora goes on", UserWarning, stacklevel=3)
+                      "adapters of two models share nothing (vlora goes on where their shapes "
+                      "agree)", UserWarning, stacklevel=3)
 
 
 def check_modules(adapters: Sequence[LoRAWeights], ids: Sequence[str],
@@ -108,8 +116,32 @@ def check_modules(adapters: Sequence[LoRAWeights], ids: Sequence[str],
         raise IncompatibleAdaptersError(
             f"{len(partial)} module(s) are in only some adapters: {detail}. "
             "Pass missing_modules='skip' or 'zero'.")
-    return {m: s for m, s in shapes.items() if not (partial and missing_modules == "skip"
-                                                     and m in partial)}
+    if missing_modules != "skip" or not partial:
+        return shapes
+    kept = {m: s for m, s in shapes.items() if m not in partial}
+    if not kept:
+        counts = ", ".join(f"{t!r}: {len(a.lora_a)}" for a, t in list(zip(adapters, ids))[:5])
+        raise IncompatibleAdaptersError(
+            f"no module is in every adapter ({counts} modules, none shared): skipping the "
+            "others would leave nothing; use missing_modules='zero', or adapters of one target set")
+    warnings.warn(f"skipping {len(partial)} module(s) not in every adapter, lost in full in "
+                  f"the errors reported: {_dropped_text(adapters, ids, kept)}",
+                  UserWarning, stacklevel=3)
+    return kept
+
+
+def _dropped_text(adapters: Sequence[LoRAWeights], ids: Sequence[str],
+                         kept: Iterable[str]) -> str:
+    """Which of each adapter's modules are not in ``kept``, in a line: ``'a': 3 of 24
+    (layer.0.q, ...)``, adapters that lose none left out."""
+    kept = set(kept)
+    parts = []
+    for a, t in zip(adapters, ids):
+        lost = [m for m in a.layer_names if m not in kept]
+        if lost:
+            parts.append(f"{t!r}: {len(lost)} of {len(a.layer_names)} ({', '.join(lost[:3])}"
+                         f"{', ...' if len(lost) > 3 else ''})")
+    return "; ".join(parts)
 
 
 def _factors(adapter: LoRAWeights, module: str) -> linalg.Factor:
@@ -136,6 +168,9 @@ class SharedSubspace:
         self.weighting = weighting
         self.base_model = base_model
         self.missing_modules = missing_modules  # policy of check_modules, kept for new tasks
+        # how quantize() stored bases and coordinates: {"bits", "method", "block",
+        # "coordinates"}, None for float32; every change keeps it (absorb, project)
+        self.quantization: dict[str, Any] | None = None
         # {directory: digest of its manifest} as this subspace loaded or saved it: a save
         # there refuses to replace what another writer saved since (storage.save_subspace)
         self._manifest_digests: dict[str, str] = {}
@@ -222,6 +257,7 @@ class SharedSubspace:
         candidates = [pseudo_rank] if not adaptive else sorted(
             {max_rank, max(1, (3 * max_rank) // 4), max(1, max_rank // 2), max(1, max_rank // 4)},
             reverse=True)
+        expect(len(candidates) * (len(shapes) + len(items)), progress)  # one bar's estimate: every fit
         # every task's original spectrum is stored (for the baselines), whatever the ks
         spectra_bytes = SPECTRUM_DTYPE.itemsize * sum(min(a.lora_a[m].shape[0], min(shapes[m]))
                                                       for a in items for m in shapes if m in a.lora_a)
@@ -303,7 +339,12 @@ class SharedSubspace:
         self._check_adapter(adapter, task_id)
         with linalg.fixed_threads():
             return project_adapter(adapter, task_id, self.modules, self.weighting, pseudo_rank,
-                                   self.missing_modules == "zero")
+                                   self.missing_modules == "zero", self._coord_quant())
+
+    def _coord_quant(self) -> tuple[int, str, int] | None:
+        """``(bits, method, block)`` of stored coordinates, None when they are float."""
+        q = self.quantization
+        return (q["bits"], q["method"], q["block"]) if q and q["coordinates"] else None
 
     def _check_adapter(self, adapter: LoRAWeights, task_id: str) -> None:
         warn_base_models([self.base_model, adapter.base_model], f"task {task_id!r} and the subspace")
@@ -369,7 +410,7 @@ class SharedSubspace:
         """Share of the task's original energy its reconstruction holds,
         ``sum ||U C V^T||^2 / sum ||dW||^2``: ``||C||^2 / ||dW||^2`` for orthonormal bases,
         through ``U^T U`` and ``V^T V`` for quantized ones (which are not)."""
-        total = sum(self.get_task(task_id).norm_sq.values())
+        total = self.get_task(task_id).total_norm_sq
         kept = sum(linalg.inner_in_bases(c, c, *self.grams(m))
                    for m in self.modules for c in [self.core(task_id, m)])
         return kept / total if total > 0 else 1.0
@@ -402,7 +443,12 @@ class SharedSubspace:
             a[m] = (la.T @ basis.V.to(F64).T).to(dtype)
         keep = ("base_model_name_or_path", "task_type", "modules_to_save", "peft_type",
                 "fan_in_fan_out", "target_modules", "inference_mode")
+        if not a:
+            raise SubspaceError(f"task {task_id!r} has no LoRA weights in this subspace "
+                                f"({len(self.modules)} modules, rank 0 in each): nothing to export")
         config = {k: v for k, v in t.config.items() if k in keep}
+        if t.dropped_sq:  # PEFT would add LoRAs the export does not hold
+            config["target_modules"] = _target_names(list(a), t.dropped_sq)
         lora = LoRAWeights(list(a), a, b, {m: 1.0 for m in a}, dict(t.extra), config, None)
         lora.config = config_for(lora)
         return lora
@@ -428,7 +474,8 @@ class SharedSubspace:
                 u, v = linalg.refine_bases(facs, ws, u0, v0, refine_iters)
                 new_modules[m] = _basis(u, v, facs, ws)
         with linalg.fixed_threads():
-            report = self._move_bases(new_modules, exact_errors)
+            report = self._move_bases(self._in_storage_format(new_modules), exact_errors,
+                                      self._coord_quant())
         self.add_task(self.project(adapter, task_id))
         for t in self._tasks.values():  # the Grams were rebuilt from every stored task
             t.gram_share = "stored"
@@ -436,30 +483,43 @@ class SharedSubspace:
         return report
 
     def absorb_incremental(self, adapter: AdapterLike, task_id: str, grow: bool = False,
-                           exact_errors: bool = False) -> dict[str, AbsorbReport]:
+                           exact_errors: bool = False, grow_bytes: float | None = None
+                           ) -> dict[str, AbsorbReport]:
         """Update the bases with ``adapter`` at a cost independent of the number of tasks
         (DESIGN.md "Absorbing"), re-express old tasks, add the new one.
 
         ``grow`` lets k grow by the new adapter's rank instead of truncating back to k.
+        ``grow_bytes`` lets k grow, by at most that rank, where the new directions keep the
+        most energy per stored byte, until about ``grow_bytes`` more bytes are stored than
+        without growth (:func:`vlora.stats.direction_bytes`); 0 keeps k.
         """
+        if grow and grow_bytes is not None:
+            raise ValueError("grow and grow_bytes exclude each other")
         adapter = _as_adapter(adapter)
         proj = self.project(adapter, task_id)
         if task_id in self._tasks:
             raise SubspaceError(f"task {task_id!r} already exists")
         c = proj.weight ** 0.5
-        new_modules = {}
+        grown = {}  # module -> (U, G_u, V, G_v) at k + r
         with linalg.fixed_threads():
             for m, basis in self.modules.items():
-                if m not in adapter.lora_a or c == 0:
-                    new_modules[m] = basis
-                    continue
-                ut, st, vt = _factors(adapter, m)
-                r = st.numel() if grow else 0
-                u, gu = linalg.incremental_basis(basis.U, basis.G_u, [ut * (st * c)], basis.k_out + r)
-                v, gv = linalg.incremental_basis(basis.V, basis.G_v, [vt * (st * c)], basis.k_in + r)
-                new_modules[m] = ModuleBasis(u.float(), v.float(), gu, gv)
+                if m in adapter.lora_a and c > 0:
+                    ut, st, vt = _factors(adapter, m)
+                    r = st.numel() if grow or grow_bytes else 0
+                    grown[m] = (
+                        *linalg.incremental_basis(basis.U, basis.G_u, [ut * (st * c)], basis.k_out + r),
+                        *linalg.incremental_basis(basis.V, basis.G_v, [vt * (st * c)], basis.k_in + r))
+        extra = self._growth(grown, proj, grow_bytes) if grow_bytes else {}
+        new_modules = dict(self.modules)
+        for m, (u, gu, v, gv) in grown.items():
+            b = self.modules[m]
+            ko, ki = (u.shape[1], v.shape[1]) if not grow_bytes else (
+                min(u.shape[1], b.k_out + extra[m, "out"]), min(v.shape[1], b.k_in + extra[m, "in"]))
+            new_modules[m] = ModuleBasis(u[:, :ko].float().contiguous(), v[:, :ki].float().contiguous(),
+                                         gu[:ko, :ko].clone(), gv[:ki, :ki].clone())
         with linalg.fixed_threads():
-            report = self._move_bases(new_modules, exact_errors)
+            report = self._move_bases(self._in_storage_format(new_modules), exact_errors,
+                                      self._coord_quant())
         self.add_task(self.project(adapter, task_id))
         self._tasks[task_id].gram_share = "original"  # added to the Grams above, alone
         return report
@@ -472,6 +532,20 @@ class SharedSubspace:
                 ws.append(t.weight)
         return facs, ws
 
+    def _growth(self, grown: dict[str, tuple[torch.Tensor, ...]], new: TaskProjection,
+                grow_bytes: float) -> dict[tuple[str, str], int]:
+        """Extra directions per ``(module, "out" | "in")`` of the grown bases ``grown``
+        (each at k + r, energies on their Grams' diagonals): the most energy kept per byte
+        within ``grow_bytes``."""
+        tasks = [*self._tasks.values(), new]
+        gains, costs = {}, {}
+        for m, (_, gu, _, gv) in grown.items():
+            b = self.modules[m]
+            for side, k, d, g in (("out", b.k_out, b.d_out, gu), ("in", b.k_in, b.d_in, gv)):
+                gains[m, side] = torch.diagonal(g)[k:]
+                costs[m, side] = stats.direction_bytes(self, m, d, tasks)
+        return linalg.allocate_budget(gains, costs, grow_bytes, minimum=0)
+
     def quantize(self, bits: int = 8, method: str = "symmetric", coordinates: bool = False,
                  block: int = 64, exact_errors: bool = True) -> dict[str, AbsorbReport]:
         """Store the bases (and with ``coordinates`` every task's coordinates) in ``bits``
@@ -479,23 +553,25 @@ class SharedSubspace:
 
         Returns each task's report: error before, the drift quantization adds to its
         reconstruction, and its error after (exact when the original file is at hand).
-        Adding tasks by ``absorb`` later refits float bases (quantize again afterwards).
+        The subspace keeps this format (``quantization``): absorbs quantize the bases they
+        refit, and projections their coordinates, with the same settings.
         """
-        from vlora.quantize import dequantize, quantize
-        new_modules = {}
-        for m, b in self.modules.items():
-            qu, qv = quantize(b.U, bits, method, block), quantize(b.V, bits, method, block)
-            new_modules[m] = ModuleBasis(dequantize(qu), dequantize(qv), b.G_u, b.G_v,
-                                         {"U": qu, "V": qv})
+        quantization = {"bits": bits, "method": method, "block": block, "coordinates": coordinates}
+        new_modules = _quantized(self.modules, quantization)
         with linalg.fixed_threads():
-            return self._move_bases(new_modules, exact_errors,
-                                    (bits, method, block) if coordinates else None)
+            report = self._move_bases(new_modules, exact_errors,
+                                      (bits, method, block) if coordinates else None)
+        self.quantization = quantization
+        return report
+
+    def _in_storage_format(self, modules: dict[str, ModuleBasis]) -> dict[str, ModuleBasis]:
+        """Float bases ``modules`` as this subspace stores bases (quantized or not)."""
+        return _quantized(modules, self.quantization) if self.quantization else modules
 
     def _move_bases(self, new_modules: dict[str, ModuleBasis], exact_errors: bool,
                     coord_quant: tuple[int, str, int] | None = None) -> dict[str, AbsorbReport]:
         """Re-express every task in ``new_modules`` (quantizing the coordinates with
         ``coord_quant = (bits, method, block)``) and report drift and error."""
-        from vlora.quantize import dequantize, quantize
         # Once per module, not once per task: old-to-new coordinate maps, and the small
         # stand-ins of both bases that measure each task's drift without d-sized work.
         maps = {m: (linalg.lstsq_map(new_modules[m].U, old.U), linalg.lstsq_map(new_modules[m].V, old.V))
@@ -512,12 +588,10 @@ class SharedSubspace:
                 cb = maps[m][0] @ t.coords_b[m].to(F64)
                 ca = maps[m][1] @ t.coords_a[m].to(F64)
                 if coord_quant is not None:
-                    cb, ca = linalg.rounding_gauge(cb, ca)  # round C, not the adapter's gauge
-                nb[m], na[m] = cb.to(old.U.dtype), ca.to(old.V.dtype)
-                if coord_quant is not None:
-                    quant[f"{m}::B"], quant[f"{m}::A"] = (quantize(x, *coord_quant, transform="dct")
-                                                          for x in (nb[m], na[m]))
-                    nb[m], na[m] = dequantize(quant[f"{m}::B"]), dequantize(quant[f"{m}::A"])
+                    nb[m], na[m], quant[f"{m}::B"], quant[f"{m}::A"] = quantize_coords(
+                        cb, ca, coord_quant, old.U.dtype)
+                else:
+                    nb[m], na[m] = cb.to(old.U.dtype), ca.to(old.V.dtype)
                 if t.coords_b[m].shape[1] == 0:  # rank 0 here: all of the module is lost
                     res[m] = t.norm_sq[m]
                     continue
@@ -574,10 +648,42 @@ class SharedSubspace:
         from vlora.streaming import from_adapters_streaming
         return from_adapters_streaming(cls, paths, **kwargs)
 
+    @classmethod
+    def from_adapters_distributed(cls, paths: Sequence[str | os.PathLike], **kwargs: Any
+                                  ) -> SharedSubspace:
+        """Build on a Ray cluster from adapter folders or fsspec URLs (vlora.distributed)."""
+        from vlora.distributed import from_adapters_distributed
+        return from_adapters_distributed(cls, paths, **kwargs)
+
     def __repr__(self) -> str:
         ks = [(b.k_out, b.k_in) for b in self.modules.values()]
         return (f"SharedSubspace({len(self.modules)} modules, {len(self._tasks)} tasks, "
                 f"k_out/k_in {min(ks, default=(0, 0))}..{max(ks, default=(0, 0))})")
+
+
+def _quantized(modules: dict[str, ModuleBasis], quantization: dict[str, Any]
+               ) -> dict[str, ModuleBasis]:
+    """``modules`` with their bases rounded as ``quantization`` says (codes kept); a basis
+    already stored so is kept as it is."""
+    from vlora.quantize import dequantize, quantize
+    bits, method, block = quantization["bits"], quantization["method"], quantization["block"]
+    out = {}
+    for m, b in modules.items():
+        q = (b.quant or {}).get("U")
+        if q is not None and (q.bits, q.method, q.block) == (bits, method, block):
+            out[m] = b
+            continue
+        qu, qv = quantize(b.U, bits, method, block), quantize(b.V, bits, method, block)
+        out[m] = ModuleBasis(dequantize(qu), dequantize(qv), b.G_u, b.G_v, {"U": qu, "V": qv})
+    return out
+
+
+def _target_names(held: list[str], dropped: Iterable[str]) -> list[str]:
+    """PEFT ``target_modules`` selecting the ``held`` modules and none of ``dropped``: their
+    short names, or the full names where a dropped module shares a short name."""
+    from vlora.io import _short_name
+    short = {_short_name(m) for m in held}
+    return sorted(held if short & {_short_name(m) for m in dropped} else short)
 
 
 def _stored_factor(basis: ModuleBasis, t: TaskProjection, m: str) -> linalg.Factor:

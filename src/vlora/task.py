@@ -17,7 +17,7 @@ import torch
 
 from vlora import linalg
 from vlora.adapter import LoRAWeights
-from vlora.quantize import QuantizedTensor, general_error_sq
+from vlora.quantize import QuantizedTensor, dequantize, general_error_sq, quantize
 
 F64 = torch.float64
 
@@ -68,6 +68,8 @@ class TaskProjection:
             projection added on its own).
         extra: non-LoRA tensors (``modules_to_save``), stored as they are.
         config, dtype, source, sha256: what the original adapter was.
+        dropped_sq: module -> ``||dW||_F^2`` of the original adapter's modules the subspace
+            lacks (``missing_modules="skip"``): lost in full, so they count in :attr:`error`.
     """
 
     task_id: str
@@ -85,16 +87,24 @@ class TaskProjection:
     sha256: str | None = None
     quant: dict[str, QuantizedTensor] | None = None  # "module::B"/"module::A" codes, if any
     gram_share: str | None = None
+    dropped_sq: dict[str, float] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
         return list(self.coords_b)
 
     @property
+    def total_norm_sq(self) -> float:
+        """``||dW||^2`` of the whole original adapter, dropped modules included."""
+        return sum(self.norm_sq.values()) + sum(self.dropped_sq.values())
+
+    @property
     def error(self) -> float:
-        """Relative dW error of the whole adapter, ``||dW - dW^|| / ||dW||`` (0 for dW = 0)."""
-        total = sum(self.norm_sq.values())
-        return math.sqrt(sum(self.residual_sq.values()) / total) if total > 0 else 0.0
+        """Relative dW error of the whole original adapter, ``||dW - dW^|| / ||dW||`` (0 for
+        dW = 0); a module the subspace dropped is lost in full."""
+        total = self.total_norm_sq
+        lost = sum(self.residual_sq.values()) + sum(self.dropped_sq.values())
+        return math.sqrt(lost / total) if total > 0 else 0.0
 
     def module_errors(self) -> dict[str, float]:
         return {m: math.sqrt(self.residual_sq[m] / n) if n > 0 else 0.0
@@ -104,7 +114,7 @@ class TaskProjection:
     def coverage(self) -> float:
         """Share of the adapter's energy inside the subspace, ``||C||^2 / ||dW||^2``, for
         orthonormal bases (:meth:`SharedSubspace.task_coverage` holds for quantized ones)."""
-        total = sum(self.norm_sq.values())
+        total = self.total_norm_sq
         kept = sum(linalg.frobenius_sq(self.coords_b[m], self.coords_a[m].T) for m in self.modules)
         return kept / total if total > 0 else 1.0
 
@@ -131,6 +141,19 @@ def error_sq(us: torch.Tensor, v_t: torch.Tensor, basis: ModuleBasis, core: torc
     return core_error_sq(us, v_t, basis.U, basis.V, core)
 
 
+def quantize_coords(lb: torch.Tensor, la: torch.Tensor, coord_quant: tuple[int, str, int],
+                    dtype: torch.dtype = torch.float32
+                    ) -> tuple[torch.Tensor, torch.Tensor, QuantizedTensor, QuantizedTensor]:
+    """A task's coordinates ``L_B (k_out, r)``, ``L_A (k_in, r)`` rounded as a subspace stores
+    them: in :func:`~vlora.linalg.rounding_gauge` (the core is rounded, not the adapter's
+    gauge), cast to ``dtype``, each after a DCT of its rows, ``coord_quant = (bits, method,
+    block)``. Returns the dequantized ``(L_B, L_A)`` in ``dtype`` and the two codes."""
+    cb, ca = linalg.rounding_gauge(lb.to(F64), la.to(F64))
+    qb = quantize(cb.to(dtype), *coord_quant, transform="dct")
+    qa = quantize(ca.to(dtype), *coord_quant, transform="dct")
+    return dequantize(qb).to(dtype), dequantize(qa).to(dtype), qb, qa
+
+
 def adapter_weight(norm_sq_total: float, weighting: str) -> float:
     """A task's weight in basis fits: 1 (``"energy"``) or ``1 / ||dW||^2`` (``"task"``).
 
@@ -144,19 +167,26 @@ def adapter_weight(norm_sq_total: float, weighting: str) -> float:
 
 def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleBasis],
                     weighting: str = "task", pseudo_rank: int | dict[str, int] | None = None,
-                    zero_missing: bool = False) -> TaskProjection:
+                    zero_missing: bool = False, coord_quant: tuple[int, str, int] | None = None
+                    ) -> TaskProjection:
     """Coordinates of ``adapter`` in ``bases`` and its exact error (float64, small matrices).
 
     ``pseudo_rank`` stores each core at rank ``p`` by truncated SVD (one p, or one per
     module: ``{module: p}``); ``zero_missing`` treats modules the adapter lacks as
-    ``dW = 0`` (rank-0 coordinates).
+    ``dW = 0`` (rank-0 coordinates); ``coord_quant = (bits, method, block)`` rounds the
+    coordinates as a subspace with quantized coordinates stores them (the error is then
+    against the rounded ones). The adapter's modules ``bases`` lacks are lost in full
+    (``dropped_sq``).
     """
-    cb, ca, norm, res, spec = {}, {}, {}, {}, {}
+    cb, ca, norm, res, spec, quant = {}, {}, {}, {}, {}, {}
     for m, basis in bases.items():
         if m not in adapter.lora_a:
             if not zero_missing:
                 raise KeyError(m)
             cb[m], ca[m] = basis.U.new_zeros(basis.k_out, 0), basis.V.new_zeros(basis.k_in, 0)
+            if coord_quant is not None:
+                cb[m], ca[m], quant[f"{m}::B"], quant[f"{m}::A"] = quantize_coords(
+                    cb[m], ca[m], coord_quant, basis.U.dtype)
             norm[m], res[m], spec[m] = 0.0, 0.0, torch.zeros(0, dtype=F64)
             continue
         s = adapter.scales[m]
@@ -173,13 +203,17 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
             raise ValueError(f"pseudo_rank must be a positive integer, not {p!r}")
         if p is not None and p < lb.shape[1]:
             lb, la = linalg.truncate_core(lb, la, p)
+        if coord_quant is not None:
+            lb, la, quant[f"{m}::B"], quant[f"{m}::A"] = quantize_coords(lb, la, coord_quant, basis.U.dtype)
         lb, la = lb.to(basis.U.dtype), la.to(basis.V.dtype)
         cb[m], ca[m] = lb, la
         norm[m] = float(st.square().sum())
         res[m] = error_sq(ut * st, vt, basis, lb.to(F64) @ la.to(F64).T)
         spec[m] = st
+    dropped = {m: linalg.frobenius_sq(adapter.lora_b[m], adapter.lora_a[m], adapter.scales[m])
+               for m in adapter.layer_names if m not in bases}
     dtype = str(next(iter(adapter.lora_a.values())).dtype).removeprefix("torch.")
     return TaskProjection(task_id, cb, ca, norm, res, spec,
                           adapter_weight(sum(norm.values()), weighting), False,
                           dict(adapter.extra), dict(adapter.config), dtype, adapter.source,
-                          adapter.sha256)
+                          adapter.sha256, quant or None, dropped_sq=dropped)

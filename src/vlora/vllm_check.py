@@ -25,6 +25,8 @@ from vlora.io import CONFIG_NAME, _read_tensors, resolve_adapter_dir
 
 #: the values vLLM's LoRAConfig accepts for max_lora_rank
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# init_lora_weights values that leave the base weights alone (PiSSA, OLoRA, LoftQ... do not)
+_INITS_KEEPING_BASE = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 _VLLM_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|"
                        r"lora_embedding_B)(?:\.weight)?$")
 
@@ -69,6 +71,16 @@ def check_vllm_adapter(path: str | os.PathLike, max_lora_rank: int = 16,
         problems.append("use_dora: vLLM does not support DoRA")
     if config.get("bias", "none") not in ("none", None):
         problems.append(f"bias={config['bias']!r}: vLLM needs bias='none'")
+    if config.get("lora_bias"):
+        problems.append("lora_bias: vLLM does not support LoRA bias")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _INITS_KEEPING_BASE:
+        problems.append(f"init_lora_weights={init!r} changes the base weights when PEFT loads "
+                        "it; vLLM refuses it")
+    for key, what in (("alora_invocation_tokens", "aLoRA"), ("layer_replication", "layer_replication"),
+                      ("use_bdlora", "BD-LoRA"), ("use_qalora", "QALoRA")):
+        if config.get(key):
+            problems.append(f"{key}: vLLM does not support {what}")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             problems.append(f"{key} is set: vLLM applies one r and lora_alpha to every module")
@@ -89,4 +101,24 @@ def check_vllm_adapter(path: str | os.PathLike, max_lora_rank: int = 16,
         if absent:
             problems.append(f"{len(absent)} adapted module(s) are not in the base model: "
                             f"{absent[:5]}")
+        if isinstance(base_model_modules, nn.Module):
+            unwrappable = sorted(m for m in modules if not _vllm_wraps(base_model_modules, m))
+            if unwrappable:
+                problems.append(f"{len(unwrappable)} adapted module(s) are not Linear or Embedding "
+                                f"layers, which vLLM cannot wrap: {unwrappable[:5]}")
     return problems
+
+
+def _vllm_wraps(model: nn.Module, name: str) -> bool:
+    """Whether vLLM can put a LoRA on module ``name`` of ``model`` (a Linear-like or an
+    embedding layer; it refuses others, e.g. ``input_layernorm``). Unknown names pass: the
+    absent-module check reports them."""
+    for prefix in ("", "model.", DEFAULT_KEY_PREFIX):
+        try:
+            module = model.get_submodule(prefix + name)
+        except AttributeError:
+            continue
+        while hasattr(module, "base_layer"):  # wrapped by vlora or PEFT: the layer inside counts
+            module = module.base_layer
+        return isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "Conv1D"
+    return True

@@ -1,7 +1,9 @@
 """The ``vlora`` command line. Exit codes: 0 success, 1 a failed check, 2 bad usage or input.
 
-Errors are one line on stderr (``--debug`` shows the traceback). Files are written
-only at the end of a command, atomically: an interrupted command leaves what was there.
+Errors are one line on stderr (``--debug``, before or after the command's name, shows
+the traceback); warnings are ``vlora: warning: ...`` lines there, each once, and ``-q``
+keeps them. Files are written only at the end of a command, atomically: an interrupted
+command leaves what was there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from vlora.cli.adapter_cmds import analyze, merge_cmd
 from vlora.cli.common import VLoRAGroup
 from vlora.cli.demo import demo
 from vlora.cli.report_cmds import benchmark, plot
+from vlora.cli.serve import serve
 from vlora.cli.subspace_cmds import add, compress, diff, export, info, remove, validate
 
 
@@ -35,7 +38,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 for command in (compress, info, export, add, remove, validate, diff, analyze, merge_cmd, plot,
-                benchmark, demo):
+                benchmark, demo, serve):
     cli.add_command(command)
 
 

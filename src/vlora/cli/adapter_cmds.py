@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import click
 import torch
+from rich import box
 from rich.table import Table
 
 from vlora import analysis
 from vlora import merge as merging
-from vlora.cli.common import QUIET, check_adapter_output, console, print_json
+from vlora.cli.common import JSON, QUIET, check_adapter_output, console, print_json, progress_enabled
 from vlora.io import load_adapter, save_adapter
 
-JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 METHODS = ("linear", "ties", "dare", "dare_ties", "magnitude_prune", "cat")
 APPLIES = {"density": ("ties", "magnitude_prune"), "drop_rate": ("dare", "dare_ties"),
            "seed": ("dare", "dare_ties"), "rank": tuple(m for m in METHODS if m != "cat")}
@@ -23,7 +24,10 @@ APPLIES = {"density": ("ties", "magnitude_prune"), "drop_rate": ("dare", "dare_t
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--threshold", type=float, default=0.5, show_default=True,
               help="Cluster adapters whose average dW cosine is at least this.")
-@click.option("--z", type=float, default=2.0, show_default=True, help="Outlier z-score.")
+@click.option("--z", type=float, default=3.5, show_default=True,
+              help="Call an adapter an outlier when its mean cosine to the others is this many "
+              f"robust spreads (median/MAD) below the median; needs {analysis.MIN_OUTLIER_ADAPTERS}+ "
+              "adapters.")
 @click.option("--plot", type=click.Path(), help="Write a PNG: similarity heat map and spectrum.")
 @QUIET
 @JSON
@@ -37,11 +41,12 @@ def analyze(adapters, threshold, z, plot, quiet, as_json):
     items = [load_adapter(p) for p in adapters]
     sim = analysis.compute_similarity_matrix(items)
     clusters = analysis.find_clusters(sim, threshold=threshold)
-    outliers = analysis.find_outliers(sim, z=z) if len(items) >= 3 else {}
+    too_few = len(items) < analysis.MIN_OUTLIER_ADAPTERS
+    outliers = None if too_few else analysis.find_outliers(sim, z=z)
     spectrum = analysis.shared_spectrum(items)
     curve = _mean_curve(spectrum)
     data = {"names": sim.names, "similarity": sim.matrix.tolist(), "clusters": clusters,
-            "outliers": {sim.names[i]: s for i, s in outliers.items()},
+            "outliers": None if too_few else {sim.names[i]: s for i, s in outliers.items()},
             "energy_kept_by_k": curve}
     if plot:
         _plot(sim, curve, plot)
@@ -49,25 +54,42 @@ def analyze(adapters, threshold, z, plot, quiet, as_json):
         print_json(data)
         return
     out = console(quiet)
-    table = Table(title="dW cosine similarity")
-    table.add_column("")
-    for n in sim.names:
-        table.add_column(n[:10], justify="right")
-    for n, row in zip(sim.names, sim.matrix.tolist()):
-        table.add_row(n, *(f"{x:.2f}" for x in row))
-    out.print(table)
+    _print_similarity(out, sim)
     groups: dict[int, list[str]] = {}
     for n, c in zip(sim.names, clusters):
         groups.setdefault(c, []).append(n)
     out.print(f"clusters (average cosine >= {threshold}): "
               + "; ".join(", ".join(g) for g in groups.values()))
-    out.print("outliers: " + (", ".join(f"{k} (z={v:.1f})" for k, v in data["outliers"].items())
-                              or "none"))
+    if too_few:
+        out.print(f"outliers: too few adapters to call outliers ({len(items)} < "
+                  f"{analysis.MIN_OUTLIER_ADAPTERS})")
+    else:
+        out.print("outliers: " + (", ".join(f"{k} (robust z={v:.1f})"
+                                            for k, v in data["outliers"].items()) or "none"))
     marks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= len(curve["out"])]
     out.print("shared energy kept by k directions (mean over modules, out/in): " + ", ".join(
         f"k={k}: {curve['out'][k - 1]:.2f}/{curve['in'][k - 1]:.2f}" for k in marks))
     if plot:
         out.print(f"wrote {plot}")
+
+
+def _print_similarity(out, sim: analysis.SimilarityMatrix) -> None:
+    """Rows by whole name, columns by number (names cut to fit look alike: chat_…), in
+    as many tables as it takes for every column to fit the terminal (rich would crop)."""
+    labels = [f"{i + 1} {n}" for i, n in enumerate(sim.names)]
+    name_width = min(max(map(len, labels)), max(out.width // 2, 12))
+    per_table = max(1, (out.width - name_width - 2) // 7)  # " -0.12" and a space
+    for start in range(0, len(labels), per_table):
+        cols = range(start, min(start + per_table, len(labels)))
+        table = Table(title="dW cosine similarity" + (f" (columns {cols[0] + 1}-{cols[-1] + 1})"
+                                                      if len(cols) < len(labels) else ""),
+                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        table.add_column("adapter", overflow="fold", max_width=name_width)
+        for j in cols:
+            table.add_column(str(j + 1), justify="right", no_wrap=True)
+        for label, row in zip(labels, sim.matrix.tolist()):
+            table.add_row(label, *(f"{row[j]:.2f}" for j in cols))
+        out.print(table)
 
 
 def _mean_curve(spectrum: dict[str, analysis.SharedSpectrum]) -> dict[str, list[float]]:
@@ -152,18 +174,23 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
         raise click.UsageError(f"--weights {weights!r}: finite numbers below 1e150 expected")
     check_adapter_output(output, force, inputs=adapters)
     items = [load_adapter(p) for p in adapters]
+    bar = {"progress": progress_enabled(quiet)}  # on stderr: --json's stdout stays clean
     if method == "linear":
-        result = merging.task_arithmetic(items, ws, rank=rank)
+        result = merging.task_arithmetic(items, ws, rank=rank, **bar)
     elif method == "cat":
         result = merging.concat(items, ws)
     elif method == "ties":
-        result = merging.ties_merge(items, density, ws, rank=rank)
+        result = merging.ties_merge(items, density, ws, rank=rank, **bar)
     elif method == "magnitude_prune":
-        result = merging.magnitude_prune_merge(items, density, ws, rank=rank)
+        result = merging.magnitude_prune_merge(items, density, ws, rank=rank, **bar)
     elif method == "dare":
-        result = merging.dare_merge(items, drop_rate, ws, seed=seed, rank=rank)
+        result = merging.dare_merge(items, drop_rate, ws, seed=seed, rank=rank, **bar)
     else:
-        result = merging.dare_ties_merge(items, drop_rate, ws, seed=seed, rank=rank)
+        result = merging.dare_ties_merge(items, drop_rate, ws, seed=seed, rank=rank, **bar)
+    # the library warned each note as it arose; the CLI prints a message once, so this
+    # repeats none and makes sure every note is said
+    for note in result.notes:
+        warnings.warn(note, stacklevel=1)
     kinds = {it.lora_a[m].dtype for it in items for m in it.layer_names}
     dtype = getattr(torch, dtype) if dtype else (kinds.pop() if len(kinds) == 1 else torch.float32)
     save_adapter(result, output, dtype=dtype)
@@ -178,5 +205,3 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
     out.print(f"merged {len(items)} adapters with {method} -> {output} (rank {result.rank}, "
               f"energy kept by the rank truncation {result.kept_energy:.1%}"
               + (f", seed {seed})" if seed is not None else ")"))
-    for note in result.notes:
-        out.print(f"note: {note}")

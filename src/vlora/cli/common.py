@@ -15,6 +15,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from vlora import progress
 from vlora.errors import VLoRAError
 from vlora.io import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from vlora.storage import MANIFEST
@@ -23,21 +24,62 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
           "GIB": 2**30}
 
 
+# Library messages name Python arguments; on the command line the same choice is a flag.
+_FLAG_HINTS = {"missing_modules='skip' or 'zero'": "--missing-modules skip (or zero)"}
+
+
 class VLoRAGroup(click.Group):
-    """Turns our exceptions, and click's usage errors, into a one-line error and exit code 2."""
+    """Runs each command with one progress bar and warnings as ``vlora: warning: ...`` lines
+    (each once), and turns our exceptions, and click's usage errors, into a one-line error
+    and exit code 2. Every command takes ``--debug`` too (after its name)."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.append(click.Option(["--debug"], is_flag=True, expose_value=False,
+                                       callback=_set_debug, help="Show full tracebacks on errors."))
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings(), progress.session():
+                _print_warnings_once()
+                return super().invoke(ctx)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx else ctx.command_path
             click.echo(f"vlora: error: {e.format_message()} (see '{where} --help')", err=True)
             ctx.exit(2)
         except (VLoRAError, ValueError, OSError) as e:
-            if (ctx.obj or {}).get("debug") or "--debug" in sys.argv:
+            if (ctx.obj or {}).get("debug"):
                 traceback.print_exc()
-            click.echo(f"vlora: error: {e}", err=True)
+            click.echo(f"vlora: error: {for_the_cli(str(e))}", err=True)
             ctx.exit(2)
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        root = ctx.find_root()
+        root.obj = {**(root.obj or {}), "debug": True}
+
+
+def _print_warnings_once() -> None:
+    """Inside ``catch_warnings``: every UserWarning reaches the handler (not once per code
+    line, Python's default), which prints each distinct message once on stderr."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = for_the_cli(str(message))
+        if text not in seen:
+            seen.add(text)
+            click.echo(f"vlora: warning: {text}", err=True)
+
+    warnings.simplefilter("always", UserWarning)
+    warnings.showwarning = show
+
+
+def for_the_cli(message: str) -> str:
+    """A library message with its Python-argument hints put as the command line's flags."""
+    for python, flag in _FLAG_HINTS.items():
+        message = message.replace(python, flag)
+    return message
 
 
 def parse_size(text: str) -> int:
@@ -83,15 +125,11 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def _silence_warnings(ctx: click.Context, param: click.Parameter, quiet: bool) -> bool:
-    if quiet:  # for this command only: the context undoes it when the command ends
-        ctx.with_resource(warnings.catch_warnings())
-        warnings.simplefilter("ignore")
-    return quiet
-
-
-QUIET = click.option("-q", "--quiet", is_flag=True, callback=_silence_warnings,
-                     help="Print nothing but errors (warnings included).")
+# -q keeps warnings: some are the only word of a possible silent loss (adapters of
+# different base models, modules counted as zero).
+QUIET = click.option("-q", "--quiet", is_flag=True,
+                     help="Print nothing but warnings and errors.")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
 def progress_enabled(quiet: bool) -> bool:
@@ -106,6 +144,9 @@ def check_adapter_output(path: str | Path, force: bool = False, inputs: Sequence
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise click.UsageError(f"{path}: exists and is not a folder")
+    above = next((p for p in path.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # else found only when writing, at the end
+        raise click.UsageError(f"{path}: {above} is a file, not a folder")
     if (path / MANIFEST).exists():
         raise click.UsageError(f"{path}: a vlora subspace folder; write the adapter elsewhere")
     if path.exists() and any(path.resolve() == Path(p).resolve() for p in inputs):

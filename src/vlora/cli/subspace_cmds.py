@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import unicodedata
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -25,17 +26,24 @@ from vlora.cli.common import (
 )
 from vlora.compress import compress as fit_to_bytes
 from vlora.errors import SubspaceError
-from vlora.io import load_adapter, save_adapter
+from vlora.io import adapter_disk_bytes, load_adapter, save_adapter
+from vlora.stats import directory_bytes, growth_headroom, stored_bytes, task_stored_bytes
 from vlora.storage import MANIFEST, lock
 from vlora.subspace import SharedSubspace
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
-def summary(sub: SharedSubspace) -> dict:
-    """The figures ``compress`` and ``info`` print (also their ``--json``)."""
+def summary(sub: SharedSubspace, path: str | Path | None = None) -> dict:
+    """The figures ``compress`` and ``info`` print (also their ``--json``); with ``path``,
+    the subspace folder's bytes on disk (every file) against its inputs' adapter files,
+    when every task's original is still at hand (None otherwise)."""
     stats = sub.compression_stats()
     ks = [(b.k_out, b.k_in) for b in sub.modules.values()]
+    disk = directory_bytes(path) if path is not None else None
+    inputs = [adapter_disk_bytes(sub.get_task(t).source) if sub.get_task(t).source else None
+              for t in sub.tasks]
+    input_disk = sum(inputs) if inputs and None not in inputs else None
     return {
         "tasks": sub.tasks, "num_modules": len(sub.modules),
         "k_out": [min(k for k, _ in ks), max(k for k, _ in ks)],
@@ -47,6 +55,11 @@ def summary(sub: SharedSubspace) -> dict:
                          "coverage": sub.task_coverage(t),
                          "error_is_bound": sub.get_task(t).error_is_bound} for t in sub.tasks},
         "modules": stats["modules"],
+        "quantization": sub.quantization,
+        "dropped_modules": {t: sorted(sub.get_task(t).dropped_sq) for t in sub.tasks
+                            if sub.get_task(t).dropped_sq},
+        "disk_bytes": disk, "input_disk_bytes": input_disk,
+        "disk_ratio": input_disk / disk if disk and input_disk else None,
     }
 
 
@@ -55,7 +68,8 @@ def print_summary(sub: SharedSubspace, data: dict, quiet: bool) -> None:
     table = Table(title="Per-task relative dW error (lower is better)")
     svd = "SVD at equal bytes" + (f" ({data['svd_bits']}-bit)" if data["svd_bits"] < 32 else "")
     for col in ("task", "vlora error", svd, "coverage"):
-        table.add_column(col, justify="left" if col == "task" else "right")
+        table.add_column(col, justify="left" if col == "task" else "right",
+                         overflow="fold")  # a cut name could read as another task's
     for t, row in data["per_task"].items():
         err = f"{row['error']:.4f}" + (" (bound)" if row["error_is_bound"] else "")
         table.add_row(t, err, f"{row['svd_error']:.4f}", f"{row['coverage']:.3f}")
@@ -69,8 +83,28 @@ def print_summary(sub: SharedSubspace, data: dict, quiet: bool) -> None:
               f"k_out {data['k_out'][0]}..{data['k_out'][1]}, k_in {data['k_in'][0]}..{data['k_in'][1]}")
     out.print(f"LoRA bytes: {human_bytes(data['original_bytes'])} -> {human_bytes(data['stored_bytes'])}"
               f" (basis {human_bytes(data['basis_bytes'])} + tasks {human_bytes(data['task_bytes'])}),"
-              f" [bold]{data['compression_ratio']:.2f}x[/bold] smaller; non-LoRA tensors "
+              f" [bold]{_times(data['compression_ratio'])}[/bold]; non-LoRA tensors "
               f"(heads) kept as they are: {human_bytes(data['extra_bytes'])}")
+    if data["disk_bytes"] is not None:
+        versus = ("" if data["input_disk_bytes"] is None else
+                  f" against {human_bytes(data['input_disk_bytes'])} of input adapter files, "
+                  f"{_times(data['disk_ratio'])}")
+        out.print(f"Whole folder on disk (heads, manifest and all): "
+                  f"{human_bytes(data['disk_bytes'])}{versus}")
+    for t, modules in data["dropped_modules"].items():
+        out.print(f"{t}: {len(modules)} module(s) not in the subspace, lost in full in its error: "
+                  f"{', '.join(modules[:3])}{', ...' if len(modules) > 3 else ''}")
+    larger = [f"{what} {x:.2f}x" for what, x in (("LoRA bytes", data["compression_ratio"]),
+                                                  ("whole folder", data["disk_ratio"]))
+              if x is not None and x < 1]
+    if larger:
+        warnings.warn(f"the subspace is larger than its inputs ({', '.join(larger)}): choose a "
+                      "smaller k, --variance-threshold, --ratio or --budget", UserWarning, stacklevel=2)
+
+
+def _times(ratio: float) -> str:
+    """``4.00x smaller``, or ``1.05x larger`` for a ratio below 1."""
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
 def _load(path: str) -> SharedSubspace:
@@ -110,13 +144,16 @@ def _module_weights(ctx, param, values) -> dict[str, float] | None:
               "where bytes are shared out, e.g. value=2 (KEY as in PEFT's target_modules; repeatable).")
 @click.option("--task-ids", help="Comma-separated ids, one per adapter (default: folder names).")
 @click.option("--streaming", is_flag=True, help="Read adapters a chunk at a time (bounded memory).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Fit on a Ray cluster (pip install 'vlora[ray]'): a local one with no ADDRESS, "
+                   "else e.g. --ray=auto or --ray=ray://host:10001.")
 @click.option("--missing-modules", type=click.Choice(["error", "skip", "zero"]), default="error",
               show_default=True, help="What to do with modules only some adapters have.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is already a subspace (only then).")
 @QUIET
 @JSON
 def compress(adapters, output, num_components, k_out, k_in, variance_threshold, budget, ratio, bits,
-             module_weights, task_ids, streaming, missing_modules, force, quiet, as_json):
+             module_weights, task_ids, streaming, ray_address, missing_modules, force, quiet, as_json):
     """Compress LoRA adapter folders into one shared subspace.
 
     \b
@@ -145,7 +182,18 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
     ids = split_ids(task_ids)
     k = (k_out, k_in) if k_out is not None else num_components
     progress = progress_enabled(quiet)
-    if streaming:
+    if ray_address is not None:
+        if Path(ray_address).exists():  # click took the first adapter for the address
+            raise click.UsageError(f"--ray took {ray_address} for the cluster's address: write "
+                                   "--ray=ADDRESS, or --ray after the adapters")
+        if streaming or module_weights or missing_modules != "error":
+            raise click.UsageError("--ray goes without --streaming, --module-weight and "
+                                   "--missing-modules (every adapter must have the same modules)")
+        sub = SharedSubspace.from_adapters_distributed(
+            list(adapters), task_ids=ids, num_components=k, variance_threshold=variance_threshold,
+            budget=budget, ratio=ratio, bits=int(bits) if bits else None, address=ray_address,
+            progress=progress)
+    elif streaming:
         if budget or ratio:
             raise click.UsageError("--streaming takes -k or --variance-threshold")
         sub = SharedSubspace.from_adapters_streaming(
@@ -160,7 +208,7 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
                            variance_threshold=variance_threshold, module_weights=module_weights,
                            missing_modules=missing_modules, progress=progress)
     sub.save(output)
-    data = summary(sub)
+    data = summary(sub, output)
     if as_json:
         print_json(data)
     else:
@@ -173,16 +221,23 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
 @QUIET
 @JSON
 def info(subspace, quiet, as_json):
-    """Show modules, k, tasks, bytes and errors of a subspace (computed from what is stored)."""
+    """Show modules, k, tasks, bytes and errors of a subspace (computed from what is stored).
+
+    \b
+    Examples:
+      vlora info sub
+      vlora info sub --json
+    """
     sub = _load(subspace)
-    data = summary(sub)
+    data = summary(sub, subspace)
     if as_json:
         print_json(data)
         return
     out = console(quiet)
     table = Table(title=f"{subspace}: modules")
-    for col in ("module", "d_out x d_in", "k_out", "k_in", "mean error"):
-        table.add_column(col, justify="left" if col == "module" else "right")
+    for col in ("module", "d_out x d_in", "k_out", "k_in", "mean error"):  # names whole: cut,
+        table.add_column(col, justify="left" if col == "module" else "right",  # q and v look alike
+                         overflow="fold" if col == "module" else "ellipsis")
     for m, row in data["modules"].items():
         table.add_row(m, f"{row['d_out']} x {row['d_in']}", str(row["k_out"]), str(row["k_in"]),
                       f"{row['mean_error']:.4f}")
@@ -201,10 +256,13 @@ def info(subspace, quiet, as_json):
               help="Truncate each module to this rank (best in the subspace).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Weights dtype (default: each original adapter's).")
-@click.option("--vllm", is_flag=True, help="Write what vLLM accepts (no modules_to_save, one rank).")
-@click.option("--force", is_flag=True, help="Replace adapters already in the output folders.")
+@click.option("--vllm", is_flag=True, help="Write what vLLM accepts (no modules_to_save, one rank); "
+              "a task with heads (modules_to_save) is refused, as vLLM would serve another model.")
+@click.option("--force", is_flag=True, help="Replace adapters already in the output folders; with "
+              "--vllm, also write tasks without the heads vLLM refuses.")
 @QUIET
-def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, force, quiet):
+@JSON
+def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, force, quiet, as_json):
     """Write tasks back as standard PEFT adapters.
 
     \b
@@ -212,6 +270,8 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, force, quiet):
       vlora export sub sales -o sales-lora
       vlora export sub --all -o exported/ --vllm
     """
+    if all_tasks and tasks:
+        raise click.UsageError(f"name tasks ({', '.join(tasks)}) or pass --all, not both")
     sub = _load(subspace)
     names = sub.tasks if all_tasks else list(tasks)
     if not names:
@@ -222,13 +282,71 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, force, quiet):
     if len(names) > 1 or all_tasks:
         check_adapter_output(output, force=True)  # the parent folder: not a subspace's either
     for t, target in targets.items():  # fail before writing anything
-        sub.get_task(t)
+        if not any(sub.get_task(t).ranks().values()):
+            raise SubspaceError(f"task {t!r} has no LoRA weights in {subspace} (rank 0 in every "
+                                "module): nothing to export")
         check_adapter_output(target, force)
-    out = console(quiet)
+    heads = {t: sorted(sub.get_task(t).extra) for t in names if vllm and sub.get_task(t).extra}
+    if heads:
+        what = "; ".join(f"{t}: {', '.join(k[:4])}{', ...' if len(k) > 4 else ''}"
+                         for t, k in list(heads.items())[:3])
+        message = (f"--vllm drops the heads (modules_to_save) of {len(heads)} task(s), which vLLM "
+                   f"refuses ({what}): the exported adapters are NOT the models the tasks are")
+        if not force:
+            raise click.UsageError(f"{message}; pass --force to export them anyway, or export "
+                                   "without --vllm")
+        warnings.warn(message, UserWarning, stacklevel=2)
+    out = console(quiet or as_json)
+    done = {}
     for t, target in targets.items():
         left_out = save_adapter(sub.reconstruct(t, getattr(torch, dtype) if dtype else None, rank),
                                 target, for_vllm=vllm)
+        done[t] = {"folder": str(target), "left_out": list(left_out)}
         out.print(f"{t} -> {target}" + (f" (left out: {', '.join(left_out)})" if left_out else ""))
+    if as_json:
+        print_json({"exported": done})
+
+
+def _subspace_folder(path: str) -> str:
+    """``path`` if it holds a subspace; checked before the lock, which writes a file."""
+    if not (Path(path) / MANIFEST).is_file():
+        raise SubspaceError(f"{path}: not a vlora subspace (no {MANIFEST}); nothing written")
+    return path
+
+
+def _format_line(sub: SharedSubspace) -> str | None:
+    q = sub.quantization
+    return q and (f"kept the {q['bits']}-bit {q['method']} storage: changed bases"
+                  f"{' and coordinates' if q['coordinates'] else ''} quantized again")
+
+
+def _bytes_line(before: int, after: int) -> str:
+    return f"stored bytes: {human_bytes(before)} -> {human_bytes(after)} ({after - before:+,d} B)"
+
+
+def _incremental(sub: SharedSubspace, path: str, tid: str, grow: str):
+    """``absorb_incremental`` of one adapter as ``--grow`` says; returns its report and
+    what it chose, in words."""
+    if grow == "none":
+        return sub.absorb_incremental(path, tid), "kept k"
+    ks = {m: (b.k_out, b.k_in) for m, b in sub.modules.items()}
+    before = stored_bytes(sub)
+    if grow == "full":
+        report = sub.absorb_incremental(path, tid, grow=True)
+    else:  # auto: grow where it keeps the most, as far as the compression ratio allows
+        adapter = load_adapter(path)
+        headroom = growth_headroom(sub, sub.project(adapter, tid))
+        report = sub.absorb_incremental(adapter, tid, grow_bytes=max(headroom, 0.0))
+    grew = {m: (b.k_out - ks[m][0], b.k_in - ks[m][1]) for m, b in sub.modules.items()
+            if (b.k_out, b.k_in) != ks[m]}
+    if not grew:
+        return report, ("kept k" if grow == "full" else
+                        "kept k (growing would lower the compression ratio)")
+    own = task_stored_bytes(sub.get_task(tid))
+    return report, (f"grew k in {len(grew)} of {len(sub.modules)} modules (k_out +"
+                    f"{sum(o for o, _ in grew.values())}, k_in +{sum(i for _, i in grew.values())}"
+                    f" directions in all): +{human_bytes(stored_bytes(sub) - before - own)} "
+                    f"beyond the new task's own {human_bytes(own)}")
 
 
 @click.command()
@@ -237,37 +355,57 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, force, quiet):
 @click.option("--task-ids", help="Comma-separated ids (default: folder names).")
 @click.option("--incremental", is_flag=True,
               help="Update the basis at a cost independent of the number of tasks.")
+@click.option("--grow", type=click.Choice(["auto", "full", "none"]), default="auto", show_default=True,
+              help="With --incremental: let k grow by the new adapter's rank (full), keep k "
+                   "(none), or grow where it keeps old tasks best while the compression ratio "
+                   "holds (auto).")
 @click.option("--project-only", is_flag=True,
               help="Keep the basis; only store the new tasks' coordinates.")
 @QUIET
 @JSON
-def add(subspace, adapters, task_ids, incremental, project_only, quiet, as_json):
+def add(subspace, adapters, task_ids, incremental, grow, project_only, quiet, as_json):
     """Add adapters to a subspace; by default the basis is refit on all tasks (absorb).
 
-    Prints each old task's error before and after, and the drift of its reconstruction.
+    Prints each old task's error before and after, the drift of its reconstruction, and
+    the stored bytes before and after. A quantized subspace stays quantized.
+
+    \b
+    Examples:
+      vlora add sub adapters/new_task
+      vlora add sub adapters/new_task --incremental
+      vlora add sub adapters/new_task --incremental --grow full
+      vlora add sub adapters/new_task --project-only
     """
     if incremental and project_only:
         raise click.UsageError("--incremental and --project-only exclude each other: pick one")
+    if grow != "auto" and not incremental:
+        raise click.UsageError("--grow goes with --incremental")
     mode = "incremental" if incremental else "project" if project_only else "absorb"
     ids = split_ids(task_ids)
     ids = [Path(p).name for p in adapters] if ids is None else ids
     if len(ids) != len(adapters):
         raise click.UsageError(f"{len(ids)} task ids for {len(adapters)} adapters")
-    with lock(subspace):
+    with lock(_subspace_folder(subspace)):
         sub = _load(subspace)
-        reports = {}
+        before = stored_bytes(sub)
+        reports, chose = {}, {}
         for path, tid in zip(adapters, ids):
             if mode == "project":
                 sub.add_task(sub.project(path, tid))
             elif mode == "incremental":
-                reports[tid] = sub.absorb_incremental(path, tid)
+                reports[tid], chose[tid] = _incremental(sub, path, tid, grow)
             else:
                 reports[tid] = sub.absorb(path, tid)
         sub.save(subspace)  # re-takes the same (re-entrant) lock
+    after = stored_bytes(sub)
     rows = {new: {old: vars(r) for old, r in rep.items()} for new, rep in reports.items()}
     if as_json:
-        print_json({"added": ids, "old_tasks": rows,
-                    "new_errors": {t: sub.task_error(t) for t in ids}})
+        print_json({"added": ids, "old_tasks": rows, "growth": chose,
+                    "new_errors": {t: sub.task_error(t) for t in ids},
+                    "dropped_modules": {t: sorted(sub.get_task(t).dropped_sq) for t in ids
+                                        if sub.get_task(t).dropped_sq},
+                    "stored_bytes_before": before, "stored_bytes_after": after,
+                    "quantization": sub.quantization})
         return
     out = console(quiet)
     for new, rep in reports.items():
@@ -278,22 +416,45 @@ def add(subspace, adapters, task_ids, incremental, project_only, quiet, as_json)
             table.add_row(old, f"{r.error_before:.4f}", f"{r.drift:.4f}",
                           f"{r.error_after:.4f}" + (" (bound)" if r.after_is_bound else ""))
         out.print(table)
+        if new in chose:
+            out.print(f"{new}: {chose[new]}")
     for t in ids:
-        out.print(f"added {t}: error {sub.task_error(t):.4f}, coverage {sub.task_coverage(t):.3f}")
+        dropped = len(sub.get_task(t).dropped_sq)
+        out.print(f"added {t}: error {sub.task_error(t):.4f}, coverage {sub.task_coverage(t):.3f}"
+                  + (f" ({dropped} module(s) not in the subspace, lost in full)" if dropped else ""))
+    out.print(_bytes_line(before, after))
+    if _format_line(sub):
+        out.print(_format_line(sub))
 
 
 @click.command()
 @click.argument("subspace", type=click.Path(exists=True))
 @click.argument("tasks", nargs=-1, required=True)
 @QUIET
-def remove(subspace, tasks, quiet):
-    """Remove tasks from a subspace (the basis is kept)."""
-    with lock(subspace):
+@JSON
+def remove(subspace, tasks, quiet, as_json):
+    """Remove tasks from a subspace (the basis is kept); prints the stored bytes before
+    and after.
+
+    \b
+    Examples:
+      vlora remove sub old_task
+      vlora remove sub task_a task_b --json
+    """
+    with lock(_subspace_folder(subspace)):
         sub = _load(subspace)
+        before = stored_bytes(sub)
         for t in tasks:
             sub.remove_task(t)
         sub.save(subspace)  # re-takes the same (re-entrant) lock
-    console(quiet).print(f"removed {', '.join(tasks)}; {len(sub)} tasks left")
+    after = stored_bytes(sub)
+    if as_json:
+        print_json({"removed": list(tasks), "tasks": sub.tasks, "stored_bytes_before": before,
+                    "stored_bytes_after": after, "quantization": sub.quantization})
+        return
+    out = console(quiet)
+    out.print(f"removed {', '.join(tasks)}; {len(sub)} tasks left")
+    out.print(_bytes_line(before, after))
 
 
 @click.command()
@@ -305,6 +466,11 @@ def validate(subspace, quiet, as_json):
     and each task's recorded error against its stored coordinates.
 
     Exits 1 when anything is wrong.
+
+    \b
+    Examples:
+      vlora validate sub
+      vlora validate sub --json
     """
     problems = []
     try:
@@ -391,7 +557,12 @@ def _relative(diff_sq: float, norm_sq: float) -> float:
 @QUIET
 @JSON
 def diff(subspace, task_a, task_b, quiet, as_json):
-    """Compare two tasks of a subspace per module: relative difference and cosine of dW^."""
+    """Compare two tasks of a subspace per module: relative difference and cosine of dW^.
+
+    \b
+    Example:
+      vlora diff sub sales legal
+    """
     sub = _load(subspace)
     rows, num, den, dot, nb = {}, 0.0, 0.0, 0.0, 0.0
     for m in sub.modules:
@@ -408,7 +579,8 @@ def diff(subspace, task_a, task_b, quiet, as_json):
         return
     table = Table(title=f"{task_a} vs {task_b}")
     for col in ("module", "||dW_a - dW_b|| / ||dW_a||", "cosine"):
-        table.add_column(col, justify="left" if col == "module" else "right")
+        table.add_column(col, justify="left" if col == "module" else "right",
+                         overflow="fold" if col == "module" else "ellipsis")
     for m, r in rows.items():
         table.add_row(m, f"{r['relative_difference']:.4f}", f"{r['cosine']:.4f}")
     table.add_row("all modules", f"{total['relative_difference']:.4f}", f"{total['cosine']:.4f}",

@@ -1,0 +1,126 @@
+"""Distributed fit: single-process streaming against Ray with 1 and 2 workers.
+
+Adapters shaped like Llama-7B layers (q/k/v/o 4096x4096, gate/up 11008x4096, down
+4096x11008, r=16) for ``--layers`` layers, sharing a planted 48-dimensional subspace per
+module plus noise, are written to a temporary folder. Each fit runs in a fresh subprocess
+with one thread per process: streaming (``from_adapters_streaming``, k=16) and
+``from_adapters_distributed`` on a local Ray cluster of 1 or 2 CPUs (k=16, oversample 8,
+10 refinement rounds). Reported: the fit's seconds (Ray's start apart), seconds per
+adapter-module, the driver's peak RSS and the largest worker's (VmHWM, read from every
+Ray worker before shutdown), the mean error, and the bytes of one module's sketch (what
+a merge moves), from which a cluster's time is predicted as
+``seconds per adapter-module x N x modules / workers`` plus the merges.
+
+    nice -n 10 python -m benchmarks.distributed --n 32 --layers 1
+    nice -n 10 python -m benchmarks.distributed --n 64 --workers 0,2
+
+Timings need a quiet machine: with other work running, two workers wait for two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+          "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
+          "down_proj": (4096, 11008)}
+MLP = ("gate_proj", "up_proj", "down_proj")
+K, OVERSAMPLE = 16, 8
+
+
+def make_adapters(root: Path, n: int, layers: int, r: int = 16, dim: int = 48) -> list[Path]:
+    from vlora import LoRAWeights, save_adapter
+    g = torch.Generator().manual_seed(0)
+    shapes = {f"model.layers.{i}.{'mlp' if m in MLP else 'self_attn'}.{m}": s
+              for i in range(layers) for m, s in SHAPES.items()}
+    bases = {m: (torch.linalg.qr(torch.randn(d_out, dim, generator=g))[0],
+                 torch.linalg.qr(torch.randn(d_in, dim, generator=g))[0])
+             for m, (d_out, d_in) in shapes.items()}
+    paths = []
+    for i in range(n):
+        a = {m: torch.randn(r, dim, generator=g) @ v.T + 0.05 * torch.randn(r, v.shape[0], generator=g)
+             for m, (_, v) in bases.items()}
+        b = {m: u @ torch.randn(dim, r, generator=g) + 0.05 * torch.randn(u.shape[0], r, generator=g)
+             for m, (u, _) in bases.items()}
+        paths.append(root / f"adapter_{i:05d}")
+        save_adapter(LoRAWeights(list(shapes), a, b, {m: 2.0 for m in shapes},
+                                 config={"r": r, "lora_alpha": 2 * r}), paths[-1])
+    return paths
+
+
+CHILD = r"""
+import json, sys, time, torch
+torch.set_num_threads(1)
+from vlora import SharedSubspace
+req = json.loads(sys.stdin.read())
+
+def hwm(pid="self"):
+    return int([l for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM")][0].split()[1]) / 1024
+
+row = {}
+if req["workers"] == 0:
+    t0 = time.perf_counter()
+    sub = SharedSubspace.from_adapters_streaming(req["paths"], num_components=req["k"])
+    row["seconds"] = time.perf_counter() - t0
+else:
+    import logging, psutil, ray
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=req["workers"], include_dashboard=False, logging_level=logging.WARNING)
+    row["ray_start_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sub = SharedSubspace.from_adapters_distributed(req["paths"], num_components=req["k"],
+                                                   oversample=req["oversample"], shard_size=req["shard"])
+    row["seconds"] = time.perf_counter() - t0
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if any(c.startswith("ray::") for c in p.cmdline()[:1])]
+    row["worker_peak_rss_mb"] = max(hwm(p.pid) for p in workers)
+    row["workers_seen"] = len(workers)
+    ray.shutdown()
+row["driver_peak_rss_mb"] = hwm()
+row["mean_error"] = sub.compression_stats()["mean_error"]
+print(json.dumps(row))
+"""
+
+
+def run(req: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(req), env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=32, help="adapters")
+    parser.add_argument("--layers", type=int, default=1, help="Llama-7B layers per adapter (7 modules each)")
+    parser.add_argument("--shard", type=int, default=8, help="adapters per Ray task")
+    parser.add_argument("--workers", default="0,1,2", help="fits to run: 0 streaming, w Ray with w workers")
+    args = parser.parse_args(argv)
+    modules = 7 * args.layers
+    with tempfile.TemporaryDirectory(prefix="vlora-bench-dist-") as tmp:
+        paths = [str(p) for p in make_adapters(Path(tmp), args.n, args.layers)]
+        rows = {}
+        for workers in map(int, args.workers.split(",")):
+            name = "streaming (1 process)" if workers == 0 else f"Ray, {workers} worker{'s' * (workers > 1)}"
+            rows[name] = run({"paths": paths, "workers": workers, "k": K, "oversample": OVERSAMPLE,
+                              "shard": args.shard})
+            rows[name]["seconds_per_adapter_module"] = rows[name]["seconds"] / (args.n * modules)
+            print(name, json.dumps(rows[name]), flush=True)
+    w = K + OVERSAMPLE
+    sketch = {m: 8 * ((d_out + d_in) * w + 2 * w * w) for m, (d_out, d_in) in SHAPES.items()}
+    result = {"n": args.n, "layers": args.layers, "modules": modules, "shard": args.shard, "rows": rows,
+              "sketch_bytes_per_module": sketch}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

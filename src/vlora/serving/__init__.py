@@ -1,0 +1,14 @@
+"""Serving vlora subspaces and exports through vLLM.
+
+* :mod:`vlora.serving.materialize`: a task's vLLM-ready adapter folder, written on demand
+  under a path named by the task's content (never rewritten in place), and the cleanup
+  that bounds those folders' disk use.
+* :mod:`vlora.serving.vllm_plugin`: the LoRA resolver vLLM loads through the
+  ``vllm.general_plugins`` entry point; inert unless ``VLORA_SUBSPACE`` is set.
+* :mod:`vlora.serving.refresh`: the watcher of ``vlora serve`` that unloads names whose task
+  changed in a new generation of the subspace.
+* :mod:`vlora.serving.vllm_driver`: runs adapter folders through vLLM's offline engine
+  (used by the tests; run with the vLLM environment's python).
+
+Nothing here imports vLLM at module level: vlora's own environment does not have it.
+"""
