@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,20 +88,24 @@ def shown(sample: list[str], tail_only: bool, output: list[str]) -> list[str]:
     return output
 
 
-def examples_env(text: str) -> dict[str, str]:
-    """The environment the console blocks run in: ``E`` as the README's line sets it."""
+def examples_env(text: str, cwd: Path) -> dict[str, str]:
+    """The environment the console blocks run in: ``E``, a copy in ``cwd`` of the folder the
+    README's line names. A subspace's manifest records where each adapter was read from, so
+    the bytes on disk that the samples show depend on that path's length: a copy under the
+    temporary directory has the same path length on every machine (with ``/tmp``)."""
     setter = re.search(r"`(E=\$\(.*?\))`", text)
     assert setter, "README.md no longer says how to set E"
     env = {**os.environ, "COLUMNS": COLUMNS, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     value = subprocess.run(["bash", "-c", f'{setter.group(1)} && printf %s "$E"'], env=env,
                            capture_output=True, text=True, check=True).stdout
     assert value and Path(value).is_dir(), f"{setter.group(1)} gave {value!r}"
-    return {**env, "E": value}
+    shutil.copytree(value, cwd / "E")
+    return {**env, "E": str(cwd / "E")}
 
 
 def run_console(text: str, cwd: Path) -> list[tuple[Command, int, list[str]]]:
     """Every console command of ``text`` in order: ``(command, exit code, output lines)``."""
-    env = examples_env(text)
+    env = examples_env(text, cwd)
     results = []
     for _, body in blocks(text, "console"):
         for cmd in commands(body):
@@ -150,9 +155,11 @@ def test_python_block_runs(start, body, tmp_path, monkeypatch):
     exec(code, {"__name__": "__readme__"})
 
 
-def test_console_blocks_print_what_the_readme_shows(tmp_path):
+def test_console_blocks_print_what_the_readme_shows():
     problems = []
-    for cmd, code, lines in run_console(TEXT, tmp_path):
+    with tempfile.TemporaryDirectory() as tmp:  # the path length --update had (see examples_env)
+        results = run_console(TEXT, Path(tmp))
+    for cmd, code, lines in results:
         real = {normalize(line) for line in lines}
         missing = [line for line in cmd.sample
                    if line.strip() not in ("", "...") and normalize(line) not in real]
