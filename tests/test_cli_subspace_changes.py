@@ -161,3 +161,17 @@ def test_export_json_names_each_folder_and_what_it_left_out(adapters, tmp_path):
     assert set(out["exported"]) == {"task0", "task1"}
     for row in out["exported"].values():
         assert load_adapter(row["folder"]).layer_names and row["left_out"] == []
+
+
+def test_info_of_a_subspace_with_no_task_left(adapters, tmp_path):
+    # Every task removed: no LoRA bytes to compare with, and info died on a raw
+    # ZeroDivisionError (1 / a ratio of 0) instead of showing the bases.
+    sub = tmp_path / "s"
+    run("compress", *adapters[:2], "-o", sub)
+    run("remove", sub, "task0", "task1")
+    result = CliRunner().invoke(cli, ["info", str(sub)])
+    assert result.exit_code == 0, result.output
+    assert "0 tasks" in result.output and "larger" not in result.output
+    result = CliRunner().invoke(cli, ["export", str(sub), "--all", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no tasks to export" in result.output  # not "pass --all"
+    assert not (tmp_path / "x").exists()

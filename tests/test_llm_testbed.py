@@ -120,6 +120,27 @@ def test_base_is_cached_and_an_interrupted_write_is_redone(root, gguf, tmp_path)
         (root / "base" / "model.safetensors").stat().st_size
 
 
+def test_base_built_meanwhile_by_another_process_is_not_rebuilt(root, gguf, tmp_path):
+    """Two builders of one root (a benchmark and the tests): the second waits for the
+    first's lock, then finds its base, instead of writing the same temporary folder."""
+    import shutil
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    got = []
+    with FileLock(str(tmp_path / ".build.lock")):  # another builder, writing the base
+        waiter = threading.Thread(target=lambda: got.append(llm.ensure_base(tmp_path, loaded=gguf)))
+        waiter.start()
+        time.sleep(1)
+        shutil.copytree(root / "base", tmp_path / "base")
+        stamp = (tmp_path / "base" / llm.BASE_STAMP).stat().st_mtime_ns
+    waiter.join()
+    assert got == [tmp_path / "base"]
+    assert (tmp_path / "base" / llm.BASE_STAMP).stat().st_mtime_ns == stamp  # not rebuilt
+
+
 def test_build_resumes_where_it_stopped(root, bed):
     d0, d1 = _dirs(root)
     assert (d0 / llm.META).stat().st_mtime_ns == bed["stamp"]  # not retrained
@@ -127,6 +148,31 @@ def test_build_resumes_where_it_stopped(root, bed):
     assert not list((root / "one-seed").glob(".*.tmp"))
     admitted = [d for d in _dirs(root) if json.loads((d / llm.META).read_text())["admitted"]]
     assert bed["regimes"].get("one-seed", []) == admitted
+
+
+def test_adapter_trained_meanwhile_by_another_build_is_reused(root, bed):
+    """A second build of one root waits for the adapter another build is training, then
+    reuses it instead of training it again into the same temporary folder."""
+    import shutil
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    item = Planned("second-build", TINY_PLAN[0].task, 0)
+    final = root / item.regime / item.name
+    final.parent.mkdir()
+    got = []
+    with FileLock(str(final.parent / f".{item.name}.lock")):  # the other build, training
+        waiter = threading.Thread(target=lambda: got.append(llm.build_llm_testbed(
+            root, [item], progress=False, threads=1, **TINY)))
+        waiter.start()
+        time.sleep(1)
+        shutil.copytree(_dirs(root)[0], final)
+        stamp = (final / llm.META).stat().st_mtime_ns
+    waiter.join()
+    assert (final / llm.META).stat().st_mtime_ns == stamp  # not trained again
+    assert got and got[0].get("second-build", [final]) == [final]
 
 
 def test_metadata_records_losses_blocks_and_prompts(root, bed):

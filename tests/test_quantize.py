@@ -1,6 +1,7 @@
 """Quantized bases and coordinates: really stored small, errors exact against what is stored."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from synthetic import MODULES, dense_error, planted, regauge, saved
 from vlora import SharedSubspace
 from vlora.errors import SubspaceError
 from vlora.quantize import dct_matrix, dequantize, pack, quantize, unpack
+from vlora.task import TaskProjection
 
 
 @pytest.mark.parametrize("bits,method,tol", [(8, "symmetric", 1 / 254), (6, "symmetric", 1 / 62),
@@ -174,3 +176,47 @@ def test_coverage_is_the_energy_the_reconstruction_holds_on_quantized_bases():
     kept = sum(float(recon.delta_weight(m).square().sum()) for m in MODULES)
     total = sum(float(ads[0].delta_weight(m).double().square().sum()) for m in MODULES)
     assert sub.task_coverage(t) == pytest.approx(kept / total, rel=1e-6)
+
+
+def test_an_exact_float_task_added_to_quantized_coordinates_is_rounded_like_the_others(tmp_path):
+    # SubspaceTrainer.write_back (no expansion) stores its trained coordinates as they are:
+    # a float task in a subspace that quantizes coordinates undid the format for it
+    # (stored, and counted, at 32 bits) with nothing said.
+    sub = SharedSubspace.from_adapters(planted(4, noise=0.1, seed=8), num_components=4)
+    sub.quantize(6, coordinates=True)
+    g = torch.Generator().manual_seed(0)
+    cb = {m: torch.randn(b.k_out, 2, generator=g) for m, b in sub.modules.items()}
+    ca = {m: torch.randn(b.k_in, 2, generator=g) for m, b in sub.modules.items()}
+    exact = {m: (b.U.double() @ cb[m].double()) @ (b.V.double() @ ca[m].double()).T
+             for m, b in sub.modules.items()}
+    norm = {m: float(x.square().sum()) for m, x in exact.items()}
+    sub.add_task(TaskProjection("trained", cb, ca, norm, {m: 0.0 for m in norm},
+                                {m: torch.linalg.svdvals(x)[:2] for m, x in exact.items()}, 1.0))
+    t = sub.get_task("trained")
+    assert t.quant is not None and set(t.quant) == {f"{m}::{s}" for m in MODULES for s in "BA"}
+    recon = sub.reconstruct("trained", torch.float64)
+    lost = sum(float((exact[m] - recon.delta_weight(m)).square().sum()) for m in MODULES)
+    assert t.error > 0 and not t.error_is_bound  # exact: the original is the float task
+    assert t.error == pytest.approx(math.sqrt(lost / sum(norm.values())), rel=1e-4)
+    sub.save(tmp_path / "q")
+    loaded = SharedSubspace.load(tmp_path / "q").get_task("trained")
+    assert loaded.quant is not None and loaded.error == t.error
+
+
+def test_quantized_coordinates_on_a_basis_that_stays_are_not_rounded_again():
+    # Since absorbs keep the format, every absorb re-rounded every task's coordinates,
+    # even in modules whose bases did not move: three absorbs of a zero adapter moved the
+    # old tasks by 4-6% each and raised their errors by 20-30%.
+    sub = SharedSubspace.from_adapters(planted(5, noise=0.05, seed=3)[:4], num_components=4)
+    sub.quantize(4, coordinates=True)
+    cores = {t: {m: sub.core(t, m).clone() for m in sub.modules} for t in sub.tasks}
+    errors = {t: sub.get_task(t).error for t in sub.tasks}
+    zero = planted(5, noise=0.05, seed=3)[4]
+    zero.lora_b = {m: torch.zeros_like(b) for m, b in zero.lora_b.items()}
+    for i in range(3):  # weight 0: every basis is kept
+        assert max(r.drift for r in sub.absorb_incremental(zero, f"zero{i}").values()) < 1e-6
+    for t in cores:
+        assert sub.get_task(t).error == pytest.approx(errors[t], rel=1e-6)
+        assert sub.get_task(t).quant is not None
+        for m in sub.modules:
+            assert torch.equal(sub.core(t, m), cores[t][m])

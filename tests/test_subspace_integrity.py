@@ -14,7 +14,7 @@ from synthetic import MODULES, dense_error, planted, saved
 from vlora import SharedSubspace, load_adapter, save_adapter
 from vlora.compress import compress
 from vlora.errors import IncompatibleAdaptersError, SubspaceError
-from vlora.stats import directory_bytes, stored_bytes
+from vlora.stats import directory_bytes, growth_headroom, stored_bytes
 from vlora.storage import LOCK, MANIFEST, lock
 from vlora.task import TaskProjection
 
@@ -168,3 +168,31 @@ def test_the_format_of_a_file_written_before_it_was_recorded_is_read_from_its_te
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(SubspaceError, match="disagrees with its tensors"):
         SharedSubspace.load(tmp_path / "s")
+
+
+@pytest.mark.parametrize("bits", [None, 6])
+def test_growth_within_the_headroom_keeps_the_compression_ratio(tmp_path, bits):
+    # A direction's coordinates were priced at bits/8 per number, but a quantized tensor
+    # is padded to whole blocks: (16, 4) coordinates grown to (17, 4) take a second block.
+    # `add --incremental` (grow auto) took a 6-bit subspace from 3.27x to 2.82x while
+    # saying the compression ratio holds.
+    paths = saved(planted(5, noise=0.2, seed=1, d_out=64, d_in=48), tmp_path)
+    sub = compress(paths[:4], ratio=3, bits=bits)
+    ratio, ks = sub.compression_stats()["compression_ratio"], sum(b.k_out for b in sub.modules.values())
+    sub.absorb_incremental(paths[4], "new", grow_bytes=growth_headroom(sub, sub.project(paths[4], "new")))
+    assert sum(b.k_out for b in sub.modules.values()) > ks  # it grew, within the bytes
+    assert sub.compression_stats()["compression_ratio"] >= ratio * (1 - 1e-12)
+
+
+def test_a_file_with_dropped_modules_is_refused_by_older_readers(tmp_path):
+    # An older vlora ignores dropped_sq and would report the errors of the kept modules
+    # alone; only such files are version 4, so older versions read the others.
+    with pytest.warns(UserWarning, match="skipping"):
+        sub = SharedSubspace.from_adapters(_mixed(tmp_path), missing_modules="skip")
+    sub.save(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["format_version"] == 4
+    assert SharedSubspace.load(tmp_path / "s").task_error("m0") == sub.task_error("m0") > 0
+    for t in ("m0", "m1"):  # the tasks that lost a module
+        sub.remove_task(t)
+    sub.save(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["format_version"] == 2

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -364,6 +365,110 @@ def test_task_folders_follow_content(tmp_path):
     assert f0.is_dir() and new1.is_dir()
 
 
+def test_collect_removes_only_the_exports_it_wrote(tmp_path):
+    """``--cache`` may name a folder that holds other things: collect() removes only the
+    task folders and temporary folders materialize() writes, however old the rest is."""
+    from synthetic import planted
+    from vlora.serving.materialize import collect
+    from vlora.serving.vllm_plugin import SubspaceCache
+
+    SharedSubspace.from_adapters(planted(1, seed=4), task_ids=["t0"]).save(tmp_path / "sub")
+    cache = tmp_path / "cache"
+    export = SubspaceCache(tmp_path / "sub", cache).materialize("t0")
+    mine = [cache / "my-adapter", cache / ".tmp-mine", cache / "t0-notes"]
+    for d in mine:
+        d.mkdir()
+        (d / "adapter_config.json").write_text("{}")
+    crashed = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))  # a resolver killed mid-write
+    old = time.time() - 2 * 3600
+    for d in (export, crashed, *mine):
+        os.utime(d, (old, old))
+    assert sorted(collect(cache, set(), grace_s=0)) == sorted([export, crashed])
+    assert all((d / "adapter_config.json").is_file() for d in mine)
+
+
+def test_a_folder_resolved_while_collect_removes_it_is_whole(tmp_path, monkeypatch):
+    """materialize() of a folder collect() has found unused and is about to remove:
+    the folder returned exists and is whole (written again if collect got it first)."""
+    import shutil
+
+    from synthetic import planted
+    from vlora.serving import materialize as mat
+    from vlora.serving.vllm_plugin import SubspaceCache
+
+    SharedSubspace.from_adapters(planted(1, seed=4), task_ids=["t0"]).save(tmp_path / "sub")
+    cache = SubspaceCache(tmp_path / "sub", tmp_path / "cache")
+    folder = cache.materialize("t0")
+    old = time.time() - 3600
+    os.utime(folder, (old, old))
+    rmtree, got = shutil.rmtree, []
+
+    def rmtree_after_a_resolve(path, *args, **kwargs):
+        if Path(path) == folder and not got:  # collect's decision is made: a request comes
+            resolver = threading.Thread(target=lambda: got.append(cache.materialize("t0")))
+            resolver.start()
+            resolver.join(timeout=2)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(mat.shutil, "rmtree", rmtree_after_a_resolve)
+    mat.collect(tmp_path / "cache", set(), grace_s=120)
+    deadline = time.monotonic() + 60
+    while not got:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert got == [folder] and (folder / "adapter_config.json").is_file()
+
+
+class _FakeServer:
+    """vLLM's ``/v1/models`` and ``/v1/unload_lora_adapter`` for a :class:`Refresher`:
+    ``held`` is ``{name: folder}``."""
+
+    def __init__(self, held: dict[str, Path]):
+        self.held, self.unloaded = dict(held), []
+
+    def __call__(self, path: str, body: dict | None = None):
+        if path == "/v1/models":
+            return {"data": [{"id": "base", "root": "base", "parent": None}] + [
+                {"id": n, "root": str(p), "parent": "base"} for n, p in self.held.items()]}
+        assert path == "/v1/unload_lora_adapter"
+        del self.held[body["lora_name"]]
+        self.unloaded.append(body["lora_name"])
+        return "ok"
+
+
+def test_refresher_keeps_an_unloaded_folder_for_its_grace(tmp_path):
+    """A name unloaded (beyond the cap, or replaced in a new generation) keeps its folder
+    for ``grace_s`` after the unload, however long ago it was resolved (requests queued
+    for it may still read it); then the folder is removed."""
+    from synthetic import planted
+    from vlora.serving.refresh import Refresher
+    from vlora.serving.vllm_plugin import SubspaceCache
+
+    adapters = planted(3, seed=5)
+    sub = SharedSubspace.from_adapters(adapters[:2], task_ids=["t0", "t1"])
+    sub.save(tmp_path / "sub")
+    cache = SubspaceCache(tmp_path / "sub", tmp_path / "cache")
+    folders = {t: cache.materialize(t) for t in ("t0", "t1")}
+    hour_ago = time.time() - 3600
+    os.utime(folders["t0"], (hour_ago, hour_ago))  # resolved long ago, t1 a minute ago
+    os.utime(folders["t1"], (hour_ago + 3540, hour_ago + 3540))
+    server = _FakeServer(folders)
+    refresher = Refresher("http://x", tmp_path / "sub", tmp_path / "cache", max_folders=1, grace_s=120)
+    refresher._call = server
+    assert refresher.step() == ["t0"] and server.unloaded == ["t0"]
+    assert folders["t0"].is_dir() and folders["t1"].is_dir()  # t0 within its grace
+    os.utime(folders["t0"], (hour_ago, hour_ago))  # its grace has passed
+    assert refresher.step() == [] and not folders["t0"].exists() and folders["t1"].is_dir()
+
+    sub.add_task(sub.project(adapters[2], "t1"), replace=True)  # a new generation
+    sub.save(tmp_path / "sub")
+    os.utime(folders["t1"], (hour_ago, hour_ago))
+    assert refresher.step() == ["t1"] and folders["t1"].is_dir()  # stale, within its grace
+    os.utime(folders["t1"], (hour_ago, hour_ago))
+    refresher.step()
+    assert not folders["t1"].exists()
+
+
 def test_task_with_heads_is_not_served(tmp_path):
     """vLLM refuses modules_to_save, and an export without the heads would be another
     model: such a task is refused with the reason, not served without them."""
@@ -398,6 +503,9 @@ def test_serve_options(tmp_path, monkeypatch):
     assert value["--max-lora-rank"] == "8" and value["--dtype"] == "float32"
     assert "--max-loras=2" in args and "--max-loras" not in value
     assert value["--max-cpu-loras"] == "3"
+    from vlora.errors import VLoRAError
+    with pytest.raises(VLoRAError, match="--max-loras"):
+        server_args(sub, "m", ["--max-loras", "eight"])
     sub.save(tmp_path / "sub")
     monkeypatch.setenv("VLORA_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
     r = CliRunner().invoke(cli, ["serve", str(tmp_path / "sub"), "--model", "m"])

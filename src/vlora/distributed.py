@@ -31,9 +31,9 @@ mid-task is replaced and its task run again by Ray (``max_retries``); tasks are
 deterministic, so the result is unchanged.
 
 A byte budget or ratio runs :func:`vlora.compress.compress`'s search over fits on top of
-rounds 1-2: each fit chooses ks from the sketch spectra (so ``num_components`` caps them),
-and repeats rounds 3-4 only (no adapter is read again, except to quantize the one kept
-with exact errors).
+rounds 1-2: each fit chooses ks from the sketch spectra (so ``num_components + oversample``
+caps them), and repeats rounds 3-4 only (no adapter is read again, except to quantize the
+one kept with exact errors).
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def from_adapters_distributed(cls: type[SharedSubspace], paths: Sequence[str | o
         paths: adapter folders or fsspec URLs of one base model (every one with the same modules).
         task_ids: unique ids (default: the last part of each path).
         num_components: the largest k per module and side (int or ``(k_out, k_in)``;
-            default 16, and 64 with a budget or ratio, whose ks it caps).
+            default 16); with a budget or ratio (default 64) the ks may reach
+            ``num_components + oversample``, every direction the sketches hold.
         variance_threshold: optionally a smaller k keeping this share of the tracked energy.
         oversample: extra directions every sketch keeps: the bases are refined inside the
             sketches' ``k + oversample`` directions.

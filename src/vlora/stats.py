@@ -77,14 +77,21 @@ def task_stored_bytes(t: TaskProjection) -> int:
     return sum(_coord_bytes(t, m) + _spectrum_bytes(t, m) for m in t.modules)
 
 
-def direction_bytes(sub: SharedSubspace, m: str, d: int, tasks: list[TaskProjection]) -> float:
-    """About what one more direction of length ``d`` on one side of module ``m`` stores:
-    its basis column, its Gram entry (float64), and a coordinate row of every task in
-    ``tasks`` (one number per rank), each number as ``sub`` stores it."""
+def side_bytes(sub: SharedSubspace, d: int, k: int, ranks: list[int]) -> int:
+    """What one side of a module stores at ``k`` directions of length ``d``: its basis
+    ``(d, k)``, its Gram's diagonal (k float64) and each task's ``(k, r)`` coordinates for
+    ``r`` in ``ranks``, each tensor as ``sub`` stores it (a quantized one in whole blocks:
+    a direction more may take a block more, or nothing but its Gram entry)."""
     q = sub.quantization
-    per_number = q["bits"] / 8 + 4 / q["block"] if q else BYTES
-    coords = q["bits"] / 8 + 4 / q["block"] if q and q["coordinates"] else BYTES
-    return d * per_number + 8 + coords * sum(t.coords_b[m].shape[1] for t in tasks)
+
+    def tensor(n: int, quantized: bool) -> int:
+        if not quantized:
+            return BYTES * n
+        blocks = -(-n // q["block"])
+        return blocks * (q["block"] * q["bits"] // 8 + 4)
+
+    return (tensor(d * k, q is not None) + 8 * k
+            + sum(tensor(k * r, bool(q and q["coordinates"])) for r in ranks))
 
 
 def lora_bytes(sub: SharedSubspace, t: TaskProjection) -> int:

@@ -37,10 +37,10 @@ if TYPE_CHECKING:
     from vlora.subspace import SharedSubspace
 
 FORMAT = "vlora-subspace"
-# 2: a diagonal Gram is stored as its diagonal; 3: quantized tensors may name a transform
-# (written only where one does)
-FORMAT_VERSION = 3
-READS = (1, 2, 3)
+# 2: a diagonal Gram is stored as its diagonal; 3: quantized tensors may name a transform;
+# 4: tasks may name dropped modules (dropped_sq). 3 and 4 are written only where needed
+FORMAT_VERSION = 4
+READS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 LOCK = ".vlora.lock"
 # Each task's original singular values feed only the reports' baselines (per-adapter SVD
@@ -191,7 +191,9 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = Fa
                 fsync_write(path / name, blob)
                 files[kind] = {"name": name, "sha256": _sha(blob), "bytes": len(blob)}
             fsync_dir(path)
-            version = FORMAT_VERSION if _uses_transforms(module_quant, metas) else 2
+            # the oldest version that reads it all: older vlora versions read the rest
+            version = (FORMAT_VERSION if any(m["dropped_sq"] for m in metas) else
+                       3 if _uses_transforms(module_quant, metas) else 2)
             manifest = {
                 "format": FORMAT, "format_version": version, "generation": gen,
                 "base_model": sub.base_model, "weighting": sub.weighting,

@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import math
 import os
 import warnings
@@ -364,7 +366,9 @@ class SharedSubspace:
                 f"task {task_id!r}: modules not in the subspace: {extra[:5]}")
 
     def add_task(self, projection: TaskProjection, replace: bool = False) -> None:
-        """Store a projection (from :meth:`project`) as a task."""
+        """Store a projection (from :meth:`project`) as a task. Where this subspace stores
+        quantized coordinates, float ones (``SubspaceTrainer.write_back``'s) are rounded
+        as it stores them, the rounding counted in the task's error."""
         from vlora.storage import validate_task_id
         validate_task_id(projection.task_id)
         if projection.task_id in self._tasks and not replace:
@@ -374,9 +378,29 @@ class SharedSubspace:
             if cb is None or ca is None or cb.shape[0] != basis.k_out or ca.shape[0] != basis.k_in:
                 raise SubspaceError(f"task {projection.task_id!r}: coordinates of module {m} "
                                     "do not match the subspace (projected on other bases?)")
+        cq = self._coord_quant()
+        if cq is not None and not all(_coded(projection, m, cq) for m in self.modules):
+            projection = self._rounded(projection, cq)  # float (write_back's), or other codes
         if projection.task_id in self._tasks:  # replaced: its old energy leaves the Grams
             self._forget(self._tasks[projection.task_id])
         self._tasks[projection.task_id] = projection
+
+    def _rounded(self, t: TaskProjection, coord_quant: tuple[int, str, int]) -> TaskProjection:
+        """``t`` with its coordinates rounded as this subspace stores them. The rounding's
+        ``||U (C - C') V^T||^2`` (through the Grams) joins each module's residual: exactly
+        for an exact task (residual 0, as a trained one), else as a bound."""
+        cb, ca, res, quant = {}, {}, {}, {}
+        for m, basis in self.modules.items():
+            lb, la = t.coords_b[m].to(F64), t.coords_a[m].to(F64)
+            cb[m], ca[m], quant[f"{m}::B"], quant[f"{m}::A"] = quantize_coords(
+                lb, la, coord_quant, basis.U.dtype)
+            d = lb @ la.T - cb[m].to(F64) @ ca[m].to(F64).T
+            moved = max(linalg.inner_in_bases(d, d, *self.grams(m)), 0.0)
+            res[m] = (math.sqrt(t.residual_sq[m]) + math.sqrt(moved)) ** 2
+        bound = t.error_is_bound or any(t.residual_sq[m] > 0 and res[m] > t.residual_sq[m]
+                                        for m in self.modules)
+        return dataclasses.replace(t, coords_b=cb, coords_a=ca, residual_sq=res,
+                                   error_is_bound=bound, quant=quant)
 
     def remove_task(self, task_id: str) -> TaskProjection:
         """Remove a task, and its energy from the diagonal of the bases' Grams (which weight
@@ -490,8 +514,8 @@ class SharedSubspace:
 
         ``grow`` lets k grow by the new adapter's rank instead of truncating back to k.
         ``grow_bytes`` lets k grow, by at most that rank, where the new directions keep the
-        most energy per stored byte, until about ``grow_bytes`` more bytes are stored than
-        without growth (:func:`vlora.stats.direction_bytes`); 0 keeps k.
+        most energy per stored byte, while at most ``grow_bytes`` more bytes are stored than
+        without growth (:func:`vlora.stats.side_bytes`); 0 keeps k.
         """
         if grow and grow_bytes is not None:
             raise ValueError("grow and grow_bytes exclude each other")
@@ -535,16 +559,28 @@ class SharedSubspace:
     def _growth(self, grown: dict[str, tuple[torch.Tensor, ...]], new: TaskProjection,
                 grow_bytes: float) -> dict[tuple[str, str], int]:
         """Extra directions per ``(module, "out" | "in")`` of the grown bases ``grown``
-        (each at k + r, energies on their Grams' diagonals): the most energy kept per byte
-        within ``grow_bytes``."""
+        (each at k + r, energies on their Grams' diagonals): greedily the most energy kept
+        per byte, each direction at what it adds to the stored bytes
+        (:func:`vlora.stats.side_bytes`), within ``grow_bytes``."""
         tasks = [*self._tasks.values(), new]
-        gains, costs = {}, {}
+        steps = {}  # (module, side) -> (energies, bytes) of each next direction
         for m, (_, gu, _, gv) in grown.items():
-            b = self.modules[m]
+            b, ranks = self.modules[m], [t.coords_b[m].shape[1] for t in tasks]
             for side, k, d, g in (("out", b.k_out, b.d_out, gu), ("in", b.k_in, b.d_in, gv)):
-                gains[m, side] = torch.diagonal(g)[k:]
-                costs[m, side] = stats.direction_bytes(self, m, d, tasks)
-        return linalg.allocate_budget(gains, costs, grow_bytes, minimum=0)
+                size = [stats.side_bytes(self, d, j, ranks) for j in range(k, g.shape[0] + 1)]
+                steps[m, side] = (torch.diagonal(g)[k:], [y - x for x, y in zip(size, size[1:])])
+        extra, spent = dict.fromkeys(steps, 0), 0.0
+        heap = [(-float(g[0]) / c[0], i, key) for i, (key, (g, c)) in enumerate(steps.items()) if c]
+        heapq.heapify(heap)
+        while heap:
+            _, i, key = heapq.heappop(heap)
+            (g, c), j = steps[key], extra[key]
+            if spent + c[j] > grow_bytes:
+                continue
+            spent, extra[key] = spent + c[j], j + 1
+            if j + 1 < len(c):
+                heapq.heappush(heap, (-float(g[j + 1]) / c[j + 1], i, key))
+        return extra
 
     def quantize(self, bits: int = 8, method: str = "symmetric", coordinates: bool = False,
                  block: int = 64, exact_errors: bool = True) -> dict[str, AbsorbReport]:
@@ -587,7 +623,11 @@ class SharedSubspace:
                 new = new_modules[m]
                 cb = maps[m][0] @ t.coords_b[m].to(F64)
                 ca = maps[m][1] @ t.coords_a[m].to(F64)
-                if coord_quant is not None:
+                if new is old and coord_quant is not None and _coded(t, m, coord_quant):
+                    # on a basis kept as it is, rounding them again would only add noise
+                    nb[m], na[m] = t.coords_b[m], t.coords_a[m]
+                    quant[f"{m}::B"], quant[f"{m}::A"] = t.quant[f"{m}::B"], t.quant[f"{m}::A"]
+                elif coord_quant is not None:
                     nb[m], na[m], quant[f"{m}::B"], quant[f"{m}::A"] = quantize_coords(
                         cb, ca, coord_quant, old.U.dtype)
                 else:
@@ -659,6 +699,13 @@ class SharedSubspace:
         ks = [(b.k_out, b.k_in) for b in self.modules.values()]
         return (f"SharedSubspace({len(self.modules)} modules, {len(self._tasks)} tasks, "
                 f"k_out/k_in {min(ks, default=(0, 0))}..{max(ks, default=(0, 0))})")
+
+
+def _coded(t: TaskProjection, m: str, coord_quant: tuple[int, str, int]) -> bool:
+    """Whether ``t`` stores module ``m``'s coordinates as codes of ``(bits, method, block)``."""
+    codes = t.quant or {}
+    return all(k in codes and (codes[k].bits, codes[k].method, codes[k].block) == coord_quant
+               for k in (f"{m}::B", f"{m}::A"))
 
 
 def _quantized(modules: dict[str, ModuleBasis], quantization: dict[str, Any]

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from vlora.cli.common import QUIET, console, human_bytes, print_json, progress_enabled
+from vlora.cli.common import JSON, QUIET, console, human_bytes, print_json, progress_enabled
 from vlora.cli.subspace_cmds import print_summary, summary
 from vlora.examples import example_adapter_dirs
 from vlora.io import save_adapter
@@ -29,7 +29,7 @@ def _can_score() -> bool:
 @click.option("--no-accuracy", is_flag=True, help="Skip re-scoring exported adapters on their eval sets.")
 @click.option("--limit", type=int, default=200, show_default=True, help="Eval examples per task.")
 @QUIET
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@JSON
 def demo(output, num_components, no_accuracy, limit, quiet, as_json):
     """Compress the real example adapters shipped with vlora and show what was kept.
 

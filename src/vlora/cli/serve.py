@@ -67,7 +67,10 @@ def server_args(sub: SharedSubspace, model: str, args: list[str]) -> list[str]:
                          f"{VLLM_MAX_LORA_RANKS}: export it at a lower rank first")
     n = max(len(sub.tasks), 1)
     out = ["--model", model, *args]
-    max_loras = int(_given(args, "--max-loras") or min(n, 8))
+    given = _given(args, "--max-loras")
+    if given and not given.isdigit():  # read here (it sizes --max-cpu-loras), before vLLM can refuse it
+        raise VLoRAError(f"--max-loras {given!r}: not a positive integer")
+    max_loras = int(given or min(n, 8))
     if _given(args, "--enable-lora") is None:
         out.append("--enable-lora")
     defaults = {"--max-lora-rank": str(fits[0]) if fits else None, "--max-loras": str(max_loras),

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from vlora import linalg
 from vlora.cli.common import (
+    JSON,
     QUIET,
     check_adapter_output,
     console,
@@ -30,8 +31,6 @@ from vlora.io import adapter_disk_bytes, load_adapter, save_adapter
 from vlora.stats import directory_bytes, growth_headroom, stored_bytes, task_stored_bytes
 from vlora.storage import MANIFEST, lock
 from vlora.subspace import SharedSubspace
-
-JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
 def summary(sub: SharedSubspace, path: str | Path | None = None) -> dict:
@@ -96,14 +95,16 @@ def print_summary(sub: SharedSubspace, data: dict, quiet: bool) -> None:
                   f"{', '.join(modules[:3])}{', ...' if len(modules) > 3 else ''}")
     larger = [f"{what} {x:.2f}x" for what, x in (("LoRA bytes", data["compression_ratio"]),
                                                   ("whole folder", data["disk_ratio"]))
-              if x is not None and x < 1]
+              if x is not None and 0 < x < 1]  # 0: no task holds LoRA bytes
     if larger:
         warnings.warn(f"the subspace is larger than its inputs ({', '.join(larger)}): choose a "
                       "smaller k, --variance-threshold, --ratio or --budget", UserWarning, stacklevel=2)
 
 
 def _times(ratio: float) -> str:
-    """``4.00x smaller``, or ``1.05x larger`` for a ratio below 1."""
+    """``4.00x smaller``, or ``1.05x larger`` for a ratio below 1 (0: no LoRA bytes in)."""
+    if ratio == 0:
+        return "no ratio (no task holds LoRA weights)"
     return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
@@ -275,7 +276,8 @@ def export(subspace, tasks, output, all_tasks, rank, dtype, vllm, force, quiet, 
     sub = _load(subspace)
     names = sub.tasks if all_tasks else list(tasks)
     if not names:
-        raise click.UsageError("name at least one task, or pass --all")
+        raise (SubspaceError(f"{subspace}: no tasks to export") if all_tasks else
+               click.UsageError("name at least one task, or pass --all"))
     folders = _folder_names(names)
     targets = {t: Path(output) / folders[t] if len(names) > 1 or all_tasks else Path(output)
                for t in names}

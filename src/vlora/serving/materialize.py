@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from vlora.errors import SubspaceError
 from vlora.io import save_adapter
@@ -33,6 +34,9 @@ CACHE_ENV = "VLORA_SERVE_CACHE"
 _EXPORT_VERSION = "vllm-export-1"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _TMP_PREFIX = ".tmp-"
+# what materialize() names its folders (TaskKeys.folder; tempfile.mkdtemp's 8 characters):
+# collect() removes nothing else, whatever else the cache folder holds
+_OURS = re.compile(r"[A-Za-z0-9._-]{0,40}-[0-9a-f]{24}|" + re.escape(_TMP_PREFIX) + r"[a-z0-9_]{8}")
 
 
 def default_cache(subspace_dir: str | os.PathLike) -> Path:
@@ -96,43 +100,54 @@ def materialize(keys: TaskKeys, task_id: str, cache: str | os.PathLike) -> Path:
         raise SubspaceError(f"task {task_id!r} has non-LoRA tensors vLLM cannot load "
                             f"(modules_to_save: {heads[:3]}); it is not served")
     folder = keys.folder(Path(cache), task_id)
-    try:
-        os.utime(folder)  # first: from now on collect() leaves it alone
-        return folder
-    except FileNotFoundError:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=_TMP_PREFIX))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(folder.parent):  # not between collect()'s look at the folder and its removal
         try:
-            save_adapter(keys.sub.reconstruct(task_id), tmp / "a", for_vllm=True)
-            os.utime(tmp / "a")  # its grace in collect() starts now, not when writing began
-            try:
-                os.rename(tmp / "a", folder)
-            except OSError:
-                if not folder.is_dir():  # not another resolver's identical folder
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            os.utime(folder)  # from now on collect() leaves it alone
+            return folder
+        except FileNotFoundError:
+            pass
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=_TMP_PREFIX))
+    try:
+        save_adapter(keys.sub.reconstruct(task_id), tmp / "a", for_vllm=True)
+        os.utime(tmp / "a")  # its grace in collect() starts now, not when writing began
+        try:
+            os.rename(tmp / "a", folder)
+        except OSError:
+            if not folder.is_dir():  # not another resolver's identical folder
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _lock(cache: Path) -> FileLock:
+    """What materialize() (in vLLM's server) and collect() (in ``vlora serve``) take in turn."""
+    return FileLock(str(cache / ".lock"))
 
 
 def collect(cache: str | os.PathLike, registered: set[str], grace_s: float = 120.0
             ) -> list[Path]:
-    """Remove the folders under ``cache`` that no registered adapter path names and that
-    were neither made nor resolved in the last ``grace_s`` seconds (requests already
-    queued for an unloaded name may still read theirs). Returns the folders removed."""
+    """Remove the folders :func:`materialize` wrote under ``cache`` that no registered
+    adapter path names and that were neither made nor resolved in the last ``grace_s``
+    seconds (requests already queued for an unloaded name may still read theirs); anything
+    else in ``cache`` is left alone. Returns the folders removed."""
     cache = Path(cache)
     keep = {os.path.realpath(p) for p in registered}
     removed = []
     now = time.time()
     for entry in cache.iterdir() if cache.is_dir() else ():
-        try:
-            # a temp folder may be one a resolver is writing now: only a crash's, an hour old
-            wait = max(grace_s, 3600.0) if entry.name.startswith(_TMP_PREFIX) else grace_s
-            if entry.is_symlink() or not entry.is_dir() or os.path.realpath(entry) in keep \
-                    or now - entry.stat().st_mtime < wait:
-                continue
-        except FileNotFoundError:
+        if not _OURS.fullmatch(entry.name):
             continue
-        shutil.rmtree(entry, ignore_errors=True)
+        with _lock(cache):  # a folder resolved meanwhile is touched before or after, not during
+            try:
+                # a temp folder may be one a resolver is writing now: only a crash's, an hour old
+                wait = max(grace_s, 3600.0) if entry.name.startswith(_TMP_PREFIX) else grace_s
+                if entry.is_symlink() or not entry.is_dir() or os.path.realpath(entry) in keep \
+                        or now - entry.stat().st_mtime < wait:
+                    continue
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed

@@ -14,6 +14,7 @@ then removes the folders no registered name points at (:func:`~vlora.serving.mat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,6 +96,7 @@ class Refresher:
             except urllib.error.HTTPError as e:  # unloaded meanwhile (404): nothing to do
                 if e.code != 404:
                     raise
+            _touch(held[name])  # its grace (requests queued for it) starts at the unload
         kept = {str(p) for n, p in held.items() if n not in unload}
         removed = collect(self.cache, kept, self.grace_s)
         if unload or removed:
@@ -124,6 +126,11 @@ class Refresher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # removed meanwhile: nothing left to keep
+        os.utime(path)
 
 
 def _mtime(path: Path) -> float:

@@ -38,6 +38,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock
+
 from ..errors import AdapterError
 from .llm_data import LM_TASKS, PLAN, task_data
 from .train import _batches, auto_threads
@@ -69,19 +71,33 @@ def _base_ok(folder: Path) -> bool:
 
 def ensure_base(root=None, loaded=None) -> Path:
     """``root/base``: the float32 Hugging Face folder of the base, written if missing, under
-    ``root/.base.tmp`` then renamed (a killed build leaves no half folder). ``loaded``:
+    ``root/.base.tmp`` then renamed (a killed build leaves no half folder), under the lock
+    ``root/.build.lock`` (a second builder waits, then finds it). ``loaded``:
     ``(model, tokenizer)`` from :func:`~vlora.testbed.models.load_smollm2`, not loaded again.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from .models import load_smollm2, smollm2_gguf_path
+    from .models import load_smollm2
 
     root = Path(root) if root else default_root()
     final = root / "base"
     if _base_ok(final):
         return final
-    model, tok = loaded or load_smollm2(torch.float32)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".build.lock")):  # another builder may be writing .base.tmp now
+        if not _base_ok(final):
+            _write_base(root, final, loaded or load_smollm2(torch.float32))
+    return final
+
+
+def _write_base(root: Path, final: Path, loaded) -> None:
+    """:func:`ensure_base`'s write, under its lock."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from .models import smollm2_gguf_path
+
+    model, tok = loaded
     tmp = root / ".base.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -107,7 +123,6 @@ def ensure_base(root=None, loaded=None) -> Path:
     if final.exists():  # an older version: swap it out only once the new one is whole
         shutil.rmtree(final)
     tmp.rename(final)
-    return final
 
 
 def load_tokenizer(base_dir):
@@ -355,7 +370,8 @@ def build_llm_testbed(root=None, plan=None, limit: int | None = None, progress: 
     entries, ``recipe`` overrides :data:`DEFAULTS`. An adapter lives in
     ``root/<regime>/<name>/``, is reused when its ``testbed.json`` has the same
     :func:`recipe_key`, and is trained under ``.<name>.tmp`` then renamed (a killed build
-    resumes with the adapter it was on). Rejected adapters stay cached, unreturned.
+    resumes with the adapter it was on), holding ``.<name>.lock`` (a second build of the
+    same root waits for it, then reuses it). Rejected adapters stay cached, unreturned.
     """
     root = Path(root) if root else default_root()
     base = ensure_base(root)
@@ -365,17 +381,19 @@ def build_llm_testbed(root=None, plan=None, limit: int | None = None, progress: 
         hp.update(lr=hp["lr"] * item.lr_scale, steps=hp["steps"] * item.steps_scale)
         final = root / item.regime / item.name
         key = recipe_key(item.task, item.seed, **hp)
-        try:
-            meta = json.loads((final / META).read_text(encoding="utf-8"))
-            cached = meta.get("recipe") == key
-        except (OSError, ValueError):
-            cached = False
-        if not cached:
-            tmp = final.parent / f".{item.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            meta = train_lm_adapter(item.task, item.seed, tmp, base, threads, **hp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(final.parent / f".{item.name}.lock")):  # one trainer per adapter
+            try:
+                meta = json.loads((final / META).read_text(encoding="utf-8"))
+                cached = meta.get("recipe") == key
+            except (OSError, ValueError):
+                cached = False
+            if not cached:
+                tmp = final.parent / f".{item.name}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                meta = train_lm_adapter(item.task, item.seed, tmp, base, threads, **hp)
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
         if meta["admitted"]:
             out.setdefault(item.regime, []).append(final)
         if progress:
