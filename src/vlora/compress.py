@@ -79,12 +79,19 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
             return sub
         if smallest:  # no smaller fit to try
             break
-        tried.append((factor, stored))
-        guess = 0.995 * budget / stored * factor
-        if len(tried) > 1 and tried[-2][1] > stored:
-            (f0, s0), (f1, s1) = tried[-2:]
-            guess = f1 - (s1 - 0.995 * budget) * (f1 - f0) / (s1 - s0)
-        factor = min(max(guess, 0.5 * factor), 0.98 * factor)  # always down, never past half
+        factor = next_factor(tried, factor, budget, stored)
     raise BudgetError(f"no {bits or 32}-bit fit of {len(items)} adapters lands under {budget:.0f} "
                       f"bytes (closest: {stored} bytes; every module keeps at least one direction)",
                       closest=sub)
+
+
+def next_factor(tried: list[tuple[float, int]], factor: float, budget: float, stored: int) -> float:
+    """The next scale of a float32 budget whose quantized fit stored ``stored`` bytes, over
+    the target ``budget``: along the line through the last two tries (``tried`` gets this
+    one), always down, never past half."""
+    tried.append((factor, stored))
+    guess = 0.995 * budget / stored * factor
+    if len(tried) > 1 and tried[-2][1] > stored:
+        (f0, s0), (f1, s1) = tried[-2:]
+        guess = f1 - (s1 - 0.995 * budget) * (f1 - f0) / (s1 - s0)
+    return min(max(guess, 0.5 * factor), 0.98 * factor)

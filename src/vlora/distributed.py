@@ -52,7 +52,7 @@ import torch
 
 from vlora import linalg
 from vlora.budget import choose_ks, coordinate_numbers, core_ranks
-from vlora.compress import BUDGET_TRIES
+from vlora.compress import BUDGET_TRIES, next_factor
 from vlora.distributed_tasks import (
     Failure,
     ShardInfo,
@@ -383,13 +383,7 @@ class _Run:
                 return sub if bits is None else self.fit(*spec, (bits, method))
             if smallest:  # no smaller fit to try
                 break
-            # compress's step: down along the line through the last two tries, never past half
-            tried.append((factor, stored))
-            guess = 0.995 * budget / stored * factor
-            if len(tried) > 1 and tried[-2][1] > stored:
-                (f0, s0), (f1, s1) = tried[-2:]
-                guess = f1 - (s1 - 0.995 * budget) * (f1 - f0) / (s1 - s0)
-            factor = min(max(guess, 0.5 * factor), 0.98 * factor)
+            factor = next_factor(tried, factor, budget, stored)
         raise BudgetError(f"no {bits or 32}-bit fit of {len(self.counts)} adapters lands under "
                           f"{budget:.0f} bytes (closest: {stored} bytes; every module keeps at least "
                           "one direction)", closest=sub)
