@@ -42,7 +42,7 @@ from filelock import FileLock
 
 from ..errors import AdapterError
 from .llm_data import LM_TASKS, PLAN, task_data
-from .train import _batches, auto_threads
+from .train import auto_threads, run_steps
 
 RECIPE_VERSION = "smollm2-lora-all-v1"
 BASE_VERSION = "smollm2-135m-instruct-f32-v1"
@@ -320,15 +320,9 @@ def train_lm_adapter(task: str, seed: int, out_dir, base_dir, threads: int | Non
             opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
         blocks = torch.tensor(data.train_blocks)
         model.train()
-        t0, losses = time.perf_counter(), []
-        for idx in _batches(len(blocks), min(hp["batch_size"], len(blocks)), steps,
-                            torch.Generator().manual_seed(seed)):
-            loss = model(input_ids=blocks[idx], labels=blocks[idx]).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        t0 = time.perf_counter()
+        losses = run_steps(lambda idx: model(input_ids=blocks[idx], labels=blocks[idx]).loss,
+                           opt, sched, len(blocks), hp["batch_size"], steps, seed)
         train_s = time.perf_counter() - t0
         model.eval()
         nll, top1 = block_stats(model, data.eval_blocks)

@@ -52,6 +52,22 @@ def _batches(n: int, batch_size: int, steps: int, generator):
         pos += batch_size
 
 
+def run_steps(loss_of, opt, sched, n: int, batch_size: int, steps: int, seed: int) -> list[float]:
+    """``steps`` optimiser steps on index batches of ``n`` rows (seeded order); ``loss_of``
+    maps a list of row indices to the batch's loss. Returns every step's loss."""
+    import torch
+
+    losses = []
+    for idx in _batches(n, min(batch_size, n), steps, torch.Generator().manual_seed(seed)):
+        loss = loss_of(idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
 def predict(model, texts, batch_size: int = 64, max_length: int = 64) -> list[int]:
     """Argmax label ids of a (PEFT or plain) classifier on ``texts``, in their order."""
     import torch
@@ -137,18 +153,12 @@ def _train(task, seed, out_dir, steps, r, lora_alpha, target_modules, batch_size
     # and a quiet end so the last batches do not decide the weights.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
-    gen = torch.Generator().manual_seed(seed)
     labels_t = torch.tensor(tr_y)
     model.train()
-    t0, losses = time.perf_counter(), []
-    for idx in _batches(len(tr_x), min(batch_size, len(tr_x)), steps, gen):
-        enc = tokenize([tr_x[i] for i in idx], max_length)
-        loss = torch.nn.functional.cross_entropy(model(**enc).logits, labels_t[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    t0 = time.perf_counter()
+    losses = run_steps(lambda idx: torch.nn.functional.cross_entropy(
+        model(**tokenize([tr_x[i] for i in idx], max_length)).logits, labels_t[idx]),
+        opt, sched, len(tr_x), batch_size, steps, seed)
     train_s = time.perf_counter() - t0
     acc = _accuracy(predict(model, ev_x, max_length=max_length), ev_y)
 
