@@ -28,9 +28,8 @@ import statistics
 import torch
 
 from vlora import LoRAWeights, SharedSubspace, linalg
+from vlora.baseline import svd_quantized
 from vlora.compress import compress, lora_bytes
-from vlora.io import config_for
-from vlora.quantize import dequantize, general_error_sq, quantize
 from vlora.stats import stored_bytes, svd_baseline_error
 
 F64 = torch.float64
@@ -139,42 +138,16 @@ def compare_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float,
     return row
 
 
-def svd_quantized(adapter: LoRAWeights, numbers: float, bits: int) -> tuple[LoRAWeights, float]:
-    """Per-adapter truncated SVD stored as vlora stores coordinates: ranks shared over the
-    modules greedily within ``numbers``, each module's factors put in the rounding gauge
-    and rounded to ``bits`` (blocks of 64). Returns the adapter as it would be loaded (rank
-    padded with zeros, scale 1) and its relative dW error, quantization counted."""
-    shapes = adapter.shapes()
-    can = {m: linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], adapter.scales[m])
-           for m in adapter.layer_names}
-    ranks = linalg.allocate_budget({m: s.square() for m, (_, s, _) in can.items()},
-                                   {m: float(sum(shapes[m])) for m in can}, numbers, minimum=0)
-    a, b, lost, total = {}, {}, 0.0, 0.0
-    for m, (u, s, v) in can.items():
-        q, r = ranks[m], adapter.lora_a[m].shape[0]
-        lb, la = torch.zeros(u.shape[0], r, dtype=F64), torch.zeros(v.shape[0], r, dtype=F64)
-        if q:
-            qb, qa = linalg.rounding_gauge(u[:, :q] * s[:q], v[:, :q])
-            lb[:, :q], la[:, :q] = (dequantize(quantize(x.float(), bits)).to(F64) for x in (qb, qa))
-        lost += general_error_sq(u * s, v, lb, la, torch.eye(r, dtype=F64))
-        total += float(s.square().sum())
-        b[m], a[m] = lb.float(), la.T.contiguous().float()
-    out = LoRAWeights(list(adapter.layer_names), a, b, {m: 1.0 for m in a}, dict(adapter.extra),
-                      dict(adapter.config))
-    out.config = config_for(out)
-    return out, math.sqrt(lost / total) if total > 0 else 0.0
-
-
 def quantized_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float,
                        bits: int = 6) -> tuple[SharedSubspace, dict[str, LoRAWeights], dict]:
     """vlora with bases and coordinates stored in ``bits`` bits, at ``lora_bytes / ratio``
     (:func:`vlora.compress.compress`: the fit's float budget is scaled until the quantized
     subspace lands just under the bytes), and beside it per-adapter SVD at the same bytes,
-    its factors also in ``bits`` bits plus one float32 scale per 64 numbers (its
-    quantization error counted, as vlora's is)."""
+    its factors also in ``bits`` bits plus one float32 scale per 64 numbers and an
+    adapter_config.json (:mod:`vlora.baseline`; its quantization error counted, as vlora's is)."""
     sub = compress(adapters, ids, ratio=ratio, bits=bits)
     stats = sub.compression_stats()
-    svd = {t: svd_quantized(a, stats["svd_numbers_per_task"], bits) for a, t in zip(adapters, ids)}
+    svd = {t: svd_quantized(a, stats["svd_bytes_per_task"], bits)[:2] for a, t in zip(adapters, ids)}
     return sub, {t: x[0] for t, x in svd.items()}, {
         "bits": bits, "ratio": stats["compression_ratio"], "vlora": stats["mean_error"],
         "vlora_max": stats["max_error"], "svd": statistics.mean(x[1] for x in svd.values()),

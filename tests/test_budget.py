@@ -86,7 +86,7 @@ def test_ranks_do_not_depend_on_the_gauge():
 def test_a_budget_fit_stores_the_shared_ranks_and_keeps_them_through_save(tmp_path):
     ads = planted(8, dim=10, noise=0.05)
     ads[0] = concentrated(ads[0])
-    budget = 8000
+    budget = 14000  # the manifest and file headers take about 4 KB of it
     sub = SharedSubspace.from_adapters(ads, task_ids=ids(8), budget=budget)
     assert sub.compression_stats()["stored_bytes"] <= budget
     ranks = [sum(sub.get_task(t).ranks().values()) for t in sub.tasks]

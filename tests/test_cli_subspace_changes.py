@@ -29,12 +29,12 @@ def run(*args, code=0):
 
 def test_add_keeps_a_quantized_subspace_quantized_and_prints_bytes(adapters, tmp_path):
     sub = tmp_path / "q6"
-    made = json.loads(run("compress", *adapters[:6], "-o", sub, "--ratio", "4", "--bits", "6",
-                          "--json").output)
+    made = json.loads(run("compress", *adapters[:6], "-o", sub, "--ratio", "2", "--bits", "6",
+                          "--private", "none", "--json").output)
     data = json.loads(run("add", sub, adapters[6], "--json").output)
     manifest = json.loads((sub / MANIFEST).read_text())
-    assert all(m["quant"] and m["quant"]["U"]["bits"] == 6 for m in manifest["modules"].values())
-    assert all(t["quant"] for t in manifest["tasks"])
+    assert all(b.quant["U"].bits == 6 for b in SharedSubspace.load(sub).modules.values())
+    assert all(SharedSubspace.load(sub).get_task(t).quant for t in SharedSubspace.load(sub).tasks)
     assert manifest["quantization"]["bits"] == 6 and manifest["quantization"]["coordinates"]
     assert data["stored_bytes_before"] == made["stored_bytes"]
     # one more task's coordinates, not float32 bases (2.45x in the issue)
@@ -49,10 +49,10 @@ def test_add_keeps_a_quantized_subspace_quantized_and_prints_bytes(adapters, tmp
 
 
 def test_add_incremental_grows_k_within_the_ratio_and_says_so(adapters, tmp_path):
-    run("compress", *adapters[:6], "-o", tmp_path / "s", "--ratio", "4", "-q")
+    run("compress", *adapters[:6], "-o", tmp_path / "s", "--ratio", "2", "--private", "none", "-q")
     made = json.loads(run("info", tmp_path / "s", "--json").output)
     for grow in ("auto", "none"):
-        run("compress", *adapters[:6], "-o", tmp_path / grow, "--ratio", "4", "-q")
+        run("compress", *adapters[:6], "-o", tmp_path / grow, "--ratio", "2", "--private", "none", "-q")
     auto = json.loads(run("add", tmp_path / "auto", adapters[6], "--incremental", "--json").output)
     none = json.loads(run("add", tmp_path / "none", adapters[6], "--incremental", "--grow", "none",
                           "--json").output)

@@ -310,6 +310,40 @@ def test_toy_forward_and_merge_match_dense_reconstruction(conv1d_at, bits):
                 torch.testing.assert_close(layer(x)[2], base[2], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize(("mixed", "bits"), [("bmm", None), ("grouped", None), ("bmm", 6)])
+def test_private_parts_serve_per_row_blend_and_merge_like_their_dense_reconstruction(mixed, bits):
+    ads = planted(3, noise=0.3)
+    sub = SharedSubspace.from_adapters(ads, task_ids=["x", "y", "z"], num_components=2)
+    if bits:
+        sub.quantize(bits, coordinates=True)
+    before = sub.get_task("y").error
+    sub.set_private("y", ads[1], dict.fromkeys(sub.modules, 3))
+    sub.set_private("z", ads[2], {next(iter(sub.modules)): 1})  # one module only, rank 1
+    assert sub.get_task("y").error < before and sub.get_task("y").private_ranks()
+    vm = VLoRAModel(Toy(None), sub, mixed=mixed)
+    x = torch.randn(5, 7, 32)
+    rec = {t: sub.reconstruct(t) for t in sub.tasks}
+    ids = ["y", "x", None, "z", "y"]
+    weights = torch.rand(5, 2)
+    for m, layer in vm._layers.items():
+        vm.clear_task()
+        with torch.no_grad():
+            base = layer(x)
+            dense = {t: base + x @ r.delta_weight(m, torch.float32).T for t, r in rec.items()}
+            with vm.tasks(ids):
+                out = layer(x)
+            for i, t in enumerate(ids):
+                torch.testing.assert_close(out[i], base[i] if t is None else dense[t][i],
+                                           atol=1e-5, rtol=1e-5)
+            with vm.tasks(task_weights=weights, task_order=["y", "z"]):
+                blend = base + weights[:, 0, None, None] * (dense["y"] - base) \
+                    + weights[:, 1, None, None] * (dense["z"] - base)
+                torch.testing.assert_close(layer(x), blend, atol=1e-5, rtol=1e-5)
+            vm.merge("y")
+            torch.testing.assert_close(layer(x), dense["y"], atol=1e-5, rtol=1e-5)
+            vm.unmerge()
+
+
 def test_merging_into_a_tied_weight_is_refused_and_changes_nothing():
     sub = SharedSubspace.from_adapters(planted(3, noise=0.1), task_ids=["x", "y", "z"], num_components=4)
     model = Toy()

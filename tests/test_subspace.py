@@ -246,13 +246,17 @@ def test_task_management_and_bad_ids():
 @pytest.mark.parametrize("bits", [None, 6])
 def test_stored_bytes_are_every_tensor_the_files_hold_but_heads(tmp_path, bits):
     from safetensors.torch import load_file
-    sub = SharedSubspace.from_adapters(planted(6, noise=0.3), task_ids=ids(6), budget=9000)
+    sub = SharedSubspace.from_adapters(planted(6, noise=0.3), task_ids=ids(6), budget=12000)
     if bits:
         sub.quantize(bits, coordinates=True)
     sub.save(tmp_path / "s")
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "s").iterdir() if not f.name.startswith("extras-"))
+    stats = sub.compression_stats()
+    assert on_disk == stats["stored_bytes"] <= 12000
     held = sum(x.numel() * x.element_size() for kind in ("bases", "coords")
                for f in (tmp_path / "s").glob(f"{kind}-*.safetensors") for x in load_file(f).values())
-    assert held == sub.compression_stats()["stored_bytes"]
+    assert held < on_disk  # headers and the manifest are counted too
+    assert stats["overhead_bytes"] > 0
     if not bits:
         assert held <= 9000  # the budget counts them all too
 

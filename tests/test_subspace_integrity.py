@@ -49,14 +49,13 @@ def test_a_quantized_subspace_stays_quantized_through_every_change(q6, six, tmp_
     _change(sub, how, six[6])
     sub.save(tmp_path / "s")
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
-    assert all(q["U"]["bits"] == 6 and q["V"]["bits"] == 6
-               for q in (m["quant"] for m in manifest["modules"].values()))
-    for t in manifest["tasks"]:  # every task's coordinates, the new one's too, in 6 bits
-        assert set(t["quant"]) == {f"{m}::{s}" for m in MODULES for s in "BA"}
-        assert {q["bits"] for q in t["quant"].values()} == {6}
     assert manifest["quantization"] == {"bits": 6, "method": "symmetric", "block": 64,
                                         "coordinates": True}
     loaded = SharedSubspace.load(tmp_path / "s")
+    assert all(b.quant["U"].bits == b.quant["V"].bits == 6 for b in loaded.modules.values())
+    for t in map(loaded.get_task, loaded.tasks):  # every task's coordinates, the new one's too
+        assert set(t.quant) == {f"{m}::{s}" for m in MODULES for s in "BA"}
+        assert {q.bits for q in t.quant.values()} == {6}
     assert loaded.quantization == q6.quantization
     # a new task grows the bytes by its own coordinates (and by k with grow), not 4x
     assert stored_bytes(loaded) < (2.0 if how == "grow" else 1.3) * before

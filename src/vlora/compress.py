@@ -1,8 +1,10 @@
 """Fit a subspace to a byte target, in float32 or quantized: ``vlora compress --ratio 10 --bits 6``.
 
-A byte budget counts what is stored: bases plus every task's coordinates (heads apart).
-Quantized, the fit gets a larger float32 budget, scaled until the quantized subspace
-lands just under the target, so fewer bits buy more directions at the same bytes.
+A byte budget counts what the subspace directory holds on disk, every file and the
+manifest, heads apart (:func:`vlora.stats.stored_bytes`). Shared, private and hybrid fits
+are tried and the best kept (:mod:`vlora.sharing`). Quantized, a shared fit gets a larger
+float32 budget, scaled until the quantized subspace lands just under the target, so
+fewer bits buy more directions at the same bytes.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 from vlora.adapter import LoRAWeights
 from vlora.errors import BudgetError
 from vlora.io import load_adapter
-from vlora.stats import stored_bytes
-from vlora.subspace import SharedSubspace
+from vlora.sharing import choose
+from vlora.stats import record_baselines, stored_bytes
+from vlora.subspace import SharedSubspace, default_task_id
 
 BUDGET_TRIES = 12
 
@@ -29,7 +32,7 @@ def lora_bytes(adapters: Sequence[LoRAWeights]) -> int:
 def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequence[str] | None = None,
              *, budget: float | None = None, ratio: float | None = None, bits: int | None = None,
              method: str = "symmetric", quantize_coordinates: bool = True,
-             **fit_kwargs: Any) -> SharedSubspace:
+             private: str = "auto", **fit_kwargs: Any) -> SharedSubspace:
     """Fit a :class:`SharedSubspace` on ``adapters`` whose stored bytes meet a target.
 
     Args:
@@ -40,12 +43,19 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
         bits: store bases (and, with ``quantize_coordinates``, coordinates) in 4, 5, 6
             or 8 bits (:meth:`SharedSubspace.quantize`); None keeps float32.
         method: ``"symmetric"`` or ``"nf4"`` (4 bits).
+        private: with a byte target, ``"auto"`` chooses among shared, private and hybrid
+            fits the one with the lowest mean error (:mod:`vlora.sharing`: never above
+            per-adapter truncation at the same bytes); ``"none"`` keeps every byte shared
+            (no private parts: mixed batches cost one shared path).
         **fit_kwargs: passed to :meth:`SharedSubspace.from_adapters` (``num_components``
             and the like when no byte target is given).
 
     Raises:
         ValueError: both ``budget`` and ``ratio``, or a non-positive one.
         BudgetError: (a SubspaceError) no fit of the requested bits lands under the budget.
+
+    With a byte target, each task keeps the per-adapter SVD baseline measured at the
+    chosen fit's bytes (``TaskProjection.baseline``; ``compression_stats`` reports it).
     """
     if budget is not None and ratio is not None:
         raise ValueError("give a budget or a ratio, not both")
@@ -60,15 +70,39 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
         if bits is not None:
             sub.quantize(bits, method, coordinates=quantize_coordinates)
         return sub
-    # Quantized, each number costs about bits/32 of a float: the fit gets that much more
-    # budget, corrected until the stored bytes fit. Block scales, padding, spectra and Grams
-    # do not shrink with the bits, so the stored bytes are not proportional to the fit's
-    # budget: after the first try, aim along the line through the last two tries.
-    factor, tries, stored = 32 / (bits or 32), BUDGET_TRIES if bits else 1, 0
-    tried: list[tuple[float, int]] = []
-    for _ in range(tries):
+    ids = list(task_ids) if task_ids is not None else [default_task_id(a, i) for i, a in enumerate(items)]
+    shared_kwargs = {k: v for k, v in fit_kwargs.items() if k != "progress"}
+
+    def shared_fit(target: float) -> SharedSubspace:
         try:
-            sub, smallest = SharedSubspace.from_adapters(items, task_ids, budget=budget * factor,
+            return _shared_at(items, ids, target, bits, method, quantize_coordinates, shared_kwargs)
+        except BudgetError as e:  # over the target: a closest fit to report
+            return e.closest
+
+    def private_fit() -> SharedSubspace:
+        keep = {k: v for k, v in fit_kwargs.items() if k in ("weighting", "missing_modules")}
+        sub = SharedSubspace.from_adapters(items, ids, num_components=0, **keep)
+        if bits is not None:
+            sub.quantize(bits, method, coordinates=quantize_coordinates)
+        return sub
+
+    sub, _ = choose(items, ids, budget, shared_fit, private_fit, private)
+    record_baselines(sub, dict(zip(ids, items)))
+    return sub
+
+
+def _shared_at(items: Sequence[LoRAWeights], ids: Sequence[str], budget: float, bits: int | None,
+               method: str, quantize_coordinates: bool, fit_kwargs: dict[str, Any]) -> SharedSubspace:
+    """The shared-only fit whose directory is within ``budget`` bytes."""
+    # Quantized, each number costs about bits/32 of a float: the fit gets that much more
+    # budget, corrected until the stored bytes fit. Block scales, padding, Grams and the
+    # manifest do not shrink with the bits, so the stored bytes are not proportional to
+    # the fit's budget: after the first try, aim along the line through the last two tries.
+    factor, stored = 32 / (bits or 32), 0
+    tried: list[tuple[float, int]] = []
+    for _ in range(BUDGET_TRIES):
+        try:
+            sub, smallest = SharedSubspace.from_adapters(items, ids, budget=budget * factor,
                                                          **fit_kwargs), False
         except BudgetError as e:  # below the smallest float32 fit, which quantized may fit
             sub, smallest = e.closest, True
@@ -80,9 +114,9 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
         if smallest:  # no smaller fit to try
             break
         factor = next_factor(tried, factor, budget, stored)
-    raise BudgetError(f"no {bits or 32}-bit fit of {len(items)} adapters lands under {budget:.0f} "
-                      f"bytes (closest: {stored} bytes; every module keeps at least one direction)",
-                      closest=sub)
+    raise BudgetError(f"no {bits or 32}-bit shared fit of {len(items)} adapters lands under "
+                      f"{budget:.0f} bytes (closest: {stored} bytes; every module keeps at least "
+                      "one direction)", closest=sub)
 
 
 def next_factor(tried: list[tuple[float, int]], factor: float, budget: float, stored: int) -> float:

@@ -65,7 +65,6 @@ from vlora.distributed_tasks import (
 from vlora.errors import BudgetError, IncompatibleAdaptersError, VLoRAError
 from vlora.progress import track
 from vlora.stats import stored_bytes
-from vlora.storage import SPECTRUM_DTYPE
 from vlora.subspace import check_rank, one_base_model, warn_base_models
 from vlora.task import ModuleBasis
 
@@ -346,11 +345,9 @@ class _Run:
             {top, max(1, (3 * top) // 4), max(1, top // 2), max(1, top // 4)}, reverse=True)
         spectra = {m: (b.G_u.diagonal().sqrt(), b.G_v.diagonal().sqrt()) for m, b in self.wide.items()}
         shapes = {m: (b.d_out, b.d_in) for m, b in self.wide.items()}
-        fixed = SPECTRUM_DTYPE.itemsize * sum(c[2] for c in self.counts)  # every spectrum is stored
         best = smallest = None
         for p in candidates:
-            ks = choose_ks(spectra, shapes, sum(min(r, p) for r in ranks), None, None, budget, True,
-                           fixed_bytes=fixed)
+            ks = choose_ks(spectra, shapes, sum(min(r, p) for r in ranks), None, None, budget, True)
             spec = (ks, p if pseudo_rank is not None else None)
             sub = self.fit(*spec, None)
             if pseudo_rank is None and p < top:

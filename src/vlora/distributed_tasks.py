@@ -179,8 +179,7 @@ def project_shard(cls: type[SharedSubspace], wide: dict[str, ModuleBasis], weigh
         if is_url(p):
             t.source = p  # not the temporary copy
     counts = [(max(t.coords_b[m].shape[1] for m in t.modules),
-               sum(t.coords_b[m].shape[1] * (b.d_out + b.d_in) for m, b in wide.items()),
-               sum(x.numel() for x in t.spectrum.values())) for t in tasks]
+               sum(t.coords_b[m].shape[1] * (b.d_out + b.d_in) for m, b in wide.items())) for t in tasks]
     # what every refinement round reads, in two tensors per module: unpickling the tasks'
     # hundreds of small tensors took 40 times the round's arithmetic
     cores = {m: (torch.cat([t.coords_b[m] for t in tasks], 1), torch.cat([t.coords_a[m] for t in tasks], 1),

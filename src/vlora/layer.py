@@ -81,6 +81,9 @@ class SubspaceLinear(nn.Module):
         u: ``(d_out, k_out)`` the shared output basis U.
         vt: ``(k_in, d_in)`` the shared input basis, transposed (``F.linear`` takes it as is).
         cores: ``(capacity, k_in, k_out)`` cached task cores; slot 0 is zero (bare base).
+        p_in: ``(capacity, d_in, q)`` each slot's private ``Q`` (zero-padded to the widest q).
+        p_out: ``(capacity, q, d_out)`` each slot's private ``P^T``: the private path adds
+            ``(x Q) P^T``, per row like the cores (q = 0 while no cached task has one).
     """
 
     def __init__(self, base_layer: nn.Module, u: torch.Tensor, v: torch.Tensor,
@@ -92,6 +95,8 @@ class SubspaceLinear(nn.Module):
         self.register_buffer("u", u.contiguous(), persistent=False)
         self.register_buffer("vt", v.T.contiguous(), persistent=False)
         self.register_buffer("cores", u.new_zeros(1, v.shape[1], u.shape[1]), persistent=False)
+        self.register_buffer("p_in", u.new_zeros(1, v.shape[0], 0), persistent=False)
+        self.register_buffer("p_out", u.new_zeros(1, 0, u.shape[0]), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -110,7 +115,56 @@ class SubspaceLinear(nn.Module):
                 self.cores = grown
             self.cores[start:end] = cores.to(self.cores)
 
+    def store_private(self, start: int, q_in: list[torch.Tensor], p_out: list[torch.Tensor]) -> None:
+        """Write private parts ``Q (d_in, q_i)`` and ``P^T (q_i, d_out)`` into slots
+        ``start..``, growing both buffers (slots geometrically, q to the widest)."""
+        with torch.inference_mode(False), torch.no_grad():
+            end = start + len(q_in)
+            width = max([self.p_in.shape[2], *(x.shape[1] for x in q_in)])
+            have = self.p_in.shape[0]
+            if end > have or width > self.p_in.shape[2] or self.p_in.is_inference():
+                slots = max(end, 2 * have) if end > have else have
+                grown_in = self.p_in.new_zeros(slots, self.p_in.shape[1], width)
+                grown_out = self.p_out.new_zeros(slots, width, self.p_out.shape[2])
+                grown_in[:have, :, :self.p_in.shape[2]] = self.p_in
+                grown_out[:have, :self.p_out.shape[1]] = self.p_out
+                self.p_in, self.p_out = grown_in, grown_out
+            for i, (a, b) in enumerate(zip(q_in, p_out)):
+                self.p_in[start + i].zero_()
+                self.p_out[start + i].zero_()
+                self.p_in[start + i, :, :a.shape[1]] = a.to(self.p_in)
+                self.p_out[start + i, :b.shape[0]] = b.to(self.p_out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._shared(x)
+        route = self.router.route
+        if self.p_in.shape[2] and route is not None and route.kind != "train" and (
+                route.kind != "single" or route.slot):
+            y = self._add_private(x, y, route)
+        return y
+
+    def _add_private(self, x: torch.Tensor, y: torch.Tensor, route: Route) -> torch.Tensor:
+        """``y + (x Q) P^T`` with each row's own private part (zero for rows without)."""
+        xc = x.to(self.u.dtype)
+        if route.kind == "single":
+            return y + ((xc @ self.p_in[route.slot]) @ self.p_out[route.slot]).to(y.dtype)
+        x3 = xc.reshape(xc.shape[0], -1, xc.shape[-1])
+        if route.kind == "blend":
+            n, q = route.slots.numel(), self.p_in.shape[2]
+            p_in = self.p_in.index_select(0, route.slots).permute(1, 0, 2).reshape(x3.shape[-1], n * q)
+            h = (x3 @ p_in).reshape(*x3.shape[:2], n, q) * route.weights.to(x3.dtype)[:, None, :, None]
+            out = h.reshape(*x3.shape[:2], n * q) @ self.p_out.index_select(0, route.slots).reshape(n * q, -1)
+        elif self.router.mixed == "grouped":
+            out = x3.new_zeros(*x3.shape[:2], self.p_out.shape[2])
+            for slot, rows in route.groups:
+                if slot:
+                    out.index_copy_(0, rows, (x3.index_select(0, rows) @ self.p_in[slot]) @ self.p_out[slot])
+        else:
+            h = torch.bmm(x3, self.p_in.index_select(0, route.index))
+            out = torch.bmm(h, self.p_out.index_select(0, route.index))
+        return y + out.reshape(*x.shape[:-1], -1).to(y.dtype)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         route = self.router.route
         if route is None:
@@ -119,8 +173,8 @@ class SubspaceLinear(nn.Module):
             return y + route.deltas[self.name](x).to(y.dtype)
         if route.rows:
             _check_rows(x, route, self.name)
-        if route.kind == "single" and not route.slot:
-            return y  # every row runs the bare base
+        if route.kind == "single" and not route.slot or not self.vt.shape[0]:
+            return y  # every row runs the bare base, or no direction is shared here
         z = F.linear(x.to(self.u.dtype), self.vt)  # (..., k_in), shared by every task
         z = z @ self.cores[route.slot] if route.kind == "single" else self._per_row(z, route)
         return self._add_up(y, z)

@@ -74,6 +74,16 @@ def _linear_shape(name: str, module: nn.Module) -> tuple[int, int]:
         f"module {name} is a {type(module).__name__}; vlora adapts nn.Linear and Conv1D only")
 
 
+def _private(task: TaskProjection, module: str, layer: SubspaceLinear
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``([Q], [P^T])`` of a task's private part of ``module`` (width 0 if it has none)."""
+    if module not in task.private:
+        return ([layer.p_in.new_zeros(layer.p_in.shape[1], 0)],
+                [layer.p_out.new_zeros(0, layer.p_out.shape[2])])
+    p, q = task.private[module]
+    return [q], [p.T]
+
+
 def _core(task: TaskProjection, module: str) -> torch.Tensor:
     """``M = L_A L_B^T`` ``(k_in, k_out)`` of one module, in float64 (cast on store)."""
     return task.coords_a[module].double() @ task.coords_b[module].double().T
@@ -308,7 +318,7 @@ class VLoRAModel(Delegating):
     # -------------------------------------------------------- merge / export
     @torch.no_grad()
     def merge(self, task_id: str) -> None:
-        """Add ``U C V^T`` of ``task_id`` to the base weights (transposed for Conv1D) and
+        """Add ``U C V^T + P Q^T`` of ``task_id`` to the base weights (transposed for Conv1D) and
         swap its non-LoRA tensors in; :meth:`unmerge` restores the weights bitwise."""
         self._check_state()
         self._cache_cores([task_id])
@@ -322,6 +332,9 @@ class VLoRAModel(Delegating):
             f = torch.float64 if w.dtype == torch.float64 else torch.float32
             core = t.coords_b[name].to(w.device, f) @ t.coords_a[name].to(w.device, f).T
             delta = basis.U.to(w.device, f) @ core @ basis.V.to(w.device, f).T
+            if name in t.private:
+                p, q = t.private[name]
+                delta = delta + p.to(w.device, f) @ q.to(w.device, f).T
             self._merged[name] = w.detach().clone()
             w.add_((delta if isinstance(layer.base_layer, nn.Linear) else delta.T).to(w.dtype))
         self._active = task_id
@@ -462,6 +475,7 @@ class VLoRAModel(Delegating):
         for t in [t for t in ids if t in self._slots and self._cached[t] is not current[t]]:
             for name, layer in self._layers.items():
                 layer.store_cores(self._slots[t], _core(current[t], name)[None])
+                layer.store_private(self._slots[t], *_private(current[t], name, layer))
             self._cached[t] = current[t]
             applied = self._applied == t
             if applied:
@@ -474,6 +488,8 @@ class VLoRAModel(Delegating):
             start = 1 + len(self._slots)
             for name, layer in self._layers.items():
                 layer.store_cores(start, torch.stack([_core(current[t], name) for t in new]))
+                parts = [_private(current[t], name, layer) for t in new]
+                layer.store_private(start, [p[0][0] for p in parts], [p[1][0] for p in parts])
             self._slots.update({t: start + i for i, t in enumerate(new)})
             self._cached.update({t: current[t] for t in new})
 

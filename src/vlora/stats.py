@@ -1,12 +1,11 @@
-"""Bytes and errors of a subspace, beside the baseline of no sharing (DESIGN.md section 6).
+"""Bytes and errors of a subspace, beside the baseline of no sharing (docs/DESIGN.md).
 
-The baseline is per-adapter truncated SVD at the same total bytes: each adapter
-gets ``total bytes / N`` and spends them on its own largest singular triplets
-(greedily over modules), computed exactly from each task's stored spectrum. For a
-quantized subspace the baseline's numbers cost what vlora's do (``bits / 8`` bytes plus
-one float32 scale per block): a float32 baseline would get 5x fewer numbers than a 6-bit
-subspace and look far worse than it is. Its own rounding error is not counted (the
-spectrum alone cannot give it), which favours the baseline.
+Stored bytes are the directory's: :func:`file_bytes` encodes the subspace as ``save``
+writes it and counts every file, headers and manifest included (the heads' file shown
+apart). The baseline is per-adapter truncated SVD at the same bytes per adapter, in the
+same number format, its rounding error counted (:mod:`vlora.baseline`); it needs each
+original adapter, so it is measured when a task is stored with its original at hand
+(:func:`record_baselines`) and kept with the task.
 """
 
 from __future__ import annotations
@@ -19,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlora import linalg
-from vlora.storage import SPECTRUM_DTYPE, stored_gram
+from vlora.adapter import LoRAWeights
 from vlora.task import ModuleBasis, TaskProjection
+from vlora.validate import stored_gram
 
 if TYPE_CHECKING:
     from vlora.subspace import SharedSubspace
@@ -53,28 +53,50 @@ def _gram_bytes(b: ModuleBasis) -> int:
     return sum(x.numel() * x.element_size() for x in (stored_gram(b.G_u), stored_gram(b.G_v)))
 
 
-def _spectrum_bytes(t: TaskProjection, m: str) -> int:
-    return t.spectrum[m].numel() * SPECTRUM_DTYPE.itemsize
+def _private_bytes(t: TaskProjection, m: str) -> int:
+    if m not in t.private:
+        return 0
+    if t.quant and f"{m}::P" in t.quant:
+        return t.quant[f"{m}::P"].nbytes() + t.quant[f"{m}::Q"].nbytes()
+    return BYTES * sum(x.numel() for x in t.private[m])
 
 
-def _bytes(b: ModuleBasis, m: str, tasks: list[TaskProjection]) -> tuple[int, int]:
-    """``(basis bytes, task bytes)`` of module ``m`` as stored: bases (quantized or float32)
-    with their Grams; every task's coordinates and spectrum."""
+def _bytes(b: ModuleBasis, m: str, tasks: list[TaskProjection]) -> tuple[int, int, int]:
+    """``(basis bytes, shared task bytes, private bytes)`` of module ``m``'s numbers as
+    stored: bases (quantized or float32) with their Grams; every task's coordinates; every
+    task's private part. File headers and the manifest are not in these."""
     basis = (sum(q.nbytes() for q in b.quant.values()) if b.quant
              else BYTES * (b.d_out * b.k_out + b.d_in * b.k_in)) + _gram_bytes(b)
-    return basis, sum(_coord_bytes(t, m) + _spectrum_bytes(t, m) for t in tasks)
+    return basis, sum(_coord_bytes(t, m) for t in tasks), sum(_private_bytes(t, m) for t in tasks)
+
+
+def file_bytes(sub: SharedSubspace) -> dict[str, int]:
+    """Bytes of each file :meth:`~SharedSubspace.save` writes for ``sub``: ``bases``,
+    ``coords``, ``extras`` (the heads) and ``manifest``, exactly as on disk."""
+    from vlora.atomic import safetensors_blob
+    from vlora.layout import encode
+    from vlora.storage import FORMAT, manifest_text
+    data, manifest = encode(sub)
+    out, files = {}, {}
+    for kind, tensors in data.items():
+        out[kind] = len(safetensors_blob(tensors, metadata={"format": "pt"}))
+        files[kind] = {"name": f"{kind}-000001.safetensors", "sha256": "0" * 64, "bytes": out[kind]}
+    out["manifest"] = len(manifest_text({"format": FORMAT, **manifest, "generation": 1,
+                                         "files": files}))
+    return out
 
 
 def stored_bytes(sub: SharedSubspace) -> int:
-    """What ``sub`` stores (heads apart), without :func:`compression_stats`' errors and
-    baselines: what a fit to a byte budget compares, once per candidate."""
-    tasks = [sub.get_task(t) for t in sub.tasks]
-    return sum(sum(_bytes(b, m, tasks)) for m, b in sub.modules.items())
+    """What ``sub``'s directory holds on disk, heads apart: its bases and coordinates files
+    and its manifest, headers included (a first save; a later one may name its files with
+    a longer generation number, a byte or two). What a fit to a byte target compares."""
+    sizes = file_bytes(sub)
+    return sizes["bases"] + sizes["coords"] + sizes["manifest"]
 
 
 def task_stored_bytes(t: TaskProjection) -> int:
-    """What one task stores (heads apart): its coordinates and spectra."""
-    return sum(_coord_bytes(t, m) + _spectrum_bytes(t, m) for m in t.modules)
+    """The numbers one task stores (heads apart): its coordinates and private parts."""
+    return sum(_coord_bytes(t, m) + _private_bytes(t, m) for m in t.modules)
 
 
 def side_bytes(sub: SharedSubspace, d: int, k: int, ranks: list[int]) -> int:
@@ -97,7 +119,7 @@ def side_bytes(sub: SharedSubspace, d: int, k: int, ranks: list[int]) -> int:
 def lora_bytes(sub: SharedSubspace, t: TaskProjection) -> int:
     """The float32 bytes of a task's original LoRA factors in the subspace's modules (what
     the compression ratio counts)."""
-    return BYTES * sum(t.spectrum[m].numel() * (b.d_out + b.d_in) for m, b in sub.modules.items())
+    return BYTES * sum(t.original_ranks.get(m, 0) * (b.d_out + b.d_in) for m, b in sub.modules.items())
 
 
 def growth_headroom(sub: SharedSubspace, new: TaskProjection) -> float:
@@ -121,43 +143,75 @@ def directory_bytes(path: str | os.PathLike) -> int:
     return total
 
 
+def record_baselines(sub: SharedSubspace, originals: dict[str, LoRAWeights]) -> None:
+    """Measure the baseline of each task of ``originals`` (its original adapter) at this
+    subspace's bytes per task and number format, and keep it with the task
+    (``TaskProjection.baseline``, saved in the manifest): :func:`compression_stats` reports
+    it without the originals at hand."""
+    from vlora.baseline import svd_quantized
+    per_task = stored_bytes(sub) / max(len(sub), 1)
+    bits = sub.quantization["bits"] if sub.quantization else None
+    for tid, adapter in originals.items():
+        _, error, _ = svd_quantized(adapter, per_task, bits)
+        sub.get_task(tid).baseline = {"bytes": float(per_task), "error": error,
+                                      "bits": float(bits or 32)}
+
+
+def _baseline(t: TaskProjection, shapes: dict[str, tuple[int, int]], per_task: float,
+              bits: int | None) -> float | None:
+    """A task's baseline error: as recorded (:func:`record_baselines`), else, for files of
+    vlora 0.1 that kept each task's spectrum, float SVD without its rounding error."""
+    if t.baseline is not None:
+        return t.baseline["error"]
+    if t.spectrum:
+        per_number = (bits / 8 + 4 / 64) if bits else BYTES
+        return svd_baseline_error(t.spectrum, shapes, per_task / per_number, sum(t.dropped_sq.values()))
+    return None
+
+
 def compression_stats(sub: SharedSubspace) -> dict[str, Any]:
-    """Bytes per module and in total, the compression ratio, and the mean / max relative
-    dW error over tasks next to per-adapter truncated SVD at equal bytes."""
+    """Bytes per module and in total (the directory's, exactly: :func:`file_bytes`), the
+    compression ratio, the mean / max relative dW error over tasks, and beside them
+    per-adapter truncated SVD at equal bytes (:mod:`vlora.baseline`, as recorded)."""
     tasks = [sub.get_task(t) for t in sub.tasks]
     modules, shapes = {}, {}
     for m, b in sub.modules.items():
         shapes[m] = (b.d_out, b.d_in)
-        # the original rank: the spectrum has one value per rank-1 term of the original dW
-        ranks = [t.spectrum[m].numel() for t in tasks]
-        basis_bytes, task_bytes = _bytes(b, m, tasks)
+        basis_bytes, task_bytes, private_bytes = _bytes(b, m, tasks)
         modules[m] = {
             "d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out, "k_in": b.k_in,
-            "basis_bytes": basis_bytes, "task_bytes": task_bytes,
-            "original_bytes": BYTES * sum(r * (b.d_out + b.d_in) for r in ranks),
+            "basis_bytes": basis_bytes, "task_bytes": task_bytes, "private_bytes": private_bytes,
+            "private_ranks": sum(t.private_ranks()[m] for t in tasks),
+            "original_bytes": BYTES * sum(t.original_ranks.get(m, 0) for t in tasks) * (b.d_out + b.d_in),
             "mean_error": (sum(t.module_errors()[m] for t in tasks) / len(tasks)) if tasks else 0.0,
         }
     total = {k: sum(v[k] for v in modules.values())
-             for k in ("basis_bytes", "task_bytes", "original_bytes")}
-    stored = total["basis_bytes"] + total["task_bytes"]
+             for k in ("basis_bytes", "task_bytes", "private_bytes", "original_bytes")}
+    files = file_bytes(sub)
+    stored = files["bases"] + files["coords"] + files["manifest"]
     errors = [t.error for t in tasks]
-    q = next((b.quant["U"] for b in sub.modules.values() if b.quant), None)
-    per_number = q.bytes_per_number if q else BYTES
-    per_task_numbers = stored / per_number / len(tasks) if tasks else 0.0
-    svd = [svd_baseline_error(t.spectrum, shapes, per_task_numbers, sum(t.dropped_sq.values()))
-           for t in tasks]
+    bits = sub.quantization["bits"] if sub.quantization else None
+    per_task = stored / len(tasks) if tasks else 0.0
+    svd = {t.task_id: _baseline(t, shapes, per_task, bits) for t in tasks}
+    known = [e for e in svd.values() if e is not None]
+    energy = sum(t.total_norm_sq for t in tasks)
     return {
         "num_tasks": len(tasks), "num_modules": len(modules), "modules": modules,
-        **total, "stored_bytes": stored,
-        "extra_bytes": sum(x.numel() * x.element_size() for t in tasks for x in t.extra.values()),
+        **total, "stored_bytes": stored, "files": files,
+        "overhead_bytes": stored - total["basis_bytes"] - total["task_bytes"] - total["private_bytes"],
+        "extra_bytes": files["extras"],
         "compression_ratio": total["original_bytes"] / stored if stored else float("inf"),
         "mean_error": sum(errors) / len(errors) if errors else 0.0,
         "max_error": max(errors, default=0.0),
         "errors_are_bounds": any(t.error_is_bound for t in tasks),
-        "svd_bits": q.bits if q else 32,
-        "svd_numbers_per_task": per_task_numbers,
-        "svd_mean_error": sum(svd) / len(svd) if svd else 0.0,
-        "svd_max_error": max(svd, default=0.0),
+        "private_energy_share": sum(t.private_energy() for t in tasks) / energy if energy else 0.0,
+        "tasks_with_private": sum(bool(t.private) for t in tasks),
+        "svd_bits": bits or 32,
+        "svd_bytes_per_task": per_task,
+        "svd_recorded_bytes": [t.baseline["bytes"] for t in tasks if t.baseline],
+        "svd_mean_error": sum(known) / len(known) if known else None,
+        "svd_max_error": max(known, default=None),
+        "svd_tasks": len(known),
         "task_errors": {t.task_id: e for t, e in zip(tasks, errors)},
-        "svd_task_errors": {t.task_id: e for t, e in zip(tasks, svd)},
+        "svd_task_errors": svd,
     }

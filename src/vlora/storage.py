@@ -4,15 +4,16 @@
 
     SUB/
       manifest.json                   format version, modules, k, tasks, file names, checksums
-      bases-<gen>.safetensors         U, V, G_u, G_v per module
-      coords-<gen>.safetensors        every task's L_B, L_A and spectra, packed
+      bases-<gen>.safetensors         every module's U, V and Grams, packed
+      coords-<gen>.safetensors        every task's L_B, L_A, P, Q and errors, packed
       extras-<gen>.safetensors        every task's non-LoRA tensors (heads), packed
       .vlora.lock                     serialises writers
 
 A save writes new generation-named data files (fsynced), then the manifest by an
 atomic rename, then removes files no manifest names: a crash at any point leaves
 the old subspace whole. Tensor keys use task *indices*, never task ids, and task
-ids are validated: they are data, never paths.
+ids are validated: they are data, never paths. What the files hold is vlora.layout's
+(version 5); this module still reads versions 1 to 4.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,38 +30,28 @@ from filelock import FileLock, Timeout
 
 from vlora.atomic import atomic_write, fsync_dir, fsync_write, read_regular, safetensors_blob
 from vlora.errors import SubspaceError
-from vlora.quantize import BITS, METHODS, TRANSFORMS, QuantizedTensor, dequantize
+from vlora.layout import decode, encode, fingerprint
 from vlora.task import ModuleBasis, TaskProjection
+from vlora.validate import dropped, flag, get_tensor, gram, number, tensor, validate_task_id
 
 if TYPE_CHECKING:
     from vlora.subspace import SharedSubspace
 
 FORMAT = "vlora-subspace"
 # 2: a diagonal Gram is stored as its diagonal; 3: quantized tensors may name a transform;
-# 4: tasks may name dropped modules (dropped_sq). 3 and 4 are written only where needed
-FORMAT_VERSION = 4
-READS = (1, 2, 3, 4)
+# 4: tasks may name dropped modules (dropped_sq); 5 (vlora.layout, the only one written):
+# per-task numbers packed in a few tensors, private parts, no spectra
+FORMAT_VERSION = 5
+READS = (1, 2, 3, 4, 5)
 MANIFEST = "manifest.json"
 LOCK = ".vlora.lock"
 # Each task's original singular values feed only the reports' baselines (per-adapter SVD
 # at equal bytes): float32 holds them to 1e-7, and they are counted in the stored bytes.
 SPECTRUM_DTYPE = torch.float32
-_BAD_ID = re.compile(r"[\x00-\x1f\x7f/\\]")
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DATA_FILE = re.compile(r"^(bases|coords|extras)-(\d{6,15})\.safetensors$")
 _STALE_TMP = re.compile(r"^\.manifest\.json\..+\.tmp$")  # left by a killed atomic_write
 _MAX_GEN = 10 ** 14
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def validate_task_id(task_id: object) -> str:
-    """A task id is a non-empty string of at most 256 characters, without path separators
-    or control characters, and not ``.`` or ``..``."""
-    if not isinstance(task_id, str) or not task_id or len(task_id) > 256 \
-            or _BAD_ID.search(task_id) or task_id in (".", ".."):
-        raise SubspaceError(f"invalid task id {task_id!r}: use 1-256 printable characters "
-                            "without '/', '\\' or control characters")
-    return task_id
 
 
 _LOCKS: dict[str, FileLock] = {}
@@ -97,46 +87,6 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _put(tensors: dict[str, torch.Tensor], key: str, x: torch.Tensor,
-         q: QuantizedTensor | None) -> dict[str, Any] | None:
-    """Store ``x``, or its codes and scales when quantized; return the quant metadata."""
-    if q is None:
-        tensors[key] = x.detach().cpu().contiguous()
-        return None
-    tensors[key + "::codes"], tensors[key + "::scales"] = q.codes, q.scales
-    meta = {"bits": q.bits, "method": q.method, "block": q.block, "shape": list(q.shape)}
-    return meta if q.transform is None else {**meta, "transform": q.transform}
-
-
-def _get(tensors: dict[str, torch.Tensor], key: str, meta: dict[str, Any] | None
-         ) -> tuple[torch.Tensor, QuantizedTensor | None]:
-    if not meta:
-        return tensors[key], None
-    bits, method, block, shape = (meta.get(k) for k in ("bits", "method", "block", "shape"))
-    if bits not in BITS or type(bits) is not int or method not in METHODS \
-            or method == "nf4" and bits != 4 or type(block) is not int or not 0 < block <= 1 << 20 \
-            or block * bits % 8 \
-            or not isinstance(shape, list) or len(shape) != 2 \
-            or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape) \
-            or meta.get("transform") not in TRANSFORMS:
-        raise SubspaceError(f"quantized tensor {key}: bad quantization metadata {meta!r}")
-    q = QuantizedTensor(tensors[key + "::codes"], tensors[key + "::scales"], tuple(shape), bits,
-                        method, block, meta.get("transform"))
-    blocks = -(-shape[0] * shape[1] // block)
-    if q.codes.dtype != torch.uint8 or q.codes.shape != (blocks * block * bits // 8,) \
-            or q.scales.dtype != torch.float32 or q.scales.shape != (blocks,):
-        raise SubspaceError(f"quantized tensor {key}: codes disagree with the manifest")
-    return dequantize(q), q
-
-
-def _task_meta(t: TaskProjection) -> dict[str, Any]:
-    return {"id": t.task_id, "ranks": t.ranks(), "weight": t.weight,
-            "norm_sq": t.norm_sq, "residual_sq": t.residual_sq,
-            "error_is_bound": t.error_is_bound, "dtype": t.dtype, "config": t.config,
-            "source": t.source, "sha256": t.sha256, "extra_keys": sorted(t.extra),
-            "gram_share": t.gram_share, "quant": {}, "dropped_sq": t.dropped_sq}
-
-
 def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = False) -> None:
     """Write ``sub`` to the directory ``path`` atomically, under its lock; unless ``force``,
     refuse to replace what another writer saved there since ``sub`` loaded or saved it."""
@@ -160,52 +110,17 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = Fa
             gens = [int(m[2]) for f in path.iterdir() if (m := _DATA_FILE.match(f.name))]
             gens.append((old or {}).get("generation"))
             gen = max(g for g in (*gens, 0) if type(g) is int and 0 <= g < _MAX_GEN) + 1
-            bases, coords, extras, module_quant = {}, {}, {}, {}
-            for m, b in sub.modules.items():
-                q = b.quant or {}
-                module_quant[m] = {name: _put(bases, f"{m}::{name}", x, q.get(name))
-                                   for name, x in (("U", b.U), ("V", b.V))}
-                bases[f"{m}::G_u"], bases[f"{m}::G_v"] = stored_gram(b.G_u), stored_gram(b.G_v)
-            tasks = [sub.get_task(t) for t in sub.tasks]
-            metas = [_task_meta(t) for t in tasks]
-            for meta in metas:  # before any file is written
-                try:
-                    json.dumps(meta["config"])
-                except (TypeError, ValueError) as e:
-                    raise SubspaceError(f"task {meta['id']!r}: its config is not JSON ({e})") from None
-            for i, t in enumerate(tasks):
-                q = t.quant or {}
-                for m in t.modules:
-                    for side, x in (("B", t.coords_b[m]), ("A", t.coords_a[m])):
-                        meta = _put(coords, f"{i}::{m}::{side}", x, q.get(f"{m}::{side}"))
-                        if meta:
-                            metas[i]["quant"][f"{m}::{side}"] = meta
-                    coords[f"{i}::{m}::S"] = t.spectrum[m].detach().to("cpu", SPECTRUM_DTYPE).contiguous()
-                for k, x in t.extra.items():
-                    extras[f"{i}::{k}"] = x.detach().cpu().contiguous()
+            data, manifest = encode(sub)
             files = {}
-            for kind, tensors in (("bases", bases), ("coords", coords), ("extras", extras)):
+            for kind, tensors in data.items():
                 blob = safetensors_blob(tensors, metadata={"format": "pt"})
                 name = f"{kind}-{gen:06d}.safetensors"
                 (path / name).unlink(missing_ok=True)  # never write through a planted symlink
                 fsync_write(path / name, blob)
                 files[kind] = {"name": name, "sha256": _sha(blob), "bytes": len(blob)}
             fsync_dir(path)
-            # the oldest version that reads it all: older vlora versions read the rest
-            version = (FORMAT_VERSION if any(m["dropped_sq"] for m in metas) else
-                       3 if _uses_transforms(module_quant, metas) else 2)
-            manifest = {
-                "format": FORMAT, "format_version": version, "generation": gen,
-                "base_model": sub.base_model, "weighting": sub.weighting,
-                "missing_modules": sub.missing_modules, "quantization": sub.quantization,
-                "fingerprint": fingerprint(sub), "target_modules": sorted(
-                    {m.rsplit(".", 1)[-1] for m in sub.modules}),
-                "modules": {m: {"d_out": b.d_out, "d_in": b.d_in, "k_out": b.k_out,
-                                "k_in": b.k_in, "quant": module_quant[m]}
-                            for m, b in sub.modules.items()},
-                "files": files, "tasks": metas,
-            }
-            atomic_write(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+            manifest = {"format": FORMAT, **manifest, "generation": gen, "files": files}
+            atomic_write(path / MANIFEST, manifest_text(manifest))
             sub._manifest_digests[where] = _digest(manifest)
             for f in path.iterdir():  # old generations: no manifest names them any more
                 if _DATA_FILE.match(f.name) and f.name not in {v["name"] for v in files.values()} \
@@ -215,18 +130,9 @@ def save_subspace(sub: SharedSubspace, path: str | os.PathLike, force: bool = Fa
         raise SubspaceError(f"{path}: locked by another writer ({path / LOCK})") from None
 
 
-def fingerprint(sub: SharedSubspace) -> str:
-    """Digest of module names and shapes: the base model as far as the adapters see it."""
-    desc = ";".join(f"{m}:{b.d_out}x{b.d_in}" for m, b in sorted(sub.modules.items()))
-    return hashlib.sha256(desc.encode()).hexdigest()[:16]
-
-
-def _uses_transforms(module_quant: dict, metas: list[dict]) -> bool:
-    """Whether any quantized tensor names a transform: only such files need version 3, so
-    that older vlora versions still read the others."""
-    quants = [q for mq in module_quant.values() for q in mq.values()] + \
-        [q for meta in metas for q in meta["quant"].values()]
-    return any(q and q.get("transform") for q in quants)
+def manifest_text(manifest: dict[str, Any]) -> bytes:
+    """The manifest as written: compact JSON, one line (its bytes count in the stored ones)."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _digest(manifest: dict[str, Any]) -> str:
@@ -279,49 +185,6 @@ class _Gone(SubspaceError):
     """A data file the manifest named is missing (perhaps a writer just replaced it)."""
 
 
-def _tensor(x: Any, what: str, shape: tuple[int, ...] | None = None, ndim: int = 2) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS or x.ndim != ndim \
-            or shape is not None and tuple(x.shape) != shape:
-        raise SubspaceError(f"{what}: a {getattr(x, 'dtype', type(x))} tensor of shape "
-                            f"{tuple(getattr(x, 'shape', ()))} (expected {ndim}-D float"
-                            f"{'' if shape is None else f' {shape}'})")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise SubspaceError(f"{what}: contains NaN or Inf")
-    return x
-
-
-def stored_gram(g: torch.Tensor) -> torch.Tensor:
-    """A basis's Gram as written: its diagonal ``(k,)`` when it is diagonal (the bases of
-    a fit are its eigenvectors, see :func:`vlora.linalg.principal_axes`), else ``(k, k)``."""
-    g = g.detach().cpu()
-    diagonal = torch.diagonal(g).contiguous()
-    return diagonal if torch.equal(g, torch.diag(diagonal)) else g.contiguous()
-
-
-def _gram(x: Any, what: str, k: int) -> torch.Tensor:
-    if isinstance(x, torch.Tensor) and x.ndim == 1:
-        return torch.diag(_tensor(x, what, (k,), ndim=1))
-    return _tensor(x, what, (k, k))
-
-
-def _number(x: Any, what: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= sys.float_info.max:
-        raise SubspaceError(f"{what} is {str(x)[:40]} (a finite number >= 0 expected)")
-    return float(x)
-
-
-def _flag(x: Any, what: str) -> bool:
-    if not isinstance(x, bool):
-        raise SubspaceError(f"{what} is {str(x)[:40]} (true or false expected)")
-    return x
-
-
-def _dropped(x: Any, modules: dict[str, ModuleBasis], what: str) -> dict[str, float]:
-    if not isinstance(x, dict) or any(not isinstance(m, str) or m in modules for m in x):
-        raise SubspaceError(f"{what}: dropped_sq is not a map of modules outside the subspace")
-    return {m: _number(v, f"{what} dropped_sq") for m, v in x.items()}
-
-
 def _quantization(x: Any, sub: SharedSubspace, path: Path) -> dict[str, Any] | None:
     """The storage format of ``sub`` as its manifest says, checked against its tensors;
     for files written before it was recorded, as its tensors say (coordinates quantized
@@ -351,6 +214,12 @@ def load_subspace(path: str | os.PathLike, verify: bool = True) -> SharedSubspac
     for attempt in range(10):
         manifest = _read_manifest(path)
         try:
+            if manifest["format_version"] == FORMAT_VERSION:
+                files = manifest["files"]
+                data = {k: _read_data(path, files[k], verify) for k in ("bases", "coords", "extras")}
+                sub = decode(manifest, data, str(path))
+                sub._manifest_digests[str(path.resolve())] = _digest(manifest)
+                return sub
             return _build(path, manifest, verify)
         except _Gone as e:
             # A writer may have replaced the manifest and removed the files this one named:
@@ -379,10 +248,10 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
     modules = {}
     for m, meta in manifest["modules"].items():
         quant = meta.get("quant") or {}
-        (u, qu), (v, qv) = _get(bases, f"{m}::U", quant.get("U")), _get(bases, f"{m}::V", quant.get("V"))
-        u, v = _tensor(u, f"module {m} U"), _tensor(v, f"module {m} V")
-        b = ModuleBasis(u, v, _gram(bases.get(f"{m}::G_u"), f"module {m} G_u", u.shape[1]),
-                        _gram(bases.get(f"{m}::G_v"), f"module {m} G_v", v.shape[1]),
+        (u, qu), (v, qv) = (get_tensor(bases, f"{m}::{side}", quant.get(side)) for side in "UV")
+        u, v = tensor(u, f"module {m} U"), tensor(v, f"module {m} V")
+        b = ModuleBasis(u, v, gram(bases.get(f"{m}::G_u"), f"module {m} G_u", u.shape[1]),
+                        gram(bases.get(f"{m}::G_v"), f"module {m} G_v", v.shape[1]),
                         {"U": qu, "V": qv} if qu is not None else None)
         if (b.d_out, b.d_in, b.k_out, b.k_in) != (meta["d_out"], meta["d_in"], meta["k_out"],
                                                   meta["k_in"]):
@@ -402,24 +271,24 @@ def _build(path: Path, manifest: dict[str, Any], verify: bool) -> SharedSubspace
             raise SubspaceError(f"{path}: {what} has a malformed config, source or sha256")
         tq, cb, ca, quant = meta.get("quant") or {}, {}, {}, {}
         for m, basis in modules.items():
-            (cb[m], qb), (ca[m], qa) = (_get(coords, f"{i}::{m}::{s}", tq.get(f"{m}::{s}"))
+            (cb[m], qb), (ca[m], qa) = (get_tensor(coords, f"{i}::{m}::{s}", tq.get(f"{m}::{s}"))
                                         for s in ("B", "A"))
             quant.update({f"{m}::B": qb, f"{m}::A": qa} if qb is not None else {})
             r = meta["ranks"][m]
-            _tensor(cb[m], f"{what} module {m} L_B", (basis.k_out, r))
-            _tensor(ca[m], f"{what} module {m} L_A", (basis.k_in, r))
+            tensor(cb[m], f"{what} module {m} L_B", (basis.k_out, r))
+            tensor(ca[m], f"{what} module {m} L_A", (basis.k_in, r))
         sub.add_task(TaskProjection(
-            tid, cb, ca, {m: _number(meta["norm_sq"][m], f"{what} norm_sq") for m in modules},
-            {m: _number(meta["residual_sq"][m], f"{what} residual_sq") for m in modules},
-            {m: _tensor(coords[f"{i}::{m}::S"], f"{what} module {m} spectrum", ndim=1).to(torch.float64)
-             for m in modules}, _number(meta["weight"], f"{what} weight"),
-            _flag(meta["error_is_bound"], f"{what} error_is_bound"),
+            tid, cb, ca, {m: number(meta["norm_sq"][m], f"{what} norm_sq") for m in modules},
+            {m: number(meta["residual_sq"][m], f"{what} residual_sq") for m in modules},
+            {m: tensor(coords[f"{i}::{m}::S"], f"{what} module {m} spectrum", ndim=1).to(torch.float64)
+             for m in modules}, number(meta["weight"], f"{what} weight"),
+            flag(meta["error_is_bound"], f"{what} error_is_bound"),
             {k: extras[f"{i}::{k}"] for k in meta["extra_keys"]},
             dict(config), str(meta.get("dtype", "float32")),
             meta.get("source"), meta.get("sha256"), quant or None,
             # older files: unknown, so never taken out of the Grams
             meta.get("gram_share") if meta.get("gram_share") in ("original", "stored") else None,
-            _dropped(meta.get("dropped_sq") or {}, modules, what)))
+            dropped(meta.get("dropped_sq") or {}, modules, what)))
     sub.quantization = _quantization(manifest.get("quantization"), sub, path)
     expected = fingerprint(sub)
     if manifest.get("fingerprint", expected) != expected:

@@ -24,13 +24,12 @@ from typing import Any
 
 import torch
 
-from vlora import linalg, stats
+from vlora import linalg, private, stats
 from vlora.adapter import LoRAWeights
 from vlora.budget import choose_ks, coordinate_numbers, core_ranks, resolve_module_weights, weighted_error
 from vlora.errors import BudgetError, IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
 from vlora.io import check_weights, config_for, load_adapter
 from vlora.progress import expect, track
-from vlora.storage import SPECTRUM_DTYPE
 from vlora.task import (
     ModuleBasis,
     TaskProjection,
@@ -38,6 +37,7 @@ from vlora.task import (
     error_sq,
     project_adapter,
     quantize_coords,
+    with_private,
 )
 
 F64 = torch.float64
@@ -176,6 +176,8 @@ class SharedSubspace:
         # {directory: digest of its manifest} as this subspace loaded or saved it: a save
         # there refuses to replace what another writer saved since (storage.save_subspace)
         self._manifest_digests: dict[str, str] = {}
+        # {candidate: (bytes, mean error)} of the fits compress() compared (vlora.sharing)
+        self.fit_report: dict[str, tuple[float, float]] = {}
         for t in tasks:
             self.add_task(t)
 
@@ -260,24 +262,28 @@ class SharedSubspace:
             {max_rank, max(1, (3 * max_rank) // 4), max(1, max_rank // 2), max(1, max_rank // 4)},
             reverse=True)
         expect(len(candidates) * (len(shapes) + len(items)), progress)  # one bar's estimate: every fit
-        # every task's original spectrum is stored (for the baselines), whatever the ks
-        spectra_bytes = SPECTRUM_DTYPE.itemsize * sum(min(a.lora_a[m].shape[0], min(shapes[m]))
-                                                      for a in items for m in shapes if m in a.lora_a)
         # several models (warned about in check_modules): none, so tasks are not warned again
         base_model = one_base_model(a.base_model for a in items)
+        options = {"weighting": weighting, "base_model": base_model, "missing_modules": missing_modules}
+        # what the directory holds whatever the ks (manifest, headers, the tasks' figures):
+        # measured on the fit with no direction, which costs one projection per task
+        fixed = 0 if budget is None else stats.stored_bytes(cls._fit(
+            items, ids, weights, shapes, starts, dict.fromkeys(shapes, (0, 0)), 0, None, False,
+            **options))
         best = smallest = None  # (score, sub) within the budget; (bytes, sub) of all
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
             ks = choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
-                           budget, adaptive_k, mw, fixed_bytes=spectra_bytes)
+                           budget, adaptive_k, mw, fixed_bytes=fixed)
             sub = cls._fit(items, ids, weights, shapes, starts, ks, refine_iters,
-                           None if adaptive else p, progress, weighting=weighting,
-                           base_model=base_model, missing_modules=missing_modules)
+                           None if adaptive else p, progress, **options)
             if adaptive and p < max_rank:
                 tasks = [sub.get_task(t) for t in ids]
                 ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p), mw)
                 for a, tid in zip(items, ids):
                     sub.add_task(sub.project(a, tid, pseudo_rank=ranks[tid]), replace=True)
+            for t in sub._tasks.values():  # before its bytes are counted: the manifest says it
+                t.gram_share = "original"
             score = sum(weighted_error(sub.get_task(t), mw) for t in ids)
             stored = stats.stored_bytes(sub) if budget is not None else 0
             if (budget is None or stored <= budget) and (best is None or score < best[0]):
@@ -285,10 +291,7 @@ class SharedSubspace:
             if smallest is None or stored < smallest[0]:
                 smallest = (stored, sub)
             del sub
-        for fit in (best, smallest):
-            for t in (fit[1]._tasks.values() if fit else ()):
-                t.gram_share = "original"
-        if best is None:  # every module keeps one direction per side, every spectrum is stored
+        if best is None:  # every module keeps one direction per side
             raise BudgetError(f"a budget of {budget:.0f} bytes is below the smallest fit of these "
                               f"{len(items)} adapters ({smallest[0]} bytes: one direction per module "
                               "and side)", closest=smallest[1])
@@ -378,12 +381,34 @@ class SharedSubspace:
             if cb is None or ca is None or cb.shape[0] != basis.k_out or ca.shape[0] != basis.k_in:
                 raise SubspaceError(f"task {projection.task_id!r}: coordinates of module {m} "
                                     "do not match the subspace (projected on other bases?)")
+        for m, (p, q) in projection.private.items():
+            basis = self.modules.get(m)
+            if basis is None or p.shape != (basis.d_out, q.shape[1]) or q.shape[0] != basis.d_in:
+                raise SubspaceError(f"task {projection.task_id!r}: private part of module {m} "
+                                    "does not match the subspace")
         cq = self._coord_quant()
-        if cq is not None and not all(_coded(projection, m, cq) for m in self.modules):
+        codes = projection.quant or {}
+        if cq is not None and not (all(_coded(projection, m, cq) for m in self.modules) and all(
+                f"{m}::P" in codes for m in projection.private)):
             projection = self._rounded(projection, cq)  # float (write_back's), or other codes
         if projection.task_id in self._tasks:  # replaced: its old energy leaves the Grams
             self._forget(self._tasks[projection.task_id])
         self._tasks[projection.task_id] = projection
+
+    def set_private(self, task_id: str, adapter: AdapterLike, ranks: dict[str, int]) -> None:
+        """Give a task a private part of rank ``ranks[m]`` in module m (0 or absent: none),
+        the best of that rank for what its shared part leaves of ``adapter`` (its original),
+        stored as this subspace stores coordinates; its errors are recomputed exactly.
+        Replaces the task's private parts; the bases and its coordinates do not change."""
+        t = self.get_task(task_id)
+        adapter = _as_adapter(adapter)
+        self._check_adapter(adapter, task_id)
+        bad = {m: r for m, r in ranks.items() if m not in self.modules or isinstance(r, bool)
+               or not isinstance(r, int) or r < 0}
+        if bad:
+            raise ValueError(f"private ranks must be integers >= 0 of the subspace's modules: {bad}")
+        with linalg.fixed_threads():
+            self._tasks[task_id] = with_private(t, adapter, self.modules, ranks, self._coord_quant())
 
     def _rounded(self, t: TaskProjection, coord_quant: tuple[int, str, int]) -> TaskProjection:
         """``t`` with its coordinates rounded as this subspace stores them. The rounding's
@@ -397,10 +422,13 @@ class SharedSubspace:
             d = lb @ la.T - cb[m].to(F64) @ ca[m].to(F64).T
             moved = max(linalg.inner_in_bases(d, d, *self.grams(m)), 0.0)
             res[m] = (math.sqrt(t.residual_sq[m]) + math.sqrt(moved)) ** 2
+        own, own_moved = _private_as(t, coord_quant, quant)
+        for m, moved in own_moved.items():
+            res[m] = (math.sqrt(res[m]) + math.sqrt(moved)) ** 2
         bound = t.error_is_bound or any(t.residual_sq[m] > 0 and res[m] > t.residual_sq[m]
                                         for m in self.modules)
         return dataclasses.replace(t, coords_b=cb, coords_a=ca, residual_sq=res,
-                                   error_is_bound=bound, quant=quant)
+                                   error_is_bound=bound, quant=quant, private=own)
 
     def remove_task(self, task_id: str) -> TaskProjection:
         """Remove a task, and its energy from the diagonal of the bases' Grams (which weight
@@ -451,20 +479,24 @@ class SharedSubspace:
 
     def reconstruct(self, task_id: str, dtype: torch.dtype | None = None,
                     rank: int | None = None) -> LoRAWeights:
-        """The task as a LoRA: ``B^ = U L_B``, ``A^ = L_A^T V^T``, scale 1, in ``dtype``
-        (default: the original adapter's), with its non-LoRA tensors. ``rank`` truncates
-        each module's core by SVD (the best LoRA of that rank inside the subspace)."""
+        """The task as a LoRA: ``B^ = [U L_B, P]``, ``A^ = [L_A^T V^T; Q^T]``, scale 1, in
+        ``dtype`` (default: the original adapter's), with its non-LoRA tensors: its rank is
+        the shared rank plus the private one. ``rank`` truncates each module's shared core
+        by SVD (the best LoRA of that rank inside the subspace); private parts are kept."""
         t = self.get_task(task_id)
         dtype = dtype or getattr(torch, t.dtype)
         a, b = {}, {}
         for m, basis in self.modules.items():
-            if t.coords_b[m].shape[1] == 0:
+            own = t.private.get(m)
+            if t.coords_b[m].shape[1] == 0 and own is None:
                 continue  # a module the adapter never had: dW = 0, as PEFT initialises it
             lb, la = t.coords_b[m].to(F64), t.coords_a[m].to(F64)
             if check_rank(rank, "rank") is not None and rank < lb.shape[1]:
                 lb, la = linalg.truncate_core(lb, la, rank)
-            b[m] = (basis.U.to(F64) @ lb).to(dtype)
-            a[m] = (la.T @ basis.V.to(F64).T).to(dtype)
+            bm, am = basis.U.to(F64) @ lb, basis.V.to(F64) @ la
+            if own is not None:  # rank shared + private: U C V^T + P Q^T exactly
+                bm, am = torch.cat([bm, own[0].to(F64)], 1), torch.cat([am, own[1].to(F64)], 1)
+            b[m], a[m] = bm.to(dtype), am.T.contiguous().to(dtype)
         keep = ("base_model_name_or_path", "task_type", "modules_to_save", "peft_type",
                 "fan_in_fan_out", "target_modules", "inference_mode")
         if not a:
@@ -619,6 +651,9 @@ class SharedSubspace:
             original = _original_if_at_hand(t) if exact_errors else None
             moved_sq, kept_sq, before = 0.0, 0.0, t.error
             nb, na, res, quant = {}, {}, {}, {}
+            # private parts do not depend on the bases: kept, or rounded where they are not
+            # stored as the coordinates now are (quantize() of a float subspace)
+            own, own_moved = _private_as(t, coord_quant, quant)
             for m, old in self.modules.items():
                 new = new_modules[m]
                 cb = maps[m][0] @ t.coords_b[m].to(F64)
@@ -632,22 +667,31 @@ class SharedSubspace:
                         cb, ca, coord_quant, old.U.dtype)
                 else:
                     nb[m], na[m] = cb.to(old.U.dtype), ca.to(old.V.dtype)
-                if t.coords_b[m].shape[1] == 0:  # rank 0 here: all of the module is lost
-                    res[m] = t.norm_sq[m]
+                if t.coords_b[m].shape[1] == 0:  # no shared rank here: only the private part
+                    res[m] = t.residual_sq[m] if m not in own_moved else (
+                        math.sqrt(t.residual_sq[m]) + math.sqrt(own_moved[m])) ** 2
+                    if original is not None and m in original.lora_a:
+                        ut, st, vt0 = _factors(original, m)
+                        res[m] = error_sq(ut * st, vt0, new, nb[m].to(F64) @ na[m].to(F64).T,
+                                          own.get(m))
                     continue
                 (ru_old, ru_new), (rv_old, rv_new) = joint[m]
                 kept = (ru_old @ t.coords_b[m].to(F64)) @ (rv_old @ t.coords_a[m].to(F64)).T
                 diff = kept - (ru_new @ nb[m].to(F64)) @ (rv_new @ na[m].to(F64)).T
                 moved = float(torch.sum(diff * diff))
-                moved_sq += moved
+                moved_sq += (math.sqrt(moved) + math.sqrt(own_moved.get(m, 0.0))) ** 2
                 kept_sq += float(torch.sum(kept * kept))  # ||dW^_old||^2, quantized bases too
                 if original is not None:
                     ut, st, vt0 = _factors(original, m)
-                    res[m] = error_sq(ut * st, vt0, new, nb[m].to(F64) @ na[m].to(F64).T)
+                    res[m] = error_sq(ut * st, vt0, new, nb[m].to(F64) @ na[m].to(F64).T,
+                                      own.get(m))
                 else:
-                    res[m] = (math.sqrt(t.residual_sq[m]) + math.sqrt(moved)) ** 2
+                    res[m] = (math.sqrt(t.residual_sq[m]) + math.sqrt(moved)
+                              + math.sqrt(own_moved.get(m, 0.0))) ** 2
+            kept_sq += t.private_energy()
             drift = math.sqrt(moved_sq / kept_sq) if kept_sq > 0 else 0.0
             t.coords_b, t.coords_a, t.residual_sq, t.quant = nb, na, res, quant or None
+            t.private = own
             t.error_is_bound = original is None and (t.error_is_bound or drift > 0)
             report[tid] = AbsorbReport(before, drift, t.error, t.error_is_bound)
         self.modules = new_modules
@@ -699,6 +743,30 @@ class SharedSubspace:
         ks = [(b.k_out, b.k_in) for b in self.modules.values()]
         return (f"SharedSubspace({len(self.modules)} modules, {len(self._tasks)} tasks, "
                 f"k_out/k_in {min(ks, default=(0, 0))}..{max(ks, default=(0, 0))})")
+
+
+def _private_as(t: TaskProjection, coord_quant: tuple[int, str, int] | None,
+                quant: dict[str, Any]) -> tuple[dict, dict[str, float]]:
+    """``t``'s private parts as a subspace storing coordinates with ``coord_quant`` stores
+    them (their codes put in ``quant``), and ``||P Q^T - P' Q'^T||^2`` of each one rounded
+    anew (none when they are kept as they are)."""
+    own, moved = {}, {}
+    codes = t.quant or {}
+    for m, (p, q) in t.private.items():
+        kept = codes.get(f"{m}::P")
+        if coord_quant is None and kept is None or kept is not None and coord_quant is not None \
+                and (kept.bits, kept.method, kept.block) == coord_quant:
+            own[m] = (p, q)
+            if kept is not None:
+                quant[f"{m}::P"], quant[f"{m}::Q"] = kept, codes[f"{m}::Q"]
+            continue
+        p2, q2, qp, qq = private.rounded(p, q, coord_quant)
+        own[m] = (p2, q2)
+        if qp is not None:
+            quant[f"{m}::P"], quant[f"{m}::Q"] = qp, qq
+        moved[m] = linalg.frobenius_sq(torch.cat([p.to(F64), -p2.to(F64)], 1),
+                                       torch.cat([q.to(F64), q2.to(F64)], 1).T)
+    return own, moved
 
 
 def _coded(t: TaskProjection, m: str, coord_quant: tuple[int, str, int]) -> bool:

@@ -2,20 +2,22 @@
 
 A task stores, per module, coordinates ``L_B = U^T (s B)`` ``(k_out, r)`` and
 ``L_A = V^T A^T`` ``(k_in, r)``; its core ``C = L_B L_A^T`` is gauge-invariant
-(DESIGN.md section 3). Errors are kept as absolute squared residuals per module
+(DESIGN.md section 3). It may also hold a private part ``P Q^T`` per module
+(:mod:`vlora.private`): ``dW^ = U C V^T + P Q^T``. Errors are kept as absolute squared residuals per module
 in float64, so that per-module and whole-adapter figures, and bounds after the
 basis moves, all follow exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from vlora import linalg
+from vlora import linalg, private
 from vlora.adapter import LoRAWeights
 from vlora.quantize import QuantizedTensor, dequantize, general_error_sq, quantize
 
@@ -70,6 +72,12 @@ class TaskProjection:
         config, dtype, source, sha256: what the original adapter was.
         dropped_sq: module -> ``||dW||_F^2`` of the original adapter's modules the subspace
             lacks (``missing_modules="skip"``): lost in full, so they count in :attr:`error`.
+        private: module -> ``(P (d_out, q), Q (d_in, q))``, the task's own part ``P Q^T``
+            beside the shared one (float32; codes in :attr:`quant` as ``module::P`` and
+            ``module::Q`` when rounded). A module not named has private rank 0.
+        baseline: what per-adapter truncated SVD of the original achieves, measured when
+            the task was stored with the original at hand: ``{"bytes": per-adapter bytes,
+            "error": its relative dW error, "bits": its number format}`` (None: unknown).
     """
 
     task_id: str
@@ -88,6 +96,14 @@ class TaskProjection:
     quant: dict[str, QuantizedTensor] | None = None  # "module::B"/"module::A" codes, if any
     gram_share: str | None = None
     dropped_sq: dict[str, float] = field(default_factory=dict)
+    private: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    original_ranks: dict[str, int] = field(default_factory=dict)
+    baseline: dict[str, float] | None = None
+
+    def __post_init__(self):
+        # the original adapter's rank per module (what the compression ratio counts)
+        for m, s in self.spectrum.items():
+            self.original_ranks.setdefault(m, int(s.numel()))
 
     @property
     def modules(self) -> list[str]:
@@ -121,8 +137,17 @@ class TaskProjection:
     def ranks(self) -> dict[str, int]:
         return {m: t.shape[1] for m, t in self.coords_b.items()}
 
+    def private_ranks(self) -> dict[str, int]:
+        """Rank of the private part per module (0 where it has none)."""
+        return {m: self.private[m][0].shape[1] if m in self.private else 0 for m in self.coords_b}
+
+    def private_energy(self) -> float:
+        """``sum_m ||P Q^T||^2``: the energy the task keeps in its private parts."""
+        return sum(linalg.frobenius_sq(p, q.T) for p, q in self.private.values())
+
     def num_params(self) -> int:
-        return sum(self.coords_b[m].numel() + self.coords_a[m].numel() for m in self.modules)
+        return sum(self.coords_b[m].numel() + self.coords_a[m].numel() for m in self.modules) + \
+            sum(p.numel() + q.numel() for p, q in self.private.values())
 
 
 def core_error_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -133,9 +158,13 @@ def core_error_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch
     return linalg.residual_sq(us, v_t, u, v) + float(inside.square().sum())
 
 
-def error_sq(us: torch.Tensor, v_t: torch.Tensor, basis: ModuleBasis, core: torch.Tensor) -> float:
-    """``||dW - U core V^T||^2`` against ``basis`` as stored: the orthonormal split when
-    it is float, the general Gram form when its bases were quantized."""
+def error_sq(us: torch.Tensor, v_t: torch.Tensor, basis: ModuleBasis, core: torch.Tensor,
+             own: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+    """``||dW - U core V^T - P Q^T||^2`` against ``basis`` as stored (``own = (P, Q)``, the
+    private part, or None): the orthonormal split when the bases are float and there is
+    no private part, else the general Gram form."""
+    if own is not None and own[0].shape[1]:
+        return private.error_sq(us, v_t, basis.U.to(F64) @ core.to(F64), basis.V, *own)
     if basis.quant:
         return general_error_sq(us, v_t, basis.U, basis.V, core)
     return core_error_sq(us, v_t, basis.U, basis.V, core)
@@ -217,3 +246,43 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
                           adapter_weight(sum(norm.values()), weighting), False,
                           dict(adapter.extra), dict(adapter.config), dtype, adapter.source,
                           adapter.sha256, quant or None, dropped_sq=dropped)
+
+
+def _shared_factors(t: TaskProjection, basis: ModuleBasis, m: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U L_B, V L_A)``: the stored shared part of module ``m`` as factors, float64."""
+    return basis.U.to(F64) @ t.coords_b[m].to(F64), basis.V.to(F64) @ t.coords_a[m].to(F64)
+
+
+def residual_spectra(t: TaskProjection, adapter: LoRAWeights, bases: dict[str, ModuleBasis]
+                     ) -> dict[str, torch.Tensor]:
+    """Singular values of what ``t``'s stored shared part leaves of ``adapter``, per module:
+    the energy each further private rank would keep (its square)."""
+    out = {}
+    for m, basis in bases.items():
+        if m in adapter.lora_a:
+            ut, st, vt = linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], adapter.scales[m])
+            out[m] = private.residual(ut * st, vt, *_shared_factors(t, basis, m))[1]
+    return out
+
+
+def with_private(t: TaskProjection, adapter: LoRAWeights, bases: dict[str, ModuleBasis],
+                 ranks: dict[str, int], coord_quant: tuple[int, str, int] | None = None
+                 ) -> TaskProjection:
+    """``t`` (a projection of ``adapter`` on ``bases``) with a private part of rank
+    ``ranks[m]`` in module m (0 or absent: none), each the best of that rank for what the
+    stored shared part leaves, rounded with ``coord_quant = (bits, method, block)`` when
+    given; the residuals are recomputed exactly against the original."""
+    own, res, quant = {}, dict(t.residual_sq), dict(t.quant or {})
+    for m, basis in bases.items():
+        quant.pop(f"{m}::P", None), quant.pop(f"{m}::Q", None)
+        if m not in adapter.lora_a:
+            continue
+        ut, st, vt = linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], adapter.scales[m])
+        sb, sa = _shared_factors(t, basis, m)
+        p, q, qp, qq = private.fit(ut * st, vt, sb, sa, ranks.get(m, 0), coord_quant)
+        if p.shape[1]:
+            own[m] = (p, q)
+            if qp is not None:
+                quant[f"{m}::P"], quant[f"{m}::Q"] = qp, qq
+        res[m] = private.error_sq(ut * st, vt, sb, sa, p, q)
+    return dataclasses.replace(t, private=own, residual_sq=res, quant=quant or None)

@@ -60,7 +60,7 @@ def plot(subspace, output, quiet, as_json):
     tasks = sub.tasks
     t = range(len(tasks))
     axes[1].bar([i - 0.2 for i in t], [stats["task_errors"][k] for k in tasks], 0.4, label="vlora")
-    axes[1].bar([i + 0.2 for i in t], [stats["svd_task_errors"][k] for k in tasks], 0.4,
+    axes[1].bar([i + 0.2 for i in t], [stats["svd_task_errors"][k] or float("nan") for k in tasks], 0.4,
                 label="per-adapter SVD, same bytes")
     axes[1].set_xticks(list(t), tasks, rotation=_rotation(tasks), fontsize=8)
     axes[1].set_title("relative dW error per task")

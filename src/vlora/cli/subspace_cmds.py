@@ -47,9 +47,12 @@ def summary(sub: SharedSubspace, path: str | Path | None = None) -> dict:
         "tasks": sub.tasks, "num_modules": len(sub.modules),
         "k_out": [min(k for k, _ in ks), max(k for k, _ in ks)],
         "k_in": [min(k for _, k in ks), max(k for _, k in ks)],
-        **{k: stats[k] for k in ("basis_bytes", "task_bytes", "stored_bytes", "original_bytes",
+        **{k: stats[k] for k in ("basis_bytes", "task_bytes", "private_bytes", "overhead_bytes",
+                                 "stored_bytes", "files", "original_bytes",
                                  "extra_bytes", "compression_ratio", "mean_error", "max_error",
-                                 "svd_bits", "svd_mean_error", "svd_max_error", "errors_are_bounds")},
+                                 "svd_bits", "svd_mean_error", "svd_max_error", "svd_tasks",
+                                 "errors_are_bounds", "private_energy_share", "tasks_with_private")},
+        "fit_candidates": {n: {"bytes": b, "mean_error": e} for n, (b, e) in sub.fit_report.items()},
         "per_task": {t: {"error": stats["task_errors"][t], "svd_error": stats["svd_task_errors"][t],
                          "coverage": sub.task_coverage(t),
                          "error_is_bound": sub.get_task(t).error_is_bound} for t in sub.tasks},
@@ -62,6 +65,10 @@ def summary(sub: SharedSubspace, path: str | Path | None = None) -> dict:
     }
 
 
+def _figure(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.4f}"
+
+
 def print_summary(sub: SharedSubspace, data: dict, quiet: bool) -> None:
     out = console(quiet)
     table = Table(title="Per-task relative dW error (lower is better)")
@@ -71,17 +78,32 @@ def print_summary(sub: SharedSubspace, data: dict, quiet: bool) -> None:
                          overflow="fold")  # a cut name could read as another task's
     for t, row in data["per_task"].items():
         err = f"{row['error']:.4f}" + (" (bound)" if row["error_is_bound"] else "")
-        table.add_row(t, err, f"{row['svd_error']:.4f}", f"{row['coverage']:.3f}")
-    table.add_row("mean", f"{data['mean_error']:.4f}", f"{data['svd_mean_error']:.4f}", "",
+        table.add_row(t, err, _figure(row["svd_error"]), f"{row['coverage']:.3f}")
+    table.add_row("mean", f"{data['mean_error']:.4f}", _figure(data["svd_mean_error"]), "",
                   style="bold")
     out.print(table)
-    if data["svd_bits"] < 32:
-        out.print(f"(the SVD baseline's numbers also take {data['svd_bits']} bits; its rounding error "
-                  "is not counted, which favours it)")
+    if data["svd_tasks"]:
+        rounding = ", its rounding error too" if data["svd_bits"] < 32 else ""
+        out.print(f"(SVD: each adapter truncated alone with the same bytes per adapter, factors, "
+                  f"scales and adapter_config.json counted{rounding}; measured when each task "
+                  "was stored)")
+    if data["svd_tasks"] < len(data["tasks"]):
+        out.print(f"(SVD unknown for {len(data['tasks']) - data['svd_tasks']} task(s) stored without "
+                  "their original at hand)")
+    if data["tasks_with_private"]:
+        out.print(f"Private parts: {data['tasks_with_private']} of {len(data['tasks'])} tasks, "
+                  f"{human_bytes(data['private_bytes'])}, "
+                  f"{100 * data['private_energy_share']:.1f}% of the adapters' energy")
+    fits = data["fit_candidates"]
+    if fits:
+        out.print("Fits compared at this byte target: " + ", ".join(
+            f"{n} {f['mean_error']:.4f}" for n, f in fits.items()) + " (mean error)")
     out.print(f"{len(data['tasks'])} tasks, {data['num_modules']} modules, "
               f"k_out {data['k_out'][0]}..{data['k_out'][1]}, k_in {data['k_in'][0]}..{data['k_in'][1]}")
     out.print(f"LoRA bytes: {human_bytes(data['original_bytes'])} -> {human_bytes(data['stored_bytes'])}"
-              f" (basis {human_bytes(data['basis_bytes'])} + tasks {human_bytes(data['task_bytes'])}),"
+              f" (basis {human_bytes(data['basis_bytes'])} + tasks {human_bytes(data['task_bytes'])}"
+              f" + private {human_bytes(data['private_bytes'])} + manifest and headers "
+              f"{human_bytes(data['overhead_bytes'])}: the folder's bytes without the heads),"
               f" [bold]{_times(data['compression_ratio'])}[/bold]; non-LoRA tensors "
               f"(heads) kept as they are: {human_bytes(data['extra_bytes'])}")
     if data["disk_bytes"] is not None:
@@ -150,11 +172,16 @@ def _module_weights(ctx, param, values) -> dict[str, float] | None:
                    "else e.g. --ray=auto or --ray=ray://host:10001.")
 @click.option("--missing-modules", type=click.Choice(["error", "skip", "zero"]), default="error",
               show_default=True, help="What to do with modules only some adapters have.")
+@click.option("--private", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="With --budget/--ratio: auto keeps a private part per task where sharing does "
+                   "not pay (never worse than compressing each adapter alone); none shares every "
+                   "byte (one shared path for mixed batches; info says what it costs).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is already a subspace (only then).")
 @QUIET
 @JSON
 def compress(adapters, output, num_components, k_out, k_in, variance_threshold, budget, ratio, bits,
-             module_weights, task_ids, streaming, ray_address, missing_modules, force, quiet, as_json):
+             module_weights, task_ids, streaming, ray_address, missing_modules, private, force, quiet,
+             as_json):
     """Compress LoRA adapter folders into one shared subspace.
 
     \b
@@ -207,7 +234,7 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
         sub = fit_to_bytes(loaded, ids, budget=budget, ratio=ratio,
                            bits=int(bits) if bits else None, num_components=k,
                            variance_threshold=variance_threshold, module_weights=module_weights,
-                           missing_modules=missing_modules, progress=progress)
+                           missing_modules=missing_modules, private=private, progress=progress)
     sub.save(output)
     data = summary(sub, output)
     if as_json:
