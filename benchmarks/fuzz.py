@@ -410,8 +410,8 @@ def config_mutation(rnd: random.Random, config: dict[str, Any]) -> dict[str, Any
 def manifest_mutation(rnd: random.Random, manifest: dict[str, Any]) -> dict[str, Any]:
     """Structured edits of a subspace manifest, besides the generic tree edits."""
     m = copy.deepcopy(manifest)
-    tasks, modules = m["tasks"], list(m["modules"])
-    op = rnd.choice(["tree", "tree", "tree", "extra_task", "dup_task", "task_id", "ranks", "dtype",
+    tasks, rows = m["tasks"], m["modules"]  # version 5: rows [name, d_out, d_in, k_out, k_in, ...]
+    op = rnd.choice(["tree", "tree", "tree", "extra_task", "dup_task", "task_id", "config", "dtype",
                      "file_name", "generation", "quant", "module_meta", "module_name", "numbers",
                      "drop_task", "reorder"])
     if op == "tree":
@@ -426,8 +426,8 @@ def manifest_mutation(rnd: random.Random, manifest: dict[str, Any]) -> dict[str,
     elif op == "task_id":
         t["id"] = rnd.choice(["../evil", "a/b", "", ".", "..", "x" * 300, "\x00", 5, None, "ok-id",
                               "/abs", "..\\evil"])
-    elif op == "ranks":
-        t["ranks"][rnd.choice(modules)] = rnd.choice([0, -1, 99, "2", None, 2 ** 63, 2.0])
+    elif op == "config":
+        t["config"] = rnd.choice([-1, 99, "0", None, 1.5, True, [0]])
     elif op == "dtype":
         t["dtype"] = rnd.choice(["int8", "float8_e4m3fn", "", "torch.float32", None, 5, "complex64",
                                  "bfloat16", "float64", "__class__"])
@@ -440,31 +440,25 @@ def manifest_mutation(rnd: random.Random, manifest: dict[str, Any]) -> dict[str,
     elif op == "generation":
         m["generation"] = rnd.choice([-5, 0, 10 ** 7, 999_999, "x", 1.5, None, True, 2 ** 70, [1]])
     elif op == "quant":
-        slots = list((t.get("quant") or {}).values()) + [
-            q for meta in m["modules"].values() for q in (meta.get("quant") or {}).values() if q]
-        if not slots:  # a float subspace: claim that U is quantized
-            slots = [{"bits": 8, "method": "symmetric", "block": 64, "shape": [24, 3]}]
-            m["modules"][rnd.choice(modules)]["quant"]["U"] = slots[0]
-        target = rnd.choice(slots)
-        key = rnd.choice(["bits", "method", "block", "shape"])
-        target[key] = rnd.choice({"bits": [3, 0, 16, "4", None, -8], "method": ["x", "nf4", None, 5],
-                                  "block": [0, -64, 1, 10 ** 9, "64", None, 2 ** 40],
-                                  "shape": [[-1, 3], [0, 0], [10 ** 6, 10 ** 6], [3], [3, 24], "x",
-                                            [2 ** 40, 2 ** 40], [24.5, 3]]}[key])
+        q = m["quantization"] or {"bits": 8, "method": "symmetric", "block": 64, "coordinates": True}
+        key = rnd.choice(["bits", "method", "block", "coordinates"])
+        q[key] = rnd.choice({"bits": [3, 0, 16, "4", None, -8, 4, 8], "method": ["x", "nf4", None, 5],
+                             "block": [0, -64, 1, 10 ** 9, "64", None, 2 ** 40, 32],
+                             "coordinates": [None, "yes", 1, False]}[key])
+        m["quantization"] = q
+        t["transform"] = rnd.choice(["dct", None, "hadamard", 5])
     elif op == "module_meta":
-        meta = m["modules"][rnd.choice(modules)]
-        meta[rnd.choice(["d_out", "d_in", "k_out", "k_in"])] = rnd.choice([0, -1, 10 ** 9, "3", None])
+        row = rnd.choice(rows)
+        row[rnd.randrange(1, len(row))] = rnd.choice([0, -1, 10 ** 9, "3", None, 2])
     elif op == "module_name":
-        old = rnd.choice(modules)
-        new = rnd.choice(["../../evil", "a/b", "", "x::U", old + "/"])
-        m["modules"][new] = m["modules"].pop(old)
+        row = rnd.choice(rows)
+        row[0] = rnd.choice(["../../evil", "a/b", "", "x::U", str(row[0]) + "/", 5])
     elif op == "numbers":
-        field_ = rnd.choice(["norm_sq", "residual_sq", "weight"])
         value = rnd.choice([float("nan"), float("inf"), -1.0, 10 ** 400, "x", None, 1e308])
-        if field_ == "weight":
+        if rnd.random() < 0.5:
             t["weight"] = value
         else:
-            t[field_][rnd.choice(modules)] = value
+            t["dropped_sq"] = {"not.a.module": value}
     elif op == "drop_task":
         tasks.remove(t)
     else:

@@ -175,3 +175,20 @@ def test_info_of_a_subspace_with_no_task_left(adapters, tmp_path):
     result = CliRunner().invoke(cli, ["export", str(sub), "--all", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "no tasks to export" in result.output  # not "pass --all"
     assert not (tmp_path / "x").exists()
+
+
+def test_a_task_added_to_a_subspace_of_private_parts_gets_one_within_the_ratio(tmp_path):
+    paths = saved(planted(1, dim=8, d_out=128, d_in=96, r=8, seed=100) + planted(
+        1, dim=8, d_out=128, d_in=96, r=8, seed=101) + planted(1, dim=8, d_out=128, d_in=96, r=8,
+                                                            seed=102), tmp_path / "ad", "task")
+    run("compress", *paths[:2], "-o", tmp_path / "s", "--ratio", "4", "-q")
+    made = json.loads(run("info", tmp_path / "s", "--json").output)
+    assert made["tasks_with_private"] == 2  # unrelated: every task private
+    for mode in ([], ["--incremental"]):
+        run("compress", *paths[:2], "-o", tmp_path / "s", "--ratio", "4", "-q", "--force")
+        data = json.loads(run("add", tmp_path / "s", paths[2], *mode, "--json").output)
+        assert data["private_ranks"]["task2"]
+        info = json.loads(run("info", tmp_path / "s", "--json").output)
+        assert info["compression_ratio"] >= made["compression_ratio"] * (1 - 1e-9)
+        assert info["per_task"]["task2"]["error"] < 0.9  # not lost: it kept its own part
+        assert info["per_task"]["task2"]["svd_error"] is not None  # its baseline, recorded

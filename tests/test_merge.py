@@ -195,6 +195,19 @@ def test_merge_tasks_is_exact_on_cores(ads):
     assert merge_tasks(sub, ["b"]).rank == 5  # capped at k; default rank is the task's, 6
 
 
+@pytest.mark.parametrize("bits", [None, 6])
+def test_merge_tasks_counts_private_parts(ads, bits):
+    sub = SharedSubspace.from_adapters(ads, task_ids=["a", "b", "c"], num_components=2)
+    if bits:
+        sub.quantize(bits, coordinates=True)
+    sub.set_private("a", ads[0], dict.fromkeys(MODULES, 2))
+    sub.set_private("c", ads[2], {MODULES[0]: 1})
+    recon = [sub.reconstruct(t, F64) for t in sub.tasks]
+    out = merge_tasks(sub, ["a", "b", "c"], WEIGHTS, rank=6)
+    ref = task_arithmetic(recon, WEIGHTS, rank=6)
+    assert_delta(out, {m: ref.delta_weight(m) for m in MODULES}, atol=1e-5)
+
+
 def test_merge_tasks_on_quantized_bases_is_still_exact(ads):
     sub = SharedSubspace.from_adapters(ads, task_ids=["a", "b", "c"], num_components=5)
     sub.quantize(bits=4)  # dequantized bases are no longer orthonormal

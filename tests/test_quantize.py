@@ -94,12 +94,13 @@ def test_subspace_quantize_reports_exact_errors_and_saves_small(tmp_path, bits, 
         assert loaded.task_error(t) == sub.task_error(t)
         assert torch.equal(loaded.get_task(t).coords_b[MODULES[0]], sub.get_task(t).coords_b[MODULES[0]])
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
-    metas = [q for t in manifest["tasks"] for q in (t.get("quant") or {}).values()]
+    metas = [q for t in loaded.tasks for q in (loaded.get_task(t).quant or {}).values()]
     assert len(metas) == (2 * len(MODULES) * len(ads) if coords else 0)
-    assert all(q["transform"] == "dct" for q in metas)  # coordinates only: bases gain nothing
-    assert manifest["format_version"] == (3 if coords else 2)  # older readers read the rest
+    assert all(q.transform == "dct" for q in metas)  # coordinates only: bases gain nothing
+    assert all(b.quant["U"].transform is None for b in loaded.modules.values())
+    assert manifest["format_version"] == 5
     if coords:  # a transform this vlora does not know is refused, not read as another
-        metas[0]["transform"] = "hadamard"
+        manifest["tasks"][0]["transform"] = "hadamard"
         (tmp_path / "q" / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(SubspaceError, match="bad quantization metadata"):
             SharedSubspace.load(tmp_path / "q")

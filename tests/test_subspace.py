@@ -258,7 +258,7 @@ def test_stored_bytes_are_every_tensor_the_files_hold_but_heads(tmp_path, bits):
     assert held < on_disk  # headers and the manifest are counted too
     assert stats["overhead_bytes"] > 0
     if not bits:
-        assert held <= 9000  # the budget counts them all too
+        assert held <= 12000  # the budget counts them all too
 
 
 def test_compression_stats_count_bytes_and_svd_baseline():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ def six(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def q6(six):
-    return compress(six[:6], ratio=4, bits=6)
+    return compress(six[:6], ratio=2, bits=6, private="none")  # shared: every change moves it
 
 
 def _change(sub, how, path):
@@ -158,7 +160,8 @@ def test_directory_bytes_counts_every_file(q6, tmp_path):
 
 
 def test_the_format_of_a_file_written_before_it_was_recorded_is_read_from_its_tensors(q6, tmp_path):
-    copy.deepcopy(q6).save(tmp_path / "s")
+    # a version-3 file (tests/data, written by vlora at 7fe905e) without the key, as before it
+    shutil.copytree(Path(__file__).parent / "data" / "subspace-v3", tmp_path / "s")
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
     del manifest["quantization"]
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
@@ -176,7 +179,7 @@ def test_growth_within_the_headroom_keeps_the_compression_ratio(tmp_path, bits):
     # `add --incremental` (grow auto) took a 6-bit subspace from 3.27x to 2.82x while
     # saying the compression ratio holds.
     paths = saved(planted(5, noise=0.2, seed=1, d_out=64, d_in=48), tmp_path)
-    sub = compress(paths[:4], ratio=3, bits=bits)
+    sub = compress(paths[:4], ratio=3, bits=bits, private="none")
     ratio, ks = sub.compression_stats()["compression_ratio"], sum(b.k_out for b in sub.modules.values())
     sub.absorb_incremental(paths[4], "new", grow_bytes=growth_headroom(sub, sub.project(paths[4], "new")))
     assert sum(b.k_out for b in sub.modules.values()) > ks  # it grew, within the bytes
@@ -185,13 +188,13 @@ def test_growth_within_the_headroom_keeps_the_compression_ratio(tmp_path, bits):
 
 def test_a_file_with_dropped_modules_is_refused_by_older_readers(tmp_path):
     # An older vlora ignores dropped_sq and would report the errors of the kept modules
-    # alone; only such files are version 4, so older versions read the others.
+    # alone: files are version 5 now, which readers of versions 1-4 refuse.
     with pytest.warns(UserWarning, match="skipping"):
         sub = SharedSubspace.from_adapters(_mixed(tmp_path), missing_modules="skip")
     sub.save(tmp_path / "s")
-    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["format_version"] == 4
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["format_version"] == 5
     assert SharedSubspace.load(tmp_path / "s").task_error("m0") == sub.task_error("m0") > 0
     for t in ("m0", "m1"):  # the tasks that lost a module
         sub.remove_task(t)
     sub.save(tmp_path / "s")
-    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["format_version"] == 2
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["format_version"] == 5

@@ -373,7 +373,7 @@ def test_hostile_manifest_names_are_refused_or_stay_data(tmp_path):
         tensors = load_file(f)
         save_file({k.replace(old, evil): v for k, v in tensors.items()}, f)
     renamed = json.loads(json.dumps(good).replace(old, evil))
-    desc = ";".join(f"{m}:{x['d_out']}x{x['d_in']}" for m, x in sorted(renamed["modules"].items()))
+    desc = ";".join(f"{m}:{d_out}x{d_in}" for m, d_out, d_in, *_ in sorted(renamed["modules"]))
     renamed["fingerprint"] = hashlib.sha256(desc.encode()).hexdigest()[:16]  # as storage.fingerprint
     (path / "manifest.json").write_text(json.dumps(renamed))
     for kind in ("bases", "coords"):

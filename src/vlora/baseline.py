@@ -42,24 +42,12 @@ def svd_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int
               nbytes: float, bits: int | None) -> dict[str, int]:
     """Ranks per module within ``nbytes`` (factors only), greedily by the squared singular
     value kept per byte, each rank priced at what it adds to the two padded factors."""
-    ranks = dict.fromkeys(spectra, 0)
+    def steps(m: str) -> list[int]:
+        size = [sum(factor_bytes(d, r, bits) for d in shapes[m]) for r in range(spectra[m].numel() + 1)]
+        return [b - a for a, b in zip(size, size[1:])]
 
-    def step(m: str) -> int:
-        r, (d_out, d_in) = ranks[m], shapes[m]
-        return sum(factor_bytes(d, r + 1, bits) - factor_bytes(d, r, bits) for d in (d_out, d_in))
-
-    spent = 0
-    while True:
-        best, gain = None, 0.0
-        for m, s in spectra.items():
-            if ranks[m] < s.numel() and spent + step(m) <= nbytes:
-                g = float(s[ranks[m]]) ** 2 / max(step(m), 1)
-                if g > gain:
-                    best, gain = m, g
-        if best is None:
-            return ranks
-        spent += step(best)
-        ranks[best] += 1
+    return linalg.allocate_budget({m: s.square() for m, s in spectra.items()},
+                                  {m: steps(m) for m in spectra}, nbytes, minimum=0)
 
 
 def svd_quantized(adapter: LoRAWeights, nbytes: float, bits: int | None = None

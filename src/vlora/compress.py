@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from vlora.adapter import LoRAWeights
+from vlora.budget import resolve_module_weights
 from vlora.errors import BudgetError
 from vlora.io import load_adapter
 from vlora.sharing import choose
@@ -22,6 +23,7 @@ from vlora.stats import record_baselines, stored_bytes
 from vlora.subspace import SharedSubspace, default_task_id
 
 BUDGET_TRIES = 12
+T = TypeVar("T")
 
 
 def lora_bytes(adapters: Sequence[LoRAWeights]) -> int:
@@ -86,7 +88,10 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
             sub.quantize(bits, method, coordinates=quantize_coordinates)
         return sub
 
-    sub, _ = choose(items, ids, budget, shared_fit, private_fit, private)
+    weights = fit_kwargs.get("module_weights")
+    mw = resolve_module_weights(weights, dict.fromkeys(m for a in items for m in a.layer_names)) \
+        if weights else None
+    sub, _ = choose(items, ids, budget, shared_fit, private_fit, private, mw)
     record_baselines(sub, dict(zip(ids, items)))
     return sub
 
@@ -94,13 +99,7 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
 def _shared_at(items: Sequence[LoRAWeights], ids: Sequence[str], budget: float, bits: int | None,
                method: str, quantize_coordinates: bool, fit_kwargs: dict[str, Any]) -> SharedSubspace:
     """The shared-only fit whose directory is within ``budget`` bytes."""
-    # Quantized, each number costs about bits/32 of a float: the fit gets that much more
-    # budget, corrected until the stored bytes fit. Block scales, padding, Grams and the
-    # manifest do not shrink with the bits, so the stored bytes are not proportional to
-    # the fit's budget: after the first try, aim along the line through the last two tries.
-    factor, stored = 32 / (bits or 32), 0
-    tried: list[tuple[float, int]] = []
-    for _ in range(BUDGET_TRIES):
+    def fit(factor: float) -> tuple[SharedSubspace, bool, SharedSubspace]:
         try:
             sub, smallest = SharedSubspace.from_adapters(items, ids, budget=budget * factor,
                                                          **fit_kwargs), False
@@ -108,15 +107,44 @@ def _shared_at(items: Sequence[LoRAWeights], ids: Sequence[str], budget: float, 
             sub, smallest = e.closest, True
         if bits is not None:
             sub.quantize(bits, method, coordinates=quantize_coordinates)
+        return sub, smallest, sub
+
+    return scale_search(fit, budget, bits, f"shared fit of {len(items)} adapters")
+
+
+def scale_search(fit: Callable[[float], tuple[SharedSubspace, bool, T]], budget: float,
+                 bits: int | None, what: str) -> T:
+    """The fit landing closest under ``budget`` bytes, over scales of a float32 budget.
+
+    ``fit(scale)`` fits at ``scale * budget`` float32 bytes and returns ``(subspace as it
+    will be stored, smallest, result)``, ``smallest`` when no smaller fit exists; the
+    ``result`` of the best fit is returned.
+    Quantized, each number costs about bits/32 of a float, so the first scale is 32/bits;
+    block scales, padding, Grams and the manifest do not shrink with the bits, so the
+    bytes are not proportional to the scale: the next scale is aimed along the line
+    through the last two tries while every try is over, then bisected between the largest
+    scale under and the smallest over (the bytes are a step function of the scale)."""
+    factor, stored, best = 32 / (bits or 32), 0, None
+    lo = hi = None  # the largest scale whose fit was under the target, the smallest over it
+    tried: list[tuple[float, int]] = []
+    for _ in range(BUDGET_TRIES):
+        sub, smallest, result = fit(factor)
         stored = stored_bytes(sub)
         if stored <= budget:
-            return sub
-        if smallest:  # no smaller fit to try
+            if best is None or stored > best[0]:
+                best = (stored, result)
+            lo = factor if lo is None else max(lo, factor)
+            if hi is None or best[0] >= 0.97 * budget or hi - lo < 0.01 * hi:
+                return best[1]
+        elif smallest:  # no smaller fit to try
             break
-        factor = next_factor(tried, factor, budget, stored)
-    raise BudgetError(f"no {bits or 32}-bit shared fit of {len(items)} adapters lands under "
-                      f"{budget:.0f} bytes (closest: {stored} bytes; every module keeps at least "
-                      "one direction)", closest=sub)
+        else:
+            hi = factor if hi is None else min(hi, factor)
+        factor = (lo + hi) / 2 if lo is not None else next_factor(tried, factor, budget, stored)
+    if best is not None:
+        return best[1]
+    raise BudgetError(f"no {bits or 32}-bit {what} lands under {budget:.0f} bytes (closest: "
+                      f"{stored} bytes; every module keeps at least one direction)", closest=sub)
 
 
 def next_factor(tried: list[tuple[float, int]], factor: float, budget: float, stored: int) -> float:

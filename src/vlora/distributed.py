@@ -52,7 +52,7 @@ import torch
 
 from vlora import linalg
 from vlora.budget import choose_ks, coordinate_numbers, core_ranks
-from vlora.compress import BUDGET_TRIES, next_factor
+from vlora.compress import scale_search
 from vlora.distributed_tasks import (
     Failure,
     ShardInfo,
@@ -62,7 +62,7 @@ from vlora.distributed_tasks import (
     refine_stats,
     sketch_shard,
 )
-from vlora.errors import BudgetError, IncompatibleAdaptersError, VLoRAError
+from vlora.errors import IncompatibleAdaptersError, VLoRAError
 from vlora.progress import track
 from vlora.stats import stored_bytes
 from vlora.subspace import check_rank, one_base_model, warn_base_models
@@ -279,6 +279,7 @@ class _Run:
         self.finish = remote()(finish_shard)
         self.refine_iters, self.progress = refine_iters, progress
         self.last: tuple[Any, Any] = (None, None)  # (ks, (modules, rotations)) of the last fit
+        self.fixed: int | None = None  # stored bytes of the fit with no direction (best_under)
 
     def sketch_and_project(self, widths: tuple[int, int]) -> None:
         """Rounds 1 and 2: the merged sketch as float64 bases ``self.wide`` (``Ũ``, ``Ṽ``
@@ -345,9 +346,12 @@ class _Run:
             {top, max(1, (3 * top) // 4), max(1, top // 2), max(1, top // 4)}, reverse=True)
         spectra = {m: (b.G_u.diagonal().sqrt(), b.G_v.diagonal().sqrt()) for m, b in self.wide.items()}
         shapes = {m: (b.d_out, b.d_in) for m, b in self.wide.items()}
+        if self.fixed is None:  # the directory's bytes whatever the ks (manifest, headers, figures)
+            self.fixed = stored_bytes(self.fit(dict.fromkeys(self.wide, (0, 0)), None, None))
         best = smallest = None
         for p in candidates:
-            ks = choose_ks(spectra, shapes, sum(min(r, p) for r in ranks), None, None, budget, True)
+            ks = choose_ks(spectra, shapes, sum(min(r, p) for r in ranks), None, None, budget, True,
+                           fixed_bytes=self.fixed)
             spec = (ks, p if pseudo_rank is not None else None)
             sub = self.fit(*spec, None)
             if pseudo_rank is None and p < top:
@@ -369,21 +373,15 @@ class _Run:
         with exact errors."""
         if ratio is not None:
             budget = 4 * sum(c[1] for c in self.counts) / ratio
-        factor, tries, stored, tried = 32 / (bits or 32), BUDGET_TRIES if bits else 1, 0, []
-        for _ in range(tries):
+        def fit(factor: float) -> tuple[SharedSubspace, bool, Any]:
             spec, sub, smallest = self.best_under(budget * factor, pseudo_rank)
             if bits is not None:
                 sub.quantize(bits, method, coordinates=True, exact_errors=False)
-            stored = stored_bytes(sub)
-            if stored <= budget:
-                self._warn_capped(spec[0])
-                return sub if bits is None else self.fit(*spec, (bits, method))
-            if smallest:  # no smaller fit to try
-                break
-            factor = next_factor(tried, factor, budget, stored)
-        raise BudgetError(f"no {bits or 32}-bit fit of {len(self.counts)} adapters lands under "
-                          f"{budget:.0f} bytes (closest: {stored} bytes; every module keeps at least "
-                          "one direction)", closest=sub)
+            return sub, smallest, (spec, sub)
+
+        spec, sub = scale_search(fit, budget, bits, f"fit of {len(self.counts)} adapters")
+        self._warn_capped(spec[0])
+        return sub if bits is None else self.fit(*spec, (bits, method))
 
     def _warn_capped(self, ks: dict[str, tuple[int, int]]) -> None:
         """Warn where the budget took every direction a full sketch holds: it may have

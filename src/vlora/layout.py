@@ -18,13 +18,14 @@ import torch
 from vlora.errors import SubspaceError
 from vlora.packing import Packer, Quant, Unpacker
 from vlora.task import ModuleBasis, TaskProjection
-from vlora.validate import dropped, flag, gram, number, stored_gram, tensor, validate_task_id
+from vlora.validate import dropped, gram, number, stored_gram, tensor, validate_task_id
 
 if TYPE_CHECKING:
     from vlora.subspace import SharedSubspace
 
 VERSION = 5
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
+_GRAM_SHARES = (None, "original", "stored")  # TaskProjection.gram_share, by its code in flags
 
 
 def fingerprint(sub: SharedSubspace) -> str:
@@ -72,6 +73,8 @@ def encode(sub: SharedSubspace) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     res = torch.zeros(len(tasks), len(names), dtype=torch.float64)
     # a fixed size, whatever the figures: a fit's bytes do not change once they are recorded
     baseline = torch.full((len(tasks), 3), -1.0, dtype=torch.float64)
+    flags = torch.tensor([[int(t.error_is_bound), _GRAM_SHARES.index(t.gram_share)] for t in tasks],
+                         dtype=torch.uint8).reshape(len(tasks), 2)
     for i, t in enumerate(tasks):
         if t.baseline is not None:
             baseline[i] = torch.tensor([t.baseline[k] for k in ("bytes", "error", "bits")],
@@ -98,7 +101,6 @@ def encode(sub: SharedSubspace) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         meta = {"id": t.task_id, "config": configs.index(text), "weight": t.weight,
                 "source": t.source, "sha256": t.sha256}
         optional = {"dtype": (t.dtype, "float32"), "extra_keys": (sorted(t.extra), []),
-                    "error_is_bound": (t.error_is_bound, False), "gram_share": (t.gram_share, None),
                     "dropped_sq": (t.dropped_sq, {}),
                     "transform": (None if tfmt != cfmt else "dct", "dct")}
         meta.update({k: v for k, (v, default) in optional.items() if v != default})
@@ -112,7 +114,7 @@ def encode(sub: SharedSubspace) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     return {"bases": {**bases.tensors(""), "grams": torch.cat(grams) if grams else
                       torch.zeros(0, dtype=torch.float64)},
             "coords": {**coords.tensors(""), "ranks": ranks, "norm_sq": norm, "residual_sq": res,
-                       "baseline": baseline, "fit": _fit_report(sub.fit_report)},
+                       "baseline": baseline, "flags": flags, "fit": _fit_report(sub.fit_report)},
             "extras": extras}, manifest
 
 
@@ -181,6 +183,11 @@ def decode(manifest: dict[str, Any], data: dict[str, dict[str, torch.Tensor]], w
         raise SubspaceError(f"{what}: ranks disagree with the manifest")
     norm, res = (tensor(x, f"{what} {k}", shape) for x, k in ((norm, "norm_sq"), (res, "residual_sq")))
     baseline = tensor(data["coords"].get("baseline"), f"{what} baseline", (len(metas), 3))
+    flags = data["coords"].get("flags")
+    if not isinstance(flags, torch.Tensor) or flags.dtype != torch.uint8 \
+            or tuple(flags.shape) != (len(metas), 2) or bool((flags[:, 0] > 1).any()) \
+            or bool((flags[:, 1] >= len(_GRAM_SHARES)).any()):
+        raise SubspaceError(f"{what}: task flags disagree with the manifest")
     if bool((norm < 0).any()) or bool((res < 0).any()):
         raise SubspaceError(f"{what}: negative norms or residuals")
     for i, meta in enumerate(metas):
@@ -190,6 +197,9 @@ def decode(manifest: dict[str, Any], data: dict[str, dict[str, torch.Tensor]], w
         if not isinstance(config, dict) or meta.get("dtype", "float32") not in _DTYPES or not all(
                 x is None or isinstance(x, str) for x in (meta.get("source"), meta.get("sha256"))):
             raise SubspaceError(f"{tw} has a malformed config, dtype, source or sha256")
+        if meta.get("transform", "dct") not in ("dct", None):
+            raise SubspaceError(f"{tw}: bad quantization metadata (transform "
+                                f"{str(meta.get('transform'))[:40]!r})")
         tfmt = cfmt if meta.get("transform", "dct") == "dct" or cfmt is None else (*cfmt[:3], None)
         cb, ca, own, quant, orig = {}, {}, {}, {}, {}
         for j, m in enumerate(names):
@@ -209,12 +219,11 @@ def decode(manifest: dict[str, Any], data: dict[str, dict[str, torch.Tensor]], w
         t = TaskProjection(
             tid, cb, ca, {m: float(norm[i, j]) for j, m in enumerate(names)},
             {m: float(res[i, j]) for j, m in enumerate(names)}, {},
-            number(meta["weight"], f"{tw} weight"),
-            flag(meta.get("error_is_bound", False), f"{tw} error_is_bound"),
+            number(meta["weight"], f"{tw} weight"), bool(flags[i, 0]),
             {k: data["extras"][f"{i}::{k}"] for k in meta.get("extra_keys", [])},
             dict(config), str(meta.get("dtype", "float32")), meta.get("source"),
             meta.get("sha256"), quant or None,
-            meta.get("gram_share") if meta.get("gram_share") in ("original", "stored") else None,
+            _GRAM_SHARES[int(flags[i, 1])],
             dropped(meta.get("dropped_sq") or {}, modules, tw), own, orig,
             None if row[0] == -1.0 else dict(zip(("bytes", "error", "bits"), row)))
         sub._tasks[tid] = t  # as stored: add_task would round what is already rounded

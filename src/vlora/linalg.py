@@ -360,27 +360,33 @@ def choose_k(spectrum: torch.Tensor, k: int | None = None, threshold: float | No
     return cap if k is None else min(k, cap)
 
 
-def allocate_budget(gains: dict[object, torch.Tensor], costs: dict[object, float],
+def allocate_budget(gains: dict[object, torch.Tensor], costs: dict[object, float | Sequence[float]],
                     budget: float, minimum: int = 1) -> dict[object, int]:
     """Share a byte budget over keys greedily by the largest objective drop per byte.
 
     ``gains[key]`` is the decreasing sequence of objective drops of adding each next
-    direction (the stack spectrum squared), ``costs[key]`` the bytes one direction
-    costs. Every key with any energy gets at least ``minimum`` directions.
+    direction (the stack spectrum squared); ``costs[key]`` the bytes one direction costs,
+    or the bytes of each next one (a sequence: quantized tensors grow by whole blocks).
+    Every key with any energy gets at least ``minimum`` directions.
     """
+    def cost(key: object, j: int) -> float:
+        c = costs[key]
+        return float(c) if isinstance(c, (int, float)) else float(c[j])
+
     ks = {key: min(minimum, len(g)) for key, g in gains.items()}
-    spent = sum(ks[key] * costs[key] for key in gains)
-    heap = [(-float(g[ks[key]]) / costs[key], i, key) for i, (key, g) in enumerate(gains.items())
-            if ks[key] < len(g)]
+    spent = sum(cost(key, j) for key in gains for j in range(ks[key]))
+    heap = [(-float(g[ks[key]]) / max(cost(key, ks[key]), 1e-300), i, key)
+            for i, (key, g) in enumerate(gains.items()) if ks[key] < len(g)]
     heapq.heapify(heap)
     while heap:
         _, i, key = heapq.heappop(heap)
-        if spent + costs[key] > budget:
+        step = cost(key, ks[key])
+        if spent + step > budget:
             continue
-        spent += costs[key]
+        spent += step
         ks[key] += 1
         if ks[key] < len(gains[key]):
-            heapq.heappush(heap, (-float(gains[key][ks[key]]) / costs[key], i, key))
+            heapq.heappush(heap, (-float(gains[key][ks[key]]) / max(cost(key, ks[key]), 1e-300), i, key))
     return ks
 
 

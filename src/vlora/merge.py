@@ -394,15 +394,13 @@ def dare_ties_merge(adapters: Sequence[AdapterLike], drop_rate: float = 0.5,
 
 def merge_tasks(subspace: SharedSubspace, task_ids: Sequence[str],
                 weights: Sequence[float] | None = None, rank: int | None = None) -> MergeResult:
-    """Weighted sum of tasks of one subspace, exact on their cores (DESIGN.md section 5).
+    """Weighted sum of tasks of one subspace, exact on what they store (DESIGN.md section 5).
 
-    Per module ``C = sum_t w_t C_t`` ``(k_out, k_in)`` with ``C_t = L_B,t L_A,t^T``, and
-    ``sum_t w_t dW^_t = U C V^T`` exactly. With orthonormal bases its SVD is the small
-    ``C = P S Q^T`` lifted, ``B = U P_r S_r^(1/2)`` ``(d_out, r)``,
-    ``A = S_r^(1/2) Q_r^T V^T`` ``(r, d_in)``; the canonical form of ``(U C) V^T``
-    (QR of ``(d, k)`` blocks) gives the same and stays exact for quantized bases, which
-    are not orthonormal. ``rank`` defaults to the largest task rank. Modules no chosen
-    task has are left out.
+    Per module ``sum_t w_t dW^_t = U (sum_t w_t C_t) V^T + sum_t w_t P_t Q_t^T``: the
+    shared cores are summed (``k_out x k_in``), the private parts stacked, and the
+    canonical form of the whole (QR of ``(d, k + sum q)`` blocks, exact for quantized
+    bases, which are not orthonormal) is truncated to ``rank`` by SVD. ``rank``
+    defaults to the largest task rank. Modules no chosen task has are left out.
     """
     tids = list(task_ids)
     tasks = [subspace.get_task(t) for t in tids]
@@ -415,10 +413,13 @@ def merge_tasks(subspace: SharedSubspace, task_ids: Sequence[str],
     factors = {}
     with linalg.fixed_threads():
         for m, basis in subspace.modules.items():
-            if min(basis.k_out, basis.k_in) == 0 or all(t.coords_b[m].shape[1] == 0
-                                                         for t in tasks):
+            own = [(w, t.private[m]) for t, w in zip(tasks, ws) if m in t.private]
+            if not own and (min(basis.k_out, basis.k_in) == 0 or all(t.coords_b[m].shape[1] == 0
+                                                                     for t in tasks)):
                 continue  # dW^ = 0 for every chosen task: PEFT cannot load a rank-0 module
             core = sum(w * subspace.core(tid, m) for tid, w in zip(tids, ws))
-            u, s, v = linalg.canonical(basis.U.to(F64) @ core, basis.V.to(F64).T)
+            b = torch.cat([basis.U.to(F64) @ core, *(w * p.to(F64) for w, (p, _) in own)], 1)
+            a = torch.cat([basis.V.to(F64), *(q.to(F64) for _, (_, q) in own)], 1)
+            u, s, v = linalg.canonical(b, a.T)
             factors[m] = _split(u, s, v, rank, torch.promote_types(basis.U.dtype, torch.float32))
     return _result(tasks, ws, factors, [], {"method": "merge_tasks", "tasks": tids, "rank": rank})

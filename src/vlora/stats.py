@@ -123,13 +123,18 @@ def lora_bytes(sub: SharedSubspace, t: TaskProjection) -> int:
 
 
 def growth_headroom(sub: SharedSubspace, new: TaskProjection) -> float:
-    """Bytes that adding ``new`` (a projection on ``sub``'s bases) may add beyond its own
-    coordinates, so that ``sub`` keeps its compression ratio: the byte target of an add."""
+    """Bytes that adding ``new`` (a projection on ``sub``'s bases) may add beyond what
+    adding it alone adds (its numbers, its manifest entry and figures), so that ``sub``
+    keeps its compression ratio: the byte target of an add."""
+    from vlora.subspace import SharedSubspace
     tasks = [sub.get_task(t) for t in sub.tasks]
     before = sum(lora_bytes(sub, t) for t in tasks)
     stored = stored_bytes(sub)
     target = stored * (before + lora_bytes(sub, new)) / before if before else stored
-    return target - stored - task_stored_bytes(new)
+    with_new = SharedSubspace(sub.modules, [*tasks, new], weighting=sub.weighting,
+                              base_model=sub.base_model, missing_modules=sub.missing_modules)
+    with_new.quantization, with_new.fit_report = sub.quantization, sub.fit_report
+    return target - stored_bytes(with_new)
 
 
 def directory_bytes(path: str | os.PathLike) -> int:

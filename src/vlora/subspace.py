@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 import os
 import warnings
@@ -267,9 +266,9 @@ class SharedSubspace:
         options = {"weighting": weighting, "base_model": base_model, "missing_modules": missing_modules}
         # what the directory holds whatever the ks (manifest, headers, the tasks' figures):
         # measured on the fit with no direction, which costs one projection per task
-        fixed = 0 if budget is None else stats.stored_bytes(cls._fit(
+        fixed = 0 if budget is None else stats.stored_bytes(_fitted(cls._fit(
             items, ids, weights, shapes, starts, dict.fromkeys(shapes, (0, 0)), 0, None, False,
-            **options))
+            **options)))
         best = smallest = None  # (score, sub) within the budget; (bytes, sub) of all
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
@@ -282,8 +281,7 @@ class SharedSubspace:
                 ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p), mw)
                 for a, tid in zip(items, ids):
                     sub.add_task(sub.project(a, tid, pseudo_rank=ranks[tid]), replace=True)
-            for t in sub._tasks.values():  # before its bytes are counted: the manifest says it
-                t.gram_share = "original"
+            _fitted(sub)
             score = sum(weighted_error(sub.get_task(t), mw) for t in ids)
             stored = stats.stored_bytes(sub) if budget is not None else 0
             if (budget is None or stored <= budget) and (best is None or score < best[0]):
@@ -460,12 +458,32 @@ class SharedSubspace:
 
     def task_coverage(self, task_id: str) -> float:
         """Share of the task's original energy its reconstruction holds,
-        ``sum ||U C V^T||^2 / sum ||dW||^2``: ``||C||^2 / ||dW||^2`` for orthonormal bases,
-        through ``U^T U`` and ``V^T V`` for quantized ones (which are not)."""
+        ``sum ||U C V^T + P Q^T||^2 / sum ||dW||^2`` (:meth:`stored_norm_sq`)."""
         total = self.get_task(task_id).total_norm_sq
-        kept = sum(linalg.inner_in_bases(c, c, *self.grams(m))
-                   for m in self.modules for c in [self.core(task_id, m)])
+        kept = sum(self.stored_norm_sq(task_id, m) for m in self.modules)
         return kept / total if total > 0 else 1.0
+
+    def factors(self, task_id: str, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A task's module as stored, ``dW^ = B A^T`` with ``B = [U L_B, P]`` ``(d_out, r + q)``
+        and ``A = [V L_A, Q]`` ``(d_in, r + q)``, float64 (exact for any bases)."""
+        t, b = self.get_task(task_id), self.modules[module]
+        out_b, out_a = b.U.to(F64) @ t.coords_b[module].to(F64), b.V.to(F64) @ t.coords_a[module].to(F64)
+        if module in t.private:
+            p, q = t.private[module]
+            out_b, out_a = torch.cat([out_b, p.to(F64)], 1), torch.cat([out_a, q.to(F64)], 1)
+        return out_b, out_a
+
+    def stored_norm_sq(self, task_id: str, module: str,
+                       grams: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+        """``||U C V^T + P Q^T||^2`` of a task's module as stored: ``||C||^2`` for orthonormal
+        bases and no private part, through ``U^T U`` and ``V^T V`` for quantized bases (which
+        are not orthonormal), through the factors' Grams with a private part. ``grams``:
+        :meth:`grams` of the module, when the caller holds them for many tasks."""
+        if module not in self.get_task(task_id).private:
+            c = self.core(task_id, module)
+            return linalg.inner_in_bases(c, c, *(grams or self.grams(module)))
+        out_b, out_a = self.factors(task_id, module)
+        return linalg.frobenius_sq(out_b, out_a.T)
 
     def grams(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U^T U, V^T V)`` of a module in float64: identities unless quantized."""
@@ -601,18 +619,8 @@ class SharedSubspace:
             for side, k, d, g in (("out", b.k_out, b.d_out, gu), ("in", b.k_in, b.d_in, gv)):
                 size = [stats.side_bytes(self, d, j, ranks) for j in range(k, g.shape[0] + 1)]
                 steps[m, side] = (torch.diagonal(g)[k:], [y - x for x, y in zip(size, size[1:])])
-        extra, spent = dict.fromkeys(steps, 0), 0.0
-        heap = [(-float(g[0]) / c[0], i, key) for i, (key, (g, c)) in enumerate(steps.items()) if c]
-        heapq.heapify(heap)
-        while heap:
-            _, i, key = heapq.heappop(heap)
-            (g, c), j = steps[key], extra[key]
-            if spent + c[j] > grow_bytes:
-                continue
-            spent, extra[key] = spent + c[j], j + 1
-            if j + 1 < len(c):
-                heapq.heappush(heap, (-float(g[j + 1]) / c[j + 1], i, key))
-        return extra
+        return linalg.allocate_budget({key: g for key, (g, _) in steps.items()},
+                                      {key: c for key, (_, c) in steps.items()}, grow_bytes, minimum=0)
 
     def quantize(self, bits: int = 8, method: str = "symmetric", coordinates: bool = False,
                  block: int = 64, exact_errors: bool = True) -> dict[str, AbsorbReport]:
@@ -743,6 +751,15 @@ class SharedSubspace:
         ks = [(b.k_out, b.k_in) for b in self.modules.values()]
         return (f"SharedSubspace({len(self.modules)} modules, {len(self._tasks)} tasks, "
                 f"k_out/k_in {min(ks, default=(0, 0))}..{max(ks, default=(0, 0))})")
+
+
+def _fitted(sub: SharedSubspace) -> SharedSubspace:
+    """``sub`` with every task marked as a fit leaves it: the bases' Grams hold each
+    task's original energy (set once the tasks are final: a replaced task's energy would
+    otherwise be taken out of the Grams; and before bytes are counted: the manifest says it)."""
+    for t in sub._tasks.values():
+        t.gram_share = "original"
+    return sub
 
 
 def _private_as(t: TaskProjection, coord_quant: tuple[int, str, int] | None,

@@ -128,8 +128,9 @@ class TaskProjection:
 
     @property
     def coverage(self) -> float:
-        """Share of the adapter's energy inside the subspace, ``||C||^2 / ||dW||^2``, for
-        orthonormal bases (:meth:`SharedSubspace.task_coverage` holds for quantized ones)."""
+        """Share of the adapter's energy in its shared part, ``||C||^2 / ||dW||^2``, for
+        orthonormal bases (:meth:`SharedSubspace.task_coverage` holds for quantized ones and
+        counts private parts too)."""
         total = self.total_norm_sq
         kept = sum(linalg.frobenius_sq(self.coords_b[m], self.coords_a[m].T) for m in self.modules)
         return kept / total if total > 0 else 1.0

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from vlora.cli.common import JSON, QUIET, console, human_bytes, print_json, progress_enabled
 from vlora.cli.subspace_cmds import print_summary, summary
+from vlora.compress import compress
 from vlora.examples import example_adapter_dirs
 from vlora.io import save_adapter
-from vlora.subspace import SharedSubspace
 
 
 def _can_score() -> bool:
@@ -24,18 +24,22 @@ def _can_score() -> bool:
 
 @click.command()
 @click.option("-o", "--output", type=click.Path(), help="Keep the subspace here (default: a temp dir).")
-@click.option("-k", "--num-components", type=int, default=16, show_default=True,
-              help="Shared directions per module and side.")
+@click.option("--ratio", type=click.FloatRange(min=1, min_open=True), default=10, show_default=True,
+              help="Fewer bytes than the adapters' float32 LoRA factors, by this factor "
+                   "(the subspace folder's bytes on disk, heads apart).")
+@click.option("--bits", type=click.Choice(["4", "5", "6", "8", "32"]), default="6", show_default=True,
+              help="Number format of what is stored (32: float32).")
 @click.option("--no-accuracy", is_flag=True, help="Skip re-scoring exported adapters on their eval sets.")
 @click.option("--limit", type=int, default=200, show_default=True, help="Eval examples per task.")
 @QUIET
 @JSON
-def demo(output, num_components, no_accuracy, limit, quiet, as_json):
+def demo(output, ratio, bits, no_accuracy, limit, quiet, as_json):
     """Compress the real example adapters shipped with vlora and show what was kept.
 
     Eight PEFT LoRA adapters of all-MiniLM-L6-v2 (r=8, query/value), trained on eight
-    real text-classification tasks, go into one subspace. The command prints the per-task
-    dW error next to per-adapter SVD at the same bytes, the bytes saved, and (when
+    real text-classification tasks, go into one subspace at a byte target (shared where
+    sharing pays, private parts per task where it does not). The command prints the
+    per-task dW error next to per-adapter SVD at the same bytes, the bytes saved, and (when
     transformers, peft and the MiniLM weights are installed) each task's accuracy
     before and after, scored with PEFT on the adapter exported back from the subspace.
     """
@@ -43,8 +47,8 @@ def demo(output, num_components, no_accuracy, limit, quiet, as_json):
     dirs = example_adapter_dirs()
     out.print(f"Compressing {len(dirs)} real LoRA adapters: {', '.join(d.name for d in dirs)}")
     start = time.perf_counter()
-    sub = SharedSubspace.from_adapters(dirs, num_components=num_components,
-                                       progress=progress_enabled(quiet))
+    sub = compress(dirs, ratio=ratio, bits=None if bits == "32" else int(bits),
+                   progress=progress_enabled(quiet))
     fit_s = time.perf_counter() - start
     workdir = Path(output) if output else Path(tempfile.mkdtemp(prefix="vlora-demo-"))
     sub.save(workdir / "subspace" if not output else workdir)

@@ -14,6 +14,7 @@ import torch
 from rich.table import Table
 
 from vlora import linalg
+from vlora.adapter import LoRAWeights
 from vlora.cli.common import (
     JSON,
     QUIET,
@@ -28,7 +29,8 @@ from vlora.cli.common import (
 from vlora.compress import compress as fit_to_bytes
 from vlora.errors import SubspaceError
 from vlora.io import adapter_disk_bytes, load_adapter, save_adapter
-from vlora.stats import directory_bytes, growth_headroom, stored_bytes, task_stored_bytes
+from vlora.sharing import private_within, ratio_target
+from vlora.stats import directory_bytes, growth_headroom, record_baselines, stored_bytes, task_stored_bytes
 from vlora.storage import MANIFEST, lock
 from vlora.subspace import SharedSubspace
 
@@ -217,6 +219,10 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
         if streaming or module_weights or missing_modules != "error":
             raise click.UsageError("--ray goes without --streaming, --module-weight and "
                                    "--missing-modules (every adapter must have the same modules)")
+        if (budget or ratio) and private == "auto":
+            warnings.warn("--ray fits shared parts only (no private parts): at this byte target "
+                          "it may store the adapters worse than truncating each alone; without "
+                          "--ray, compress compares both and keeps the better", UserWarning, stacklevel=2)
         sub = SharedSubspace.from_adapters_distributed(
             list(adapters), task_ids=ids, num_components=k, variance_threshold=variance_threshold,
             budget=budget, ratio=ratio, bits=int(bits) if bits else None, address=ray_address,
@@ -353,17 +359,20 @@ def _bytes_line(before: int, after: int) -> str:
     return f"stored bytes: {human_bytes(before)} -> {human_bytes(after)} ({after - before:+,d} B)"
 
 
-def _incremental(sub: SharedSubspace, path: str, tid: str, grow: str):
+def _incremental(sub: SharedSubspace, adapter: LoRAWeights, tid: str, grow: str, keeps_private: bool):
     """``absorb_incremental`` of one adapter as ``--grow`` says; returns its report and
-    what it chose, in words."""
+    what it chose, in words. In a subspace that keeps private parts, ``auto`` keeps k: the
+    new task's bytes go to its own private part, as the fit found better for its tasks."""
     if grow == "none":
-        return sub.absorb_incremental(path, tid), "kept k"
+        return sub.absorb_incremental(adapter, tid), "kept k"
+    if grow == "auto" and keeps_private:
+        return sub.absorb_incremental(adapter, tid), "kept k (this subspace keeps private parts: " \
+            "the new task gets one, within the compression ratio)"
     ks = {m: (b.k_out, b.k_in) for m, b in sub.modules.items()}
     before = stored_bytes(sub)
     if grow == "full":
-        report = sub.absorb_incremental(path, tid, grow=True)
+        report = sub.absorb_incremental(adapter, tid, grow=True)
     else:  # auto: grow where it keeps the most, as far as the compression ratio allows
-        adapter = load_adapter(path)
         headroom = growth_headroom(sub, sub.project(adapter, tid))
         report = sub.absorb_incremental(adapter, tid, grow_bytes=max(headroom, 0.0))
     grew = {m: (b.k_out - ks[m][0], b.k_in - ks[m][1]) for m, b in sub.modules.items()
@@ -417,19 +426,26 @@ def add(subspace, adapters, task_ids, incremental, grow, project_only, quiet, as
     with lock(_subspace_folder(subspace)):
         sub = _load(subspace)
         before = stored_bytes(sub)
-        reports, chose = {}, {}
+        reports, chose, private = {}, {}, {}
+        # a subspace whose fit kept private parts gives a new task one too, within its ratio
+        keeps_private = mode != "project" and any(sub.get_task(t).private for t in sub.tasks)
         for path, tid in zip(adapters, ids):
+            adapter = load_adapter(path)
+            target = ratio_target(sub, adapter)
             if mode == "project":
-                sub.add_task(sub.project(path, tid))
+                sub.add_task(sub.project(adapter, tid))
             elif mode == "incremental":
-                reports[tid], chose[tid] = _incremental(sub, path, tid, grow)
+                reports[tid], chose[tid] = _incremental(sub, adapter, tid, grow, keeps_private)
             else:
-                reports[tid] = sub.absorb(path, tid)
+                reports[tid] = sub.absorb(adapter, tid)
+            if keeps_private:
+                private[tid] = private_within(sub, adapter, tid, target)
+            record_baselines(sub, {tid: adapter})
         sub.save(subspace)  # re-takes the same (re-entrant) lock
     after = stored_bytes(sub)
     rows = {new: {old: vars(r) for old, r in rep.items()} for new, rep in reports.items()}
     if as_json:
-        print_json({"added": ids, "old_tasks": rows, "growth": chose,
+        print_json({"added": ids, "old_tasks": rows, "growth": chose, "private_ranks": private,
                     "new_errors": {t: sub.task_error(t) for t in ids},
                     "dropped_modules": {t: sorted(sub.get_task(t).dropped_sq) for t in ids
                                         if sub.get_task(t).dropped_sq},
@@ -449,7 +465,9 @@ def add(subspace, adapters, task_ids, incremental, grow, project_only, quiet, as
             out.print(f"{new}: {chose[new]}")
     for t in ids:
         dropped = len(sub.get_task(t).dropped_sq)
+        own = sum(private.get(t, {}).values())
         out.print(f"added {t}: error {sub.task_error(t):.4f}, coverage {sub.task_coverage(t):.3f}"
+                  + (f", private rank {own} over {len(private[t])} module(s)" if own else "")
                   + (f" ({dropped} module(s) not in the subspace, lost in full)" if dropped else ""))
     out.print(_bytes_line(before, after))
     if _format_line(sub):
@@ -524,14 +542,15 @@ def validate(subspace, quiet, as_json):
         grams = {m: sub.grams(m) for m in sub.modules}
         for t in sub.tasks:
             task = sub.get_task(t)
-            coords = [*task.coords_a.values(), *task.coords_b.values()]
+            coords = [*task.coords_a.values(), *task.coords_b.values(),
+                      *(x for pq in task.private.values() for x in pq)]
             if not all(bool(torch.isfinite(x).all()) for x in coords):
                 problems.append(f"task {t}: coordinates have NaN or Inf")
                 continue
-            # the manifest's errors are not under a checksum: they must at least agree with
-            # what is stored, ||dW - dW^|| >= | ||dW|| - ||dW^|| | (a bound holds it too)
+            # the recorded errors must at least agree with what is stored,
+            # ||dW - dW^|| >= | ||dW|| - ||dW^|| | (a bound holds it too)
             for m in sub.modules:
-                stored = linalg.inner_in_bases(sub.core(t, m), sub.core(t, m), *grams[m]) ** 0.5
+                stored = sub.stored_norm_sq(t, m, grams[m]) ** 0.5
                 norm = task.norm_sq[m] ** 0.5
                 if task.residual_sq[m] ** 0.5 < abs(norm - stored) - 1e-3 * max(norm, stored):
                     problems.append(f"task {t}: module {m}: the manifest's error is below what its "
@@ -595,9 +614,10 @@ def diff(subspace, task_a, task_b, quiet, as_json):
     sub = _load(subspace)
     rows, num, den, dot, nb = {}, 0.0, 0.0, 0.0, 0.0
     for m in sub.modules:
-        ca, cb, grams = sub.core(task_a, m), sub.core(task_b, m), sub.grams(m)  # exact on quantized bases too
-        d, na, nbm, ab = (linalg.inner_in_bases(x, y, *grams) for x, y in
-                          ((ca - cb, ca - cb), (ca, ca), (cb, cb), (ca, cb)))
+        (ba, aa), (bb, ab_) = sub.factors(task_a, m), sub.factors(task_b, m)  # shared and private
+        d = linalg.frobenius_sq(torch.cat([ba, -bb], 1), torch.cat([aa, ab_], 1).T)
+        na, nbm = linalg.frobenius_sq(ba, aa.T), linalg.frobenius_sq(bb, ab_.T)
+        ab = linalg.inner(ba, aa.T, 1.0, bb, ab_.T, 1.0)
         cos = ab / math.sqrt(na * nbm) if na and nbm else 0.0
         rows[m] = {"relative_difference": _relative(d, na), "cosine": cos}
         num, den, dot, nb = num + d, den + na, dot + ab, nb + nbm
