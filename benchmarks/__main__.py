@@ -69,7 +69,10 @@ def machine() -> str:
 PARTS = [("Fidelity against bytes", "fidelity"), ("Scale", "scale"), ("Serving", "serving"),
          ("Continual learning (Share)", "continual")]
 # Runs outside the suite's clock that qualify a part's figures, quoted after them when present.
-CONTROLS = [("Control: continual learning with LoRAs trained twice as long",
+CONTROLS = [("Control: shared and private parts against per-adapter SVD (the byte-target grid)",
+             "python -m benchmarks.sharing_grid --sets shipped,one-seed,independent --name sharing_grid",
+             "sharing_grid"),
+            ("Control: continual learning with LoRAs trained twice as long",
              "python -m benchmarks.continual --new-steps 120 --phi 0 --name continual_steps120",
              "continual_steps120"),
             ("Control: continual learning over 6 seeds (phi = 0)",

@@ -26,8 +26,9 @@ import torch
 from vlora import linalg
 from vlora.adapter import LoRAWeights
 from vlora.errors import IncompatibleAdaptersError
+from vlora.inputs import check_modules, default_task_id
 from vlora.io import load_adapter
-from vlora.subspace import SharedSubspace, check_modules, default_task_id
+from vlora.subspace import SharedSubspace
 from vlora.task import adapter_weight
 
 F64 = torch.float64

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 from vlora.adapter import LoRAWeights
 from vlora.budget import resolve_module_weights
 from vlora.errors import BudgetError
+from vlora.inputs import default_task_id
 from vlora.io import load_adapter
 from vlora.sharing import choose
 from vlora.stats import record_baselines, stored_bytes
-from vlora.subspace import SharedSubspace, default_task_id
+from vlora.subspace import SharedSubspace
 
 BUDGET_TRIES = 12
 T = TypeVar("T")

@@ -63,9 +63,9 @@ from vlora.distributed_tasks import (
     sketch_shard,
 )
 from vlora.errors import IncompatibleAdaptersError, VLoRAError
+from vlora.inputs import check_rank, one_base_model, warn_base_models
 from vlora.progress import track
 from vlora.stats import stored_bytes
-from vlora.subspace import check_rank, one_base_model, warn_base_models
 from vlora.task import ModuleBasis
 
 if TYPE_CHECKING:

@@ -50,9 +50,10 @@ import torch
 from vlora import linalg
 from vlora.adapter import LoRAWeights
 from vlora.errors import AdapterError, VLoRAError
+from vlora.inputs import check_modules, check_rank, default_task_id
 from vlora.io import check_weights, config_for, load_adapter
 from vlora.progress import track
-from vlora.subspace import SharedSubspace, check_modules, check_rank, default_task_id
+from vlora.subspace import SharedSubspace
 
 F64 = torch.float64
 AdapterLike = LoRAWeights | str | os.PathLike

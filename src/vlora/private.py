@@ -66,7 +66,3 @@ def error_sq(us: torch.Tensor, vt: torch.Tensor, shared_b: torch.Tensor, shared_
     a = torch.cat([shared_a.to(F64), q.to(F64)], dim=1)
     return general_error_sq(us, vt, b, a, torch.eye(b.shape[1], dtype=F64))
 
-
-def stored_numbers(d_out: int, d_in: int, rank: int) -> int:
-    """Numbers a private part of rank ``rank`` stores: ``rank (d_out + d_in)``."""
-    return rank * (d_out + d_in)

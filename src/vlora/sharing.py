@@ -23,6 +23,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from vlora import linalg
 from vlora.adapter import LoRAWeights
 from vlora.budget import weighted_error
@@ -50,15 +52,12 @@ def _bytes_per_number(sub: SharedSubspace) -> float:
     return q["bits"] / 8 + 4 / q["block"] if q and q["coordinates"] else 4.0
 
 
-def private_ranks(sub: SharedSubspace, items: Sequence[LoRAWeights], ids: Sequence[str],
-                  room: float, pooled: bool, module_weights: Mapping[str, float] | None = None
-                  ) -> dict[str, dict[str, int]]:
-    """Private ranks per task and module within ``room`` bytes of numbers, greedily by
-    the drop of the task's squared relative error per byte (module m's errors counted
-    ``module_weights[m]`` times): over all tasks at once (``pooled``) or with ``room / N``
-    for each task."""
-    per = _bytes_per_number(sub)
-    cost = {m: per * (b.d_out + b.d_in) for m, b in sub.modules.items()}
+def private_gains(sub: SharedSubspace, items: Sequence[LoRAWeights], ids: Sequence[str],
+                  module_weights: Mapping[str, float] | None = None
+                  ) -> dict[tuple[str, str], torch.Tensor]:
+    """``{(task, module): drops}``: what each further private rank of a task's module takes
+    off the task's squared relative error (module m's counted ``module_weights[m]`` times),
+    from what its stored shared part leaves of its original ``items[i]``."""
     w = module_weights or dict.fromkeys(sub.modules, 1.0)
     gains = {}
     with linalg.fixed_threads():
@@ -67,15 +66,24 @@ def private_ranks(sub: SharedSubspace, items: Sequence[LoRAWeights], ids: Sequen
             norm = sum(w[m] * n for m, n in t.norm_sq.items()) + sum(t.dropped_sq.values()) or 1.0
             for m, s in residual_spectra(t, a, sub.modules).items():
                 gains[tid, m] = w[m] * s.square() / norm
-    out = {tid: {} for tid in ids}
+    return gains
+
+
+def private_ranks(sub: SharedSubspace, gains: dict[tuple[str, str], torch.Tensor],
+                  ids: Sequence[str], room: float, pooled: bool) -> dict[str, dict[str, int]]:
+    """Private ranks per task and module within ``room`` bytes of numbers, greedily by the
+    largest drop per byte (:func:`private_gains`): over all tasks at once (``pooled``) or
+    with ``room / N`` for each task."""
+    per = _bytes_per_number(sub)
+    cost = {k: per * (sub.modules[k[1]].d_out + sub.modules[k[1]].d_in) for k in gains}
     if pooled:
-        ranks = linalg.allocate_budget(gains, {k: cost[k[1]] for k in gains}, room, minimum=0)
+        ranks = linalg.allocate_budget(gains, cost, room, minimum=0)
     else:
         ranks = {}
         for tid in ids:
             mine = {k: g for k, g in gains.items() if k[0] == tid}
-            ranks.update(linalg.allocate_budget(mine, {k: cost[k[1]] for k in mine},
-                                                room / len(ids), minimum=0))
+            ranks.update(linalg.allocate_budget(mine, cost, room / len(ids), minimum=0))
+    out = {tid: {} for tid in ids}
     for (tid, m), r in ranks.items():
         if r:
             out[tid][m] = r
@@ -85,16 +93,16 @@ def private_ranks(sub: SharedSubspace, items: Sequence[LoRAWeights], ids: Sequen
 def fill_private(sub: SharedSubspace, items: Sequence[LoRAWeights], ids: Sequence[str],
                  target: float, pooled: bool, module_weights: Mapping[str, float] | None = None,
                  tries: int = 8) -> SharedSubspace | None:
-    """Spend what ``sub`` (shared parts only) leaves of ``target`` bytes on private parts;
-    None if it is over ``target`` already. The room is corrected until the directory's
-    exact bytes are within ``target`` (block padding and headers are not in the greedy
-    share's prices)."""
-    base = stored_bytes(sub)
-    room = target - base
+    """Give the tasks ``ids`` (from ``items``, their originals) private parts with what the
+    subspace's bytes leave of ``target``; None (their private parts cleared) if nothing
+    fits. The room is corrected until the directory's exact bytes are within ``target``
+    (block padding and headers are not in the greedy share's prices)."""
+    gains = private_gains(sub, items, ids, module_weights)
+    room = target - stored_bytes(sub)
     for _ in range(tries):
-        if room < 0:
-            return None
-        ranks = private_ranks(sub, items, ids, room, pooled, module_weights)
+        if room <= 0:
+            break
+        ranks = private_ranks(sub, gains, ids, room, pooled)
         for a, tid in zip(items, ids):
             sub.set_private(tid, a, ranks[tid])
         stored = stored_bytes(sub)
@@ -158,34 +166,10 @@ def choose(items: Sequence[LoRAWeights], ids: Sequence[str], target: float,
     return best.sub, tried
 
 
-
-def ratio_target(sub: SharedSubspace, adapter: LoRAWeights) -> float:
-    """The bytes ``sub`` may hold once ``adapter`` is added, at its present compression
-    ratio (LoRA bytes of its modules over its directory's bytes)."""
-    def lora(ranks: dict[str, int]) -> int:
-        return 4 * sum(r * (b.d_out + b.d_in) for m, b in sub.modules.items() for r in [ranks.get(m, 0)])
-
-    before = sum(lora(sub.get_task(t).original_ranks) for t in sub.tasks)
-    new = lora({m: adapter.lora_a[m].shape[0] for m in adapter.layer_names})
-    stored = stored_bytes(sub)
-    return stored * (before + new) / before if before else float(stored)
-
-
-def private_within(sub: SharedSubspace, adapter: LoRAWeights, task_id: str, target: float,
-                   tries: int = 8) -> dict[str, int]:
+def private_within(sub: SharedSubspace, adapter: LoRAWeights, task_id: str, target: float
+                   ) -> dict[str, int]:
     """Give the task ``task_id`` (just added from ``adapter``) a private part with what the
-    subspace's bytes leave of ``target`` (:func:`ratio_target`, taken before the add), as
-    a fit would have: its modules' ranks by energy kept per byte. Returns the ranks
-    (none when nothing is left)."""
-    room = target - stored_bytes(sub)
-    for _ in range(tries):
-        if room <= 0:
-            break
-        ranks = private_ranks(sub, [adapter], [task_id], room, pooled=False)[task_id]
-        sub.set_private(task_id, adapter, ranks)
-        over = stored_bytes(sub) - target
-        if over <= 0:
-            return ranks
-        room -= 1.02 * over + 64
-    sub.set_private(task_id, adapter, {})
-    return {}
+    subspace's bytes leave of ``target`` (:func:`vlora.stats.ratio_target`, taken before
+    the add), as a fit would have. Returns its private ranks (none when nothing is left)."""
+    fill_private(sub, [adapter], [task_id], target, pooled=False)
+    return {m: r for m, r in sub.get_task(task_id).private_ranks().items() if r}

@@ -122,19 +122,30 @@ def lora_bytes(sub: SharedSubspace, t: TaskProjection) -> int:
     return BYTES * sum(t.original_ranks.get(m, 0) * (b.d_out + b.d_in) for m, b in sub.modules.items())
 
 
+def adapter_lora_bytes(sub: SharedSubspace, adapter: LoRAWeights) -> int:
+    """The float32 bytes of an adapter's LoRA factors in ``sub``'s modules."""
+    return BYTES * sum(adapter.lora_a[m].shape[0] * (b.d_out + b.d_in)
+                       for m, b in sub.modules.items() if m in adapter.lora_a)
+
+
+def ratio_target(sub: SharedSubspace, new_lora_bytes: float) -> float:
+    """The bytes ``sub`` may hold once a task of ``new_lora_bytes`` LoRA bytes (float32, in
+    its modules) is added, at its present compression ratio."""
+    before = sum(lora_bytes(sub, sub.get_task(t)) for t in sub.tasks)
+    stored = stored_bytes(sub)
+    return stored * (before + new_lora_bytes) / before if before else float(stored)
+
+
 def growth_headroom(sub: SharedSubspace, new: TaskProjection) -> float:
     """Bytes that adding ``new`` (a projection on ``sub``'s bases) may add beyond what
     adding it alone adds (its numbers, its manifest entry and figures), so that ``sub``
     keeps its compression ratio: the byte target of an add."""
     from vlora.subspace import SharedSubspace
     tasks = [sub.get_task(t) for t in sub.tasks]
-    before = sum(lora_bytes(sub, t) for t in tasks)
-    stored = stored_bytes(sub)
-    target = stored * (before + lora_bytes(sub, new)) / before if before else stored
     with_new = SharedSubspace(sub.modules, [*tasks, new], weighting=sub.weighting,
                               base_model=sub.base_model, missing_modules=sub.missing_modules)
     with_new.quantization, with_new.fit_report = sub.quantization, sub.fit_report
-    return target - stored_bytes(with_new)
+    return ratio_target(sub, lora_bytes(sub, new)) - stored_bytes(with_new)
 
 
 def directory_bytes(path: str | os.PathLike) -> int:

@@ -18,9 +18,9 @@ import torch
 
 from vlora import linalg
 from vlora.errors import IncompatibleAdaptersError
+from vlora.inputs import check_rank, one_base_model, warn_base_models
 from vlora.io import load_adapter
 from vlora.progress import track
-from vlora.subspace import check_rank, one_base_model, warn_base_models
 from vlora.task import ModuleBasis, adapter_weight
 
 if TYPE_CHECKING:

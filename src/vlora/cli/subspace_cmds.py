@@ -29,8 +29,16 @@ from vlora.cli.common import (
 from vlora.compress import compress as fit_to_bytes
 from vlora.errors import SubspaceError
 from vlora.io import adapter_disk_bytes, load_adapter, save_adapter
-from vlora.sharing import private_within, ratio_target
-from vlora.stats import directory_bytes, growth_headroom, record_baselines, stored_bytes, task_stored_bytes
+from vlora.sharing import private_within
+from vlora.stats import (
+    adapter_lora_bytes,
+    directory_bytes,
+    growth_headroom,
+    ratio_target,
+    record_baselines,
+    stored_bytes,
+    task_stored_bytes,
+)
 from vlora.storage import MANIFEST, lock
 from vlora.subspace import SharedSubspace
 
@@ -269,12 +277,16 @@ def info(subspace, quiet, as_json):
         return
     out = console(quiet)
     table = Table(title=f"{subspace}: modules")
-    for col in ("module", "d_out x d_in", "k_out", "k_in", "mean error"):  # names whole: cut,
-        table.add_column(col, justify="left" if col == "module" else "right",  # q and v look alike
+    private = bool(data["tasks_with_private"])  # then bytes shared and private per module
+    cols = ("module", "d_out x d_in", "k_out", "k_in", *(("shared", "private") if private else ()),
+            "mean error")
+    for col in cols:  # names whole: cut, q and v look alike
+        table.add_column(col, justify="left" if col == "module" else "right",
                          overflow="fold" if col == "module" else "ellipsis")
     for m, row in data["modules"].items():
+        split = (human_bytes(row["basis_bytes"] + row["task_bytes"]), human_bytes(row["private_bytes"]))
         table.add_row(m, f"{row['d_out']} x {row['d_in']}", str(row["k_out"]), str(row["k_in"]),
-                      f"{row['mean_error']:.4f}")
+                      *(split if private else ()), f"{row['mean_error']:.4f}")
     out.print(table)
     out.print(f"base model: {sub.base_model or 'unknown'}")
     print_summary(sub, data, quiet)
@@ -431,7 +443,7 @@ def add(subspace, adapters, task_ids, incremental, grow, project_only, quiet, as
         keeps_private = mode != "project" and any(sub.get_task(t).private for t in sub.tasks)
         for path, tid in zip(adapters, ids):
             adapter = load_adapter(path)
-            target = ratio_target(sub, adapter)
+            target = ratio_target(sub, adapter_lora_bytes(sub, adapter))
             if mode == "project":
                 sub.add_task(sub.project(adapter, tid))
             elif mode == "incremental":
