@@ -69,7 +69,9 @@ def machine() -> str:
 PARTS = [("Fidelity against bytes", "fidelity"), ("Scale", "scale"), ("Serving", "serving"),
          ("Continual learning (Share)", "continual")]
 # Runs outside the suite's clock that qualify a part's figures, quoted after them when present.
-CONTROLS = [("Control: shared and private parts against per-adapter SVD (the byte-target grid)",
+CONTROLS = [("Control: serving with a private part of rank 4 for every task",
+             "python -m benchmarks.serving --private-rank 4", "serving_private4"),
+            ("Control: shared and private parts against per-adapter SVD (the byte-target grid)",
              "python -m benchmarks.sharing_grid --sets shipped,one-seed,independent --name sharing_grid",
              "sharing_grid"),
             ("Control: continual learning with LoRAs trained twice as long",

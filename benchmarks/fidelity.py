@@ -27,20 +27,12 @@ import statistics
 
 import torch
 
-from vlora import LoRAWeights, SharedSubspace, linalg
+from vlora import LoRAWeights, SharedSubspace
 from vlora.baseline import svd_quantized
 from vlora.compress import compress, lora_bytes
-from vlora.stats import stored_bytes, svd_baseline_error
+from vlora.stats import stored_bytes
 
 F64 = torch.float64
-
-
-def svd_errors(adapters: list[LoRAWeights], numbers: float) -> list[float]:
-    """Per-adapter truncated SVD at ``numbers`` stored numbers per adapter, from each
-    module's singular values (of the gauge-free factors: no dense dW is formed)."""
-    shapes = adapters[0].shapes()
-    return [svd_baseline_error({m: linalg.canonical(a.lora_b[m], a.lora_a[m], a.scales[m])[1]
-                                for m in a.layer_names}, shapes, numbers) for a in adapters]
 
 
 def dense(a: LoRAWeights) -> dict[str, torch.Tensor]:
@@ -116,10 +108,9 @@ def compare_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float,
 
     With ``vlora_dev``, vlora-dev's exports go to ``dev_out`` (default: a temporary folder).
     """
-    budget = lora_bytes(adapters) / ratio
-    sub = SharedSubspace.from_adapters(adapters, task_ids=ids, budget=budget)
+    sub = compress(adapters, ids, ratio=ratio)  # shared, private or hybrid: what compress keeps
     stats = sub.compression_stats()
-    svd = svd_errors(adapters, stats["stored_bytes"] / 4 / len(adapters))
+    svd = [svd_quantized(a, stats["stored_bytes"] / len(adapters))[1] for a in adapters]
     pca, k_pca = flat_pca(adapters, stats["stored_bytes"])
     row = {"n": len(adapters), "ratio_target": ratio, "ratio": stats["compression_ratio"],
            "stored_bytes": stats["stored_bytes"], "vlora": stats["mean_error"],
@@ -408,8 +399,11 @@ def agreement(acc: list[dict], key: str) -> str:
 
 def report(results: dict) -> str:
     lines = ["# Fidelity against bytes (real MiniLM LoRA adapters, r=8, query/value)", "",
-             "Mean relative dW error over tasks at equal total bytes (float32; heads apart).",
-             "Baselines: per-adapter truncated SVD (no sharing), flattened-factor PCA "
+             "Mean relative dW error over tasks at equal total bytes (float32; heads apart). "
+             "vlora's bytes are its subspace folder's on disk (manifest and headers included); "
+             "vlora is what `compress` keeps at the target (shared, private or hybrid parts).",
+             "Baselines: per-adapter truncated SVD (no sharing) at the same bytes per adapter, "
+             "charged its factors and an adapter_config.json; flattened-factor PCA "
              "(vlora-dev 1.0's method), the mean adapter.", ""]
     dev = any("vlora_dev" in r or "vlora_dev_not_run" in r
               for reg in results["regimes"].values() for r in reg["rows"])

@@ -72,6 +72,16 @@ def subspace_of(pm, n: int, k: int) -> SharedSubspace:
                                         num_components=k)
 
 
+def give_private(sub: SharedSubspace, q: int) -> None:
+    """Every task a private part of rank ``q`` in every module (random, small: what is
+    timed is the shape of the work, ``(x Q) P^T`` per row beside the shared path)."""
+    g = torch.Generator().manual_seed(2)
+    for tid in sub.tasks:
+        t = sub.get_task(tid)
+        t.private = {m: (torch.randn(b.d_out, q, generator=g) * 1e-3, torch.randn(b.d_in, q, generator=g))
+                     for m, b in sub.modules.items()}
+
+
 def interleaved(calls, repeats: int, model: str, phases: dict) -> list[dict]:
     """Median seconds of each call, timed round robin (one warm-up round first) so that a
     shared machine's drift hits every method alike."""
@@ -109,6 +119,8 @@ def run_model(name: str, base, task_type: str, targets: list[str], args, causal:
     vbase = copy.deepcopy(base)
     pm = planted_peft(base, task_type, targets, n, args.rank, args.k)
     sub = subspace_of(pm, n, args.k)
+    if args.private_rank:
+        give_private(sub, args.private_rank)
     vm = VLoRAModel(vbase, sub)
     start = time.perf_counter()
     vm.set_task("t1")
@@ -225,7 +237,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Serving benchmark ({'quick' if c['quick'] else 'full'})", "",
              f"{c['rows']} rows x {' / '.join(map(str, c['tokens']))} tokens (MiniLM / SmolLM2), "
              f"LoRA rank {c['rank']}, subspace k={c['k']}, "
-             f"torch {c['torch']} on {c['machine']} with {c['threads']} thread(s), median of "
+             + (f"every task with a private part of rank {c['private_rank']} in every module, "
+                if c.get("private_rank") else "")
+             + f"torch {c['torch']} on {c['machine']} with {c['threads']} thread(s), median of "
              f"{' / '.join(map(str, c['repeats']))} rounds (MiniLM / SmolLM2; decode 5x more). "
              "Tokens per second (decode: one new token per row).", ""]
     by = {(r["model"], r["phase"], r["method"], r["tasks"]): r["tokens_per_s"]
@@ -259,6 +273,10 @@ def main() -> None:
                         help="timed rounds after a warm-up round, per model (default 7 3: with 3, "
                              "two methods of identical cost differed by 13%% on MiniLM)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--private-rank", type=int, default=0,
+                        help="give every task a private part of this rank in every module (about "
+                             "rank/2 is what a 10x 6-bit fit keeps per task where it keeps them "
+                             "private); results go to serving_private<Q>[_quick].*")
     args = parser.parse_args()
     args.tokens = args.tokens or ([16, 16] if args.quick else [64, 32])
     if args.threads:
@@ -273,12 +291,14 @@ def main() -> None:
                               repeats=args.repeats[1], tokens=args.tokens[1]))
     report = {"config": {"quick": args.quick, "rows": args.rows, "tokens": args.tokens,
                          "rank": args.rank, "k": args.k, "repeats": args.repeats,
+                         "private_rank": args.private_rank,
                          "threads": torch.get_num_threads(), "torch": torch.__version__,
                          "machine": platform.machine()},
               "results": [r for run in runs for r in run["results"]],
               "switch": [run["switch"] for run in runs]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "serving_quick" if args.quick else "serving"
+    name = ("serving" + (f"_private{args.private_rank}" if args.private_rank else "")
+            + ("_quick" if args.quick else ""))
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
     (RESULTS / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
