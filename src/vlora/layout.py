@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 VERSION = 5
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 _GRAM_SHARES = (None, "original", "stored")  # TaskProjection.gram_share, by its code in flags
+# the fits vlora.sharing compares, in the order of the coords file's ``fit`` rows
+FIT_CANDIDATES = ("shared", "private-equal", "private-pooled", "hybrid-0.5")
 
 
 def fingerprint(sub: SharedSubspace) -> str:
@@ -119,11 +121,10 @@ def encode(sub: SharedSubspace) -> tuple[dict[str, dict[str, torch.Tensor]], dic
 
 
 def _fit_report(report: dict[str, tuple[float, float]]) -> torch.Tensor:
-    """The candidates compress() compared, ``(len(CANDIDATES), 2)`` bytes and mean error
-    (-1 for one not tried): a fixed size, so that recording it changes no byte count."""
-    from vlora.sharing import CANDIDATES
-    out = torch.full((len(CANDIDATES), 2), -1.0, dtype=torch.float64)
-    for i, name in enumerate(CANDIDATES):
+    """The candidates compress() compared, ``(len(FIT_CANDIDATES), 2)`` bytes and mean
+    error (-1 for one not tried): a fixed size, so that recording it changes no byte count."""
+    out = torch.full((len(FIT_CANDIDATES), 2), -1.0, dtype=torch.float64)
+    for i, name in enumerate(FIT_CANDIDATES):
         if name in report:
             out[i] = torch.tensor(report[name], dtype=torch.float64)
     return out
@@ -168,6 +169,8 @@ def decode(manifest: dict[str, Any], data: dict[str, dict[str, torch.Tensor]], w
             at += n
         modules[m] = ModuleBasis(u, v, g[0], g[1], {"U": qu, "V": qv} if qu is not None else None)
     bases.done()
+    if len(modules) != len(rows):
+        raise SubspaceError(f"{what}: a module is named twice")
     if at != grams.numel():
         raise SubspaceError(f"{what}: grams are longer than the manifest says")
     sub = SharedSubspace(modules, weighting=manifest.get("weighting", "task"),
@@ -193,7 +196,8 @@ def decode(manifest: dict[str, Any], data: dict[str, dict[str, torch.Tensor]], w
     for i, meta in enumerate(metas):
         tid = validate_task_id(meta["id"])
         tw = f"{what}: task {tid!r}"
-        config = configs[meta["config"]] if type(meta["config"]) is int else None
+        index = meta["config"]
+        config = configs[index] if type(index) is int and 0 <= index < len(configs) else None
         if not isinstance(config, dict) or meta.get("dtype", "float32") not in _DTYPES or not all(
                 x is None or isinstance(x, str) for x in (meta.get("source"), meta.get("sha256"))):
             raise SubspaceError(f"{tw} has a malformed config, dtype, source or sha256")
@@ -228,9 +232,8 @@ def decode(manifest: dict[str, Any], data: dict[str, dict[str, torch.Tensor]], w
             None if row[0] == -1.0 else dict(zip(("bytes", "error", "bits"), row)))
         sub._tasks[tid] = t  # as stored: add_task would round what is already rounded
     coords.done()
-    from vlora.sharing import CANDIDATES
-    fit = tensor(data["coords"].get("fit"), f"{what} fit", (len(CANDIDATES), 2))
-    sub.fit_report = {n: (float(b), float(e)) for n, (b, e) in zip(CANDIDATES, fit.tolist()) if b >= 0}
+    fit = tensor(data["coords"].get("fit"), f"{what} fit", (len(FIT_CANDIDATES), 2))
+    sub.fit_report = {n: (float(b), float(e)) for n, (b, e) in zip(FIT_CANDIDATES, fit.tolist()) if b >= 0}
     if len(sub._tasks) != len(metas):
         raise SubspaceError(f"{what}: duplicate task ids")
     if manifest.get("fingerprint", fingerprint(sub)) != fingerprint(sub):

@@ -29,12 +29,13 @@ from vlora import linalg
 from vlora.adapter import LoRAWeights
 from vlora.budget import weighted_error
 from vlora.errors import BudgetError
+from vlora.layout import FIT_CANDIDATES
 from vlora.stats import stored_bytes
 from vlora.subspace import SharedSubspace
 from vlora.task import residual_spectra
 
-HYBRID_SHARES = (0.5,)  # the shared fit's share of the bytes in hybrid candidates
-CANDIDATES = ("shared", "private-equal", "private-pooled", *(f"hybrid-{s:g}" for s in HYBRID_SHARES))
+SHARED, PRIVATE_EQUAL, PRIVATE_POOLED, HYBRID = FIT_CANDIDATES  # names, as files record them
+HYBRID_SHARE = 0.5  # the shared fit's share of the bytes in the hybrid candidate
 
 
 @dataclass
@@ -145,14 +146,13 @@ def choose(items: Sequence[LoRAWeights], ids: Sequence[str], target: float,
             if log:
                 log(f"{name}: {tried[-1].stored} bytes, mean error {tried[-1].mean_error:.4f}")
 
-    keep("shared", shared_fit(target))
+    keep(SHARED, shared_fit(target))
     if private == "auto":
         for pooled in (False, True):
-            keep("private-" + ("pooled" if pooled else "equal"),
+            keep(PRIVATE_POOLED if pooled else PRIVATE_EQUAL,
                  fill_private(private_fit(), items, ids, target, pooled, module_weights))
-        for share in HYBRID_SHARES:
-            keep(f"hybrid-{share:g}", fill_private(shared_fit(share * target), items, ids, target, True,
-                                                   module_weights))
+        keep(HYBRID, fill_private(shared_fit(HYBRID_SHARE * target), items, ids, target, True,
+                                  module_weights))
     within = [c for c in tried if c.stored <= target]
     if not within:
         raise BudgetError(f"no fit of {len(items)} adapters lands under {target:.0f} bytes "
