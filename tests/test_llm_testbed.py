@@ -232,6 +232,23 @@ def test_metrics_of_the_original_the_base_and_a_zeroed_copy(root, bed, tmp_path)
     assert zeroed["top1_agreement"] == pytest.approx(base["top1_agreement"])
 
 
+def test_a_scorer_reuses_its_base_and_leaves_it_bare(root, bed, tmp_path):
+    """Scoring copy after copy on one base gives what a fresh load gives each time:
+    taking an adapter off (PEFT's unload) leaves the base as it was."""
+    orig, other = _dirs(root)
+    scorer = llm.Scorer(root / "base")
+    first = scorer.compare(orig, orig, greedy=False)
+    scorer.compare(other, other, greedy=False)
+    again = scorer.compare(orig, orig, greedy=False)
+    bare = scorer.compare(None, orig, greedy=False)
+    assert first["eval_loss"] == pytest.approx(llm.read_meta(orig)["eval_loss"], abs=1e-5)
+    assert again == pytest.approx(first, abs=1e-6)
+    assert bare["eval_loss"] == pytest.approx(llm.read_meta(orig)["base_eval_loss"], abs=1e-5)
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        scorer.compare(tmp_path, orig, greedy=False)
+    assert scorer.compare(None, orig, greedy=False) == pytest.approx(bare, abs=1e-6)
+
+
 def test_bad_folders_raise_our_errors(root, bed, tmp_path):
     with pytest.raises(AdapterError, match="testbed.json"):
         llm.read_meta(tmp_path)

@@ -134,7 +134,6 @@ def load_tokenizer(base_dir):
 def load_lm(adapter_dir=None, base_dir=None):
     """The base (``adapter_dir=None``) or the base with a PEFT adapter folder, float32, eval."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from .models import _quiet_transformers
@@ -142,14 +141,7 @@ def load_lm(adapter_dir=None, base_dir=None):
     _quiet_transformers()
     base = AutoModelForCausalLM.from_pretrained(str(base_dir or ensure_base()),
                                                 dtype=torch.float32).eval()
-    if adapter_dir is None:
-        return base
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise AdapterError(adapter_dir, "no adapter_config.json: not a PEFT adapter folder")
-    try:
-        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise AdapterError(adapter_dir, f"PEFT cannot apply it to {BASE_MODEL_ID}: {exc}") from exc
+    return base if adapter_dir is None else _with_adapter(base, adapter_dir)
 
 
 # ----------------------------------------------------------------- metrics
@@ -248,24 +240,51 @@ def compare(copy_dir, original_dir, base_dir=None, greedy: bool = True) -> dict:
     Returns ``{"eval_loss", "loss_kept", "top1_agreement", "greedy_agreement"}``
     (the last only with ``greedy``), on the original's eval blocks and prompts;
     the base's and the original's losses are those recorded at training time.
+    To score many copies, :class:`Scorer` loads the base once.
     """
-    meta = read_meta(original_dir)
-    drop = meta["base_eval_loss"] - meta["eval_loss"]
-    if not drop > 0:
-        raise AdapterError(original_dir, f"eval loss {meta['eval_loss']:.4f} is not below the "
-                           f"base's {meta['base_eval_loss']:.4f}: loss kept is undefined")
-    ref_tokens = meta["greedy_tokens"]
-    with torch_threads():
-        model = load_lm(copy_dir, _base_of(meta, base_dir))
-        nll, top1 = block_stats(model, meta["eval_blocks"])
-        got = greedy_tokens(model, meta["prompt_ids"], len(ref_tokens[0])) if greedy else None
-    loss = float(nll.mean())
-    out = {"eval_loss": loss, "loss_kept": (meta["base_eval_loss"] - loss) / drop,
-           "top1_agreement": float((top1 == top1.new_tensor(meta["eval_top1"])).float().mean())}
-    if greedy:
-        same = sum(a == b for g, r in zip(got, ref_tokens) for a, b in zip(g, r))
-        out["greedy_agreement"] = same / sum(map(len, ref_tokens))
-    return out
+    return Scorer(_base_of(read_meta(original_dir), base_dir)).compare(copy_dir, original_dir, greedy)
+
+
+class Scorer:
+    """:func:`compare` for many copies: the base is loaded once and each copy's LoRA
+    layers are put on it with PEFT and taken off again (``unload``) after scoring."""
+
+    def __init__(self, base_dir=None):
+        self.base = load_lm(None, base_dir)
+
+    def compare(self, copy_dir, original_dir, greedy: bool = True) -> dict:
+        meta = read_meta(original_dir)
+        drop = meta["base_eval_loss"] - meta["eval_loss"]
+        if not drop > 0:
+            raise AdapterError(original_dir, f"eval loss {meta['eval_loss']:.4f} is not below the "
+                               f"base's {meta['base_eval_loss']:.4f}: loss kept is undefined")
+        ref_tokens = meta["greedy_tokens"]
+        model = self.base if copy_dir is None else _with_adapter(self.base, copy_dir)
+        try:
+            with torch_threads():
+                nll, top1 = block_stats(model, meta["eval_blocks"])
+                got = greedy_tokens(model, meta["prompt_ids"], len(ref_tokens[0])) if greedy else None
+        finally:
+            if model is not self.base:
+                self.base = model.unload()
+        loss = float(nll.mean())
+        out = {"eval_loss": loss, "loss_kept": (meta["base_eval_loss"] - loss) / drop,
+               "top1_agreement": float((top1 == top1.new_tensor(meta["eval_top1"])).float().mean())}
+        if greedy:
+            same = sum(a == b for g, r in zip(got, ref_tokens) for a, b in zip(g, r))
+            out["greedy_agreement"] = same / sum(map(len, ref_tokens))
+        return out
+
+
+def _with_adapter(base, adapter_dir):
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise AdapterError(adapter_dir, "no adapter_config.json: not a PEFT adapter folder")
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise AdapterError(adapter_dir, f"PEFT cannot apply it to {BASE_MODEL_ID}: {exc}") from exc
 
 
 def loss_kept(copy_dir, original_dir, base_dir=None) -> float:
