@@ -248,17 +248,53 @@ def load_adapter_from_hub(repo_id: str, revision: str | None = None,
     With ``HF_HUB_OFFLINE=1`` only the local cache is used. Extra keyword arguments
     go to ``huggingface_hub.snapshot_download`` (``cache_dir``, ``token``, ...).
     """
+    return load_adapter(hub_adapter_dir(repo_id, revision, **kwargs), adapter_name)
+
+
+def hub_adapter_dir(repo_id: str, revision: str | None = None, **kwargs: Any) -> Path:
+    """The folder (a snapshot in the Hugging Face cache) holding the adapter files of
+    ``repo_id`` at ``revision`` (a branch, tag or commit hash; default ``main``), downloaded
+    if need be; with ``HF_HUB_OFFLINE=1`` only the cache is read. Extra keyword arguments
+    go to ``huggingface_hub.snapshot_download``. Every failure is an AdapterError naming
+    ``repo_id[@revision]``: offline and not cached, no such repository or revision, ..."""
+    where = repo_id if revision is None else f"{repo_id}@{revision}"
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise AdapterError(repo_id, "loading from the Hub needs: pip install 'vlora[hub]'") from None
+        raise AdapterError(where, "loading from the Hub needs: pip install 'vlora[hub]'") from None
     patterns = [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "*/" + CONFIG_NAME,
                 "*/" + SAFETENSORS_NAME, "*/" + BIN_NAME]
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **kwargs)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **kwargs))
     except Exception as e:  # hub errors come in many types: offline, not found, auth
-        raise AdapterError(repo_id, f"cannot fetch from the Hub: {e}") from None
-    return load_adapter(folder, adapter_name)
+        raise AdapterError(where, _hub_problem(e, repo_id, revision, kwargs)) from None
+
+
+def _hub_problem(e: Exception, repo_id: str, revision: str | None, kwargs: dict[str, Any]) -> str:
+    """``e`` (from snapshot_download) in words; by class name, as huggingface_hub has moved
+    its exception classes between versions."""
+    from huggingface_hub import constants
+    kinds = {c.__name__ for c in type(e).__mro__}
+    detail = (str(e).strip().splitlines() or [""])[0][:300]
+    offline = bool(constants.HF_HUB_OFFLINE or kwargs.get("local_files_only"))
+    at = f" at revision {revision}" if revision else ""
+    if "IncompleteSnapshotError" in kinds:
+        return f"its cached snapshot{at} is incomplete ({detail})"
+    if "LocalEntryNotFoundError" in kinds:
+        cache = kwargs.get("cache_dir") or constants.HF_HUB_CACHE
+        if offline:
+            get = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+            return (f"offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache "
+                    f"{cache}{at}: download it once with network access ({get}), or unset "
+                    "HF_HUB_OFFLINE")
+        return f"not in the local Hugging Face cache {cache}{at}, and the Hub cannot be reached ({detail})"
+    if "RevisionNotFoundError" in kinds:
+        return f"the Hub repository has no revision {revision!r}"
+    if kinds & {"RepositoryNotFoundError", "GatedRepoError"}:
+        return "no such model repository on the Hub, or it is private or gated (log in: hf auth login)"
+    if "HFValidationError" in kinds:
+        return f"not a valid Hub repository id ({detail})"
+    return f"cannot fetch from the Hub ({type(e).__name__}: {detail})"
 
 
 def _check_values(t: torch.Tensor, where: Any, what: str) -> None:

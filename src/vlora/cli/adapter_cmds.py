@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -13,6 +14,8 @@ from rich.table import Table
 from vlora import analysis
 from vlora import merge as merging
 from vlora.cli.common import JSON, QUIET, check_adapter_output, console, print_json, progress_enabled
+from vlora.cli.sources import HELP as SOURCES_HELP
+from vlora.cli.sources import AdapterSource
 from vlora.io import load_adapter, save_adapter
 
 METHODS = ("linear", "ties", "dare", "dare_ties", "magnitude_prune", "cat")
@@ -20,8 +23,8 @@ APPLIES = {"density": ("ties", "magnitude_prune"), "drop_rate": ("dare", "dare_t
            "seed": ("dare", "dare_ties"), "rank": tuple(m for m in METHODS if m != "cat")}
 
 
-@click.command()
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.command(epilog=SOURCES_HELP)
+@click.argument("adapters", nargs=-1, required=True, type=AdapterSource())
 @click.option("--threshold", type=float, default=0.5, show_default=True,
               help="Cluster adapters whose average dW cosine is at least this.")
 @click.option("--z", type=float, default=3.5, show_default=True,
@@ -35,11 +38,16 @@ def analyze(adapters, threshold, z, plot, quiet, as_json):
     """Similarity, clusters, outliers and shared spectrum of adapters (gauge-invariant).
 
     \b
-    Example:
+    Examples:
       vlora analyze adapters/* --plot analysis.png
+      vlora analyze org/adapter-a org/adapter-b@v2 adapters/c
     """
-    items = [load_adapter(p) for p in adapters]
+    items = [load_adapter(s.local()) for s in adapters]
     sim = analysis.compute_similarity_matrix(items)
+    # a Hub adapter by its id, not by its snapshot folder's name (the commit hash)
+    names = [s.given if s.kind == "hub" else n for s, n in zip(adapters, sim.names)]
+    if len(set(names)) == len(names):
+        sim = dataclasses.replace(sim, names=names)
     clusters = analysis.find_clusters(sim, threshold=threshold)
     too_few = len(items) < analysis.MIN_OUTLIER_ADAPTERS
     outliers = None if too_few else analysis.find_outliers(sim, z=z)
@@ -128,8 +136,8 @@ def _plot(sim, curve, path) -> None:
     plt.close(fig)
 
 
-@click.command("merge")
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.command("merge", epilog=SOURCES_HELP)
+@click.argument("adapters", nargs=-1, required=True, type=AdapterSource())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Merged adapter folder.")
 @click.option("--method", type=click.Choice(METHODS), default="linear", show_default=True)
 @click.option("--weights", help="Comma-separated weight per adapter (default: 1 each).")
@@ -154,6 +162,7 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
     Examples:
       vlora merge a/ b/ -o ab --method ties --density 0.3 --rank 16
       vlora merge a/ b/ c/ -o abc --method linear --weights 0.5,0.3,0.2
+      vlora merge org/adapter-a org/adapter-b@v2 -o ab
     """
     ctx = click.get_current_context()
     ignored = [f"--{name.replace('_', '-')}" for name, methods in APPLIES.items()
@@ -172,8 +181,8 @@ def merge_cmd(adapters, output, method, weights, density, drop_rate, seed, rank,
         raise click.UsageError(f"{len(ws)} weights for {len(adapters)} adapters")
     if ws is not None and not all(math.isfinite(w) and abs(w) < 1e150 for w in ws):
         raise click.UsageError(f"--weights {weights!r}: finite numbers below 1e150 expected")
-    check_adapter_output(output, force, inputs=adapters)
-    items = [load_adapter(p) for p in adapters]
+    check_adapter_output(output, force, inputs=[s.given for s in adapters if s.kind == "path"])
+    items = [load_adapter(s.local()) for s in adapters]  # a Hub id fetched after every check
     bar = {"progress": progress_enabled(quiet)}  # on stderr: --json's stdout stays clean
     if method == "linear":
         result = merging.task_arithmetic(items, ws, rank=rank, **bar)

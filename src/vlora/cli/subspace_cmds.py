@@ -26,8 +26,11 @@ from vlora.cli.common import (
     progress_enabled,
     split_ids,
 )
+from vlora.cli.sources import HELP as SOURCES_HELP
+from vlora.cli.sources import AdapterSource, any_hub, parse_hub_id, require_no_urls
 from vlora.compress import compress as fit_to_bytes
 from vlora.errors import SubspaceError
+from vlora.inputs import default_task_id
 from vlora.io import adapter_disk_bytes, load_adapter, save_adapter
 from vlora.sharing import private_within
 from vlora.stats import (
@@ -144,6 +147,16 @@ def _load(path: str) -> SharedSubspace:
     return SharedSubspace.load(path)
 
 
+def _an_adapter(ray_address: str) -> bool:
+    """Whether ``--ray``'s value is an adapter (a path, Hub id or fsspec URL), not a
+    cluster's address (``auto``, ``host:6379``, ``ray://host:10001``). ``local`` (bare
+    ``--ray``) and ``auto`` are addresses even where a folder of that name exists."""
+    if ray_address in ("local", "auto"):
+        return False
+    return Path(ray_address).exists() or parse_hub_id(ray_address) is not None or (
+        "://" in ray_address and not ray_address.startswith("ray://"))
+
+
 def _module_weights(ctx, param, values) -> dict[str, float] | None:
     out = {}
     for v in values:
@@ -159,8 +172,9 @@ def _module_weights(ctx, param, values) -> dict[str, float] | None:
     return out or None
 
 
-@click.command()
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.command(epilog=SOURCES_HELP + " With --ray, also fsspec URLs (s3://, memory://, hf://, "
+               "file://, ...) that the Ray workers read.")
+@click.argument("adapters", nargs=-1, required=True, type=AdapterSource(urls=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Subspace directory to write.")
 @click.option("-k", "--num-components", type=click.IntRange(min=1), help="k for every module and side.")
 @click.option("--k-out", type=click.IntRange(min=1), help="k of the output side (use with --k-in).")
@@ -192,11 +206,12 @@ def _module_weights(ctx, param, values) -> dict[str, float] | None:
 def compress(adapters, output, num_components, k_out, k_in, variance_threshold, budget, ratio, bits,
              module_weights, task_ids, streaming, ray_address, missing_modules, private, force, quiet,
              as_json):
-    """Compress LoRA adapter folders into one shared subspace.
+    """Compress LoRA adapters (folders, Hub ids org/name[@revision]) into one shared subspace.
 
     \b
     Examples:
       vlora compress adapters/* -o sub -k 16
+      vlora compress org/adapter-a org/adapter-b@v2 adapters/c -o sub --ratio 10
       vlora compress adapters/* -o sub --ratio 10
       vlora compress adapters/* -o sub --ratio 10 --bits 6
       vlora compress a/ b/ c/ -o sub --task-ids sales,legal,support --budget 2MB
@@ -218,10 +233,15 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
         raise click.UsageError("--streaming needs every adapter to have the same modules: "
                                "--missing-modules works without --streaming")
     ids = split_ids(task_ids)
+    if ids is None and any_hub(adapters):  # a Hub adapter's folder is named by its commit
+        ids = [s.task_id for s in adapters]
     k = (k_out, k_in) if k_out is not None else num_components
     progress = progress_enabled(quiet)
+    if ray_address is None:
+        require_no_urls(adapters, "compress reads adapters from URLs with --ray only (its "
+                        "workers fetch them): add --ray, or copy the adapters to local folders")
     if ray_address is not None:
-        if Path(ray_address).exists():  # click took the first adapter for the address
+        if _an_adapter(ray_address):  # click took the first adapter for the address
             raise click.UsageError(f"--ray took {ray_address} for the cluster's address: write "
                                    "--ray=ADDRESS, or --ray after the adapters")
         if streaming or module_weights or missing_modules != "error":
@@ -232,19 +252,23 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
                           "it may store the adapters worse than truncating each alone; without "
                           "--ray, compress compares both and keeps the better", UserWarning, stacklevel=2)
         sub = SharedSubspace.from_adapters_distributed(
-            list(adapters), task_ids=ids, num_components=k, variance_threshold=variance_threshold,
+            [s.local() for s in adapters], task_ids=ids, num_components=k,
+            variance_threshold=variance_threshold,
             budget=budget, ratio=ratio, bits=int(bits) if bits else None, address=ray_address,
             progress=progress)
     elif streaming:
         if budget or ratio:
             raise click.UsageError("--streaming takes -k or --variance-threshold")
         sub = SharedSubspace.from_adapters_streaming(
-            list(adapters), task_ids=ids, num_components=k or 16,
+            [s.local() for s in adapters], task_ids=ids, num_components=k or 16,
             variance_threshold=variance_threshold, progress=progress)
         if bits:
             sub.quantize(int(bits), coordinates=True)
     else:
-        loaded = [load_adapter(p) for p in adapters]
+        loaded = [load_adapter(s.local()) for s in adapters]
+        if any_hub(adapters) and task_ids is None:  # a local folder's id as without Hub ids
+            ids = [s.task_id if s.kind == "hub" else default_task_id(a, i)
+                   for i, (s, a) in enumerate(zip(adapters, loaded))]
         sub = fit_to_bytes(loaded, ids, budget=budget, ratio=ratio,
                            bits=int(bits) if bits else None, num_components=k,
                            variance_threshold=variance_threshold, module_weights=module_weights,
@@ -399,10 +423,11 @@ def _incremental(sub: SharedSubspace, adapter: LoRAWeights, tid: str, grow: str,
                     f"beyond the new task's own {human_bytes(own)}")
 
 
-@click.command()
+@click.command(epilog=SOURCES_HELP)
 @click.argument("subspace", type=click.Path(exists=True))
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--task-ids", help="Comma-separated ids (default: folder names).")
+@click.argument("adapters", nargs=-1, required=True, type=AdapterSource())
+@click.option("--task-ids", help="Comma-separated ids (default: folder names; a Hub id's "
+              "repository name).")
 @click.option("--incremental", is_flag=True,
               help="Update the basis at a cost independent of the number of tasks.")
 @click.option("--grow", type=click.Choice(["auto", "full", "none"]), default="auto", show_default=True,
@@ -425,6 +450,7 @@ def add(subspace, adapters, task_ids, incremental, grow, project_only, quiet, as
       vlora add sub adapters/new_task --incremental
       vlora add sub adapters/new_task --incremental --grow full
       vlora add sub adapters/new_task --project-only
+      vlora add sub org/new-task@main
     """
     if incremental and project_only:
         raise click.UsageError("--incremental and --project-only exclude each other: pick one")
@@ -432,16 +458,18 @@ def add(subspace, adapters, task_ids, incremental, grow, project_only, quiet, as
         raise click.UsageError("--grow goes with --incremental")
     mode = "incremental" if incremental else "project" if project_only else "absorb"
     ids = split_ids(task_ids)
-    ids = [Path(p).name for p in adapters] if ids is None else ids
+    ids = [s.task_id for s in adapters] if ids is None else ids
     if len(ids) != len(adapters):
         raise click.UsageError(f"{len(ids)} task ids for {len(adapters)} adapters")
-    with lock(_subspace_folder(subspace)):
+    folder = _subspace_folder(subspace)
+    paths = [s.local() for s in adapters]  # Hub ids fetched (or found in the cache) first
+    with lock(folder):
         sub = _load(subspace)
         before = stored_bytes(sub)
         reports, chose, private = {}, {}, {}
         # a subspace whose fit kept private parts gives a new task one too, within its ratio
         keeps_private = mode != "project" and any(sub.get_task(t).private for t in sub.tasks)
-        for path, tid in zip(adapters, ids):
+        for path, tid in zip(paths, ids):
             adapter = load_adapter(path)
             target = ratio_target(sub, adapter_lora_bytes(sub, adapter))
             if mode == "project":
