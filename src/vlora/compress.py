@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from vlora.adapter import LoRAWeights
 from vlora.budget import resolve_module_weights
+from vlora.devices import fit_device
 from vlora.errors import BudgetError
 from vlora.inputs import default_task_id
 from vlora.io import load_adapter
@@ -35,7 +36,7 @@ def lora_bytes(adapters: Sequence[LoRAWeights]) -> int:
 def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequence[str] | None = None,
              *, budget: float | None = None, ratio: float | None = None, bits: int | None = None,
              method: str = "symmetric", quantize_coordinates: bool = True,
-             private: str = "auto", **fit_kwargs: Any) -> SharedSubspace:
+             private: str = "auto", device: str | None = None, **fit_kwargs: Any) -> SharedSubspace:
     """Fit a :class:`SharedSubspace` on ``adapters`` whose stored bytes meet a target.
 
     Args:
@@ -50,11 +51,16 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
             fits the one with the lowest mean error (:mod:`vlora.sharing`: never above
             per-adapter truncation at the same bytes); ``"none"`` keeps every byte shared
             (no private parts: mixed batches cost one shared path).
+        device: where every fit's linear algebra runs (``"cpu"``, ``"cuda"``), float64
+            there as on the CPU (:meth:`SharedSubspace.from_adapters`); choosing among
+            fits, rounding and the per-adapter baselines stay on the CPU. None: the CPU,
+            as before.
         **fit_kwargs: passed to :meth:`SharedSubspace.from_adapters` (``num_components``
             and the like when no byte target is given).
 
     Raises:
         ValueError: both ``budget`` and ``ratio``, or a non-positive one.
+        DeviceError: (a ValueError) ``device`` is CUDA and CUDA is not available.
         BudgetError: (a SubspaceError) no fit of the requested bits lands under the budget.
 
     With a byte target, each task keeps the per-adapter SVD baseline measured at the
@@ -65,6 +71,8 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
     for name, x in (("budget", budget), ("ratio", ratio)):
         if x is not None and not (x > 0 and math.isfinite(x)):
             raise ValueError(f"{name} must be a positive finite number, not {x}")
+    if device is not None:  # refused before any adapter is read
+        fit_kwargs["device"] = fit_device(device)
     items = [a if isinstance(a, LoRAWeights) else load_adapter(a) for a in adapters]
     if ratio is not None:
         budget = lora_bytes(items) / ratio
@@ -83,7 +91,7 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
             return e.closest
 
     def private_fit() -> SharedSubspace:
-        keep = {k: v for k, v in fit_kwargs.items() if k in ("weighting", "missing_modules")}
+        keep = {k: v for k, v in fit_kwargs.items() if k in ("weighting", "missing_modules", "device")}
         sub = SharedSubspace.from_adapters(items, ids, num_components=0, **keep)
         if bits is not None:
             sub.quantize(bits, method, coordinates=quantize_coordinates)

@@ -36,6 +36,10 @@ class IncompatibleAdaptersError(VLoRAError):
     """Adapters (or an adapter and a subspace) do not share a base model or modules."""
 
 
+class DeviceError(VLoRAError, ValueError):
+    """A fit was asked to run on a device this machine cannot use (CUDA without a GPU)."""
+
+
 class SubspaceError(VLoRAError):
     """A subspace directory is missing, corrupt, locked, or asked for something it lacks."""
 

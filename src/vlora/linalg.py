@@ -4,6 +4,11 @@ Conventions: a LoRA module is ``dW = s * B @ A`` with ``B: (d_out, r)`` and
 ``A: (r, d_in)``. Everything here computes in float64 and never forms ``dW``:
 an adapter enters as its canonical form ``dW = U_t diag(S_t) V_t^T``, and
 stacks of such factors are decomposed through small matrices.
+
+Devices: every function computes on the device of its inputs (CPU or CUDA) and
+returns tensors there, in float64 on both; tensors made here (Grams, sketches,
+index vectors) follow the inputs. Seeded random matrices are drawn on the CPU and
+moved, so a CUDA fit starts from the same sketch as a CPU one.
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ def column_signs(basis: torch.Tensor) -> torch.Tensor:
     """``(cols,)`` +-1: the sign of each column's largest-magnitude entry (+1 for a zero column)."""
     if basis.numel() == 0:
         return basis.new_ones(basis.shape[1])
-    signs = torch.sign(basis[basis.abs().argmax(dim=0), torch.arange(basis.shape[1])])
+    cols = torch.arange(basis.shape[1], device=basis.device)
+    signs = torch.sign(basis[basis.abs().argmax(dim=0), cols])
     signs[signs == 0] = 1
     return signs
 
@@ -144,7 +150,7 @@ def _exact_left_singular(blocks: Sequence[torch.Tensor], d: int, m: int
     if m <= d:
         u, s, _ = torch.linalg.svd(torch.cat([x.to(F64) for x in blocks], 1), full_matrices=False)
         return u, s
-    gram = torch.zeros(d, d, dtype=F64)
+    gram = torch.zeros(d, d, dtype=F64, device=blocks[0].device)
     for x in blocks:
         x = x.to(F64)
         gram.addmm_(x, x.T)
@@ -193,7 +199,7 @@ def subspace_left_singular(x: torch.Tensor, k: int, max_steps: int,
     width = min(k + OVERSAMPLE, d, m)
     given = start.to(F64)[:, :width] if start is not None else x.new_zeros(d, 0)
     omega = torch.randn(m, width - given.shape[1], dtype=F64,
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(x.device)
     q = torch.linalg.qr(torch.cat([given, x @ omega], 1))[0]
     previous = math.inf
     for step in range(max_steps + 1):
@@ -306,7 +312,7 @@ def refine_bases(factors: Sequence[Factor], weights: Sequence[float], u: torch.T
 
 def gram_in_basis(blocks: Sequence[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:
     """``G = basis^T (sum_i X_i X_i^T) basis`` ``(k, k)``: what incremental updates keep."""
-    g = torch.zeros(basis.shape[1], basis.shape[1], dtype=F64)
+    g = torch.zeros(basis.shape[1], basis.shape[1], dtype=F64, device=basis.device)
     for x in blocks:
         m = basis.T.to(F64) @ x.to(F64)
         g.addmm_(m, m.T)
@@ -355,7 +361,7 @@ def choose_k(spectrum: torch.Tensor, k: int | None = None, threshold: float | No
         if cap == 0:
             return 0
         cum = torch.cumsum(energy, 0) / energy.sum()
-        k_t = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype))) + 1
+        k_t = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype, device=cum.device))) + 1
         return min(k_t, cap, k if k is not None else cap)
     return cap if k is None else min(k, cap)
 
@@ -420,9 +426,9 @@ def rounding_gauge(lb: torch.Tensor, la: torch.Tensor) -> tuple[torch.Tensor, to
     u, s, v = canonical(lb, la.T)
     q = numerical_rank(s)
     root = s[:q].sqrt() * column_signs(u)[:q]  # flipping both sides' vectors keeps C
-    out_b, out_a = torch.zeros(lb.shape, dtype=F64), torch.zeros(la.shape, dtype=F64)
+    out_b, out_a = u.new_zeros(lb.shape), v.new_zeros(la.shape)
     out_b[:, :q], out_a[:, :q] = u[:, :q] * root, v[:, :q] * root
-    rot = _rotation(lb.shape[1])
+    rot = _rotation(lb.shape[1]).to(u.device)
     return (out_b @ rot).to(lb), (out_a @ rot).to(la)
 
 

@@ -24,7 +24,10 @@ cover the shared body and Linear heads; ``set_task`` serves everything.
 Device and dtype: the bases and cores are buffers of the wrapped layers, on each
 layer's device, in ``compute_dtype`` (default: that layer's weight dtype). Move the
 ``VLoRAModel`` (not the inner model) with ``.to()``: buffers and swapped tensors
-follow. Per-row routing expects the wrapped layers on one device.
+follow. Per-row routing expects the wrapped layers on one device: its index vectors
+are made there, all in one host-to-device copy per call (per ``generate``, not per
+token), and nothing in a forward moves to the CPU. On CUDA, mixed batches take the
+default ``mixed="bmm"`` path (one batched matmul per layer, no per-task loop or sync).
 """
 
 from __future__ import annotations
@@ -517,9 +520,12 @@ class VLoRAModel(Delegating):
             slot = 0 if ids[0] is None else self._slots[ids[0]]
             return Route("single", rows=len(ids), slot=slot), ids[0]
         slot_of = [0 if t is None else self._slots[t] for t in ids]
-        groups = {t: torch.tensor([i for i, u in enumerate(ids) if u == t], device=device)
-                  for t in dict.fromkeys(ids)}
-        route = Route("rows", rows=len(ids), index=torch.tensor(slot_of, device=device),
+        rows_of = {t: [i for i, u in enumerate(ids) if u == t] for t in dict.fromkeys(ids)}
+        # every index vector in one host-to-device copy (one per task was a sync each on CUDA)
+        flat = torch.tensor(slot_of + [i for rows in rows_of.values() for i in rows]).to(device)
+        index, grouped = flat[:len(ids)], flat[len(ids):]
+        groups = dict(zip(rows_of, grouped.split([len(rows) for rows in rows_of.values()])))
+        route = Route("rows", rows=len(ids), index=index,
                       groups=[(0 if t is None else self._slots[t], rows)
                               for t, rows in groups.items()])
         route.heads = self._mixed_heads(groups)

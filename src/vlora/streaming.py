@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vlora import linalg
+from vlora.devices import fit_device
 from vlora.errors import IncompatibleAdaptersError
 from vlora.inputs import check_rank, one_base_model, warn_base_models
 from vlora.io import load_adapter
@@ -29,13 +30,17 @@ if TYPE_CHECKING:
 F64 = torch.float64
 
 
+def _on(device: torch.device | None, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return xs if device is None else tuple(x.to(device) for x in xs)
+
+
 def from_adapters_streaming(cls: type[SharedSubspace], paths: Sequence[str | os.PathLike],
                             task_ids: Sequence[str] | None = None,
                             num_components: int | tuple[int, int] = 16,
                             variance_threshold: float | None = None, oversample: int = 8,
                             chunk_size: int = 16, weighting: str = "task",
-                            pseudo_rank: int | None = None, progress: bool = False
-                            ) -> SharedSubspace:
+                            pseudo_rank: int | None = None, progress: bool = False,
+                            device: str | torch.device | None = None) -> SharedSubspace:
     """Stream ``paths`` twice to build a subspace; see the module docstring.
 
     Args:
@@ -45,7 +50,14 @@ def from_adapters_streaming(cls: type[SharedSubspace], paths: Sequence[str | os.
         variance_threshold: optionally a smaller k keeping this share of the tracked energy.
         oversample: extra directions tracked during the pass so that truncation errs less.
         chunk_size: adapters read and folded in at a time.
+        device: where pass 1's linear algebra runs (``"cpu"``, ``"cuda"``), float64 there as
+            on the CPU; the tracked bases stay there between chunks and come back to the
+            CPU at the end. Pass 2 (projection) runs on the CPU. None: the CPU, as before.
+
+    Raises:
+        DeviceError: (a ValueError) ``device`` is CUDA and CUDA is not available.
     """
+    device = fit_device(device)
     check_rank(pseudo_rank, "pseudo_rank")
     ids = list(task_ids) if task_ids is not None else [Path(p).name for p in paths]
     if len(ids) != len(paths):
@@ -75,13 +87,13 @@ def from_adapters_streaming(cls: type[SharedSubspace], paths: Sequence[str | os.
                          for m in shapes) for a in chunk]
             sws = [adapter_weight(n, weighting) ** 0.5 for n in norms]
             for m, (d_out, d_in) in shapes.items():
-                facs = [linalg.canonical(a.lora_b[m], a.lora_a[m], a.scales[m])
+                facs = [linalg.canonical(*_on(device, a.lora_b[m], a.lora_a[m]), a.scales[m])
                         for a, c in zip(chunk, sws) if c > 0]
                 cs = [c for c in sws if c > 0]
                 if not facs:
                     continue
-                u, gu, v, gv = state.get(m) or [torch.zeros(d_out, 0, dtype=F64), None,
-                                                torch.zeros(d_in, 0, dtype=F64), None]
+                u, gu, v, gv = state.get(m) or [torch.zeros(d_out, 0, dtype=F64, device=device), None,
+                                                torch.zeros(d_in, 0, dtype=F64, device=device), None]
                 u, gu = linalg.incremental_basis(u, gu, [ut * (st * c) for (ut, st, _), c in
                                                          zip(facs, cs)], k_out + oversample)
                 v, gv = linalg.incremental_basis(v, gv, [vt * (st * c) for (_, st, vt), c in
@@ -94,7 +106,7 @@ def from_adapters_streaming(cls: type[SharedSubspace], paths: Sequence[str | os.
             modules[m] = ModuleBasis(torch.zeros(d_out, 0), torch.zeros(d_in, 0),
                                      torch.zeros(0, 0, dtype=F64), torch.zeros(0, 0, dtype=F64))
             continue
-        u, gu, v, gv = state[m]
+        u, gu, v, gv = (x.cpu() for x in state[m])
         ko = linalg.choose_k(gu.diagonal().sqrt(), k_out, variance_threshold)
         ki = linalg.choose_k(gv.diagonal().sqrt(), k_in, variance_threshold)
         modules[m] = ModuleBasis(u[:, :ko].float().contiguous(), v[:, :ki].float().contiguous(),

@@ -24,6 +24,7 @@ import torch
 from vlora import linalg, private, stats
 from vlora.adapter import LoRAWeights
 from vlora.budget import choose_ks, coordinate_numbers, core_ranks, resolve_module_weights, weighted_error
+from vlora.devices import fit_device
 from vlora.errors import BudgetError, IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
 from vlora.inputs import (
     AdapterLike,
@@ -62,8 +63,11 @@ class AbsorbReport:
     after_is_bound: bool
 
 
-def _factors(adapter: LoRAWeights, module: str) -> linalg.Factor:
-    return linalg.canonical(adapter.lora_b[module], adapter.lora_a[module], adapter.scales[module])
+def _factors(adapter: LoRAWeights, module: str, device: torch.device | None = None) -> linalg.Factor:
+    b, a = adapter.lora_b[module], adapter.lora_a[module]
+    if device is not None:
+        b, a = b.to(device), a.to(device)
+    return linalg.canonical(b, a, adapter.scales[module])
 
 
 class SharedSubspace:
@@ -105,7 +109,8 @@ class SharedSubspace:
                       adaptive_k: bool = True, weighting: str = "task", refine_iters: int = 10,
                       missing_modules: str = "error", pseudo_rank: int | None = None,
                       module_weights: dict[str, float] | None = None,
-                      progress: bool = False) -> SharedSubspace:
+                      progress: bool = False, device: str | torch.device | None = None
+                      ) -> SharedSubspace:
         """Fit shared bases on ``adapters`` and store every one as a task.
 
         Args:
@@ -131,10 +136,20 @@ class SharedSubspace:
                 ``target_modules`` (:func:`vlora.budget.resolve_module_weights`). The
                 bases of each module and every error reported are unchanged in kind.
             progress: draw progress bars.
+            device: where the fit's linear algebra runs (``"cpu"``, ``"cuda"``,
+                ``"cuda:N"``): each adapter's canonical form, the stacked SVDs, the
+                refinement and every task's projection, all in float64 there as on the
+                CPU. What the subspace holds comes back to the CPU (bases float32, Grams
+                float64). None (default) computes on the CPU exactly as before. A CUDA fit
+                matches a CPU one to rounding, not bit for bit (docs/DESIGN.md, "Devices").
+
+        Raises:
+            DeviceError: (a ValueError) ``device`` is CUDA and CUDA is not available.
 
         With no k option, k is the full numerical rank of each stack (every task exact).
         k never exceeds that rank.
         """
+        device = fit_device(device)
         ks_given = num_components if isinstance(num_components, tuple) else (num_components,)
         if any(k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0) for k in ks_given):
             raise ValueError(f"num_components must be k >= 0 or (k_out, k_in), not {num_components!r}")
@@ -166,9 +181,9 @@ class SharedSubspace:
         with linalg.fixed_threads():
             for m in track(list(shapes), "Stack spectra", len(shapes), progress):
                 present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
-                facs = [_factors(a, m) for a, _ in present]
+                facs = [_factors(a, m, device) for a, _ in present]
                 (u, su), (v, sv) = _stacks(facs, [w for _, w in present], shapes[m], *top)
-                spectra[m], starts[m] = (su, sv), (u, v)
+                spectra[m], starts[m] = (su.cpu(), sv.cpu()), (u, v)  # k is chosen on the CPU
         # With a byte budget, a lower pseudo-rank buys more shared directions: try a few
         # and keep the one with the lowest mean error (the library's choice, see DESIGN.md).
         # Each candidate's coordinate bytes are then shared out over the tasks' cores.
@@ -180,7 +195,8 @@ class SharedSubspace:
         expect(len(candidates) * (len(shapes) + len(items)), progress)  # one bar's estimate: every fit
         # several models (warned about in check_modules): none, so tasks are not warned again
         base_model = one_base_model(a.base_model for a in items)
-        options = {"weighting": weighting, "base_model": base_model, "missing_modules": missing_modules}
+        options = {"weighting": weighting, "base_model": base_model, "missing_modules": missing_modules,
+                   "device": device}
         # what the directory holds whatever the ks (manifest, headers, the tasks' figures):
         # measured on the fit with no direction, which costs one projection per task
         fixed = 0 if budget is None else stats.stored_bytes(_fitted(cls._fit(
@@ -196,8 +212,9 @@ class SharedSubspace:
             if adaptive and p < max_rank:
                 tasks = [sub.get_task(t) for t in ids]
                 ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p), mw)
+                bases = _bases_on(sub.modules, device)
                 for a, tid in zip(items, ids):
-                    sub.add_task(sub.project(a, tid, pseudo_rank=ranks[tid]), replace=True)
+                    sub.add_task(sub._project(a, tid, ranks[tid], bases, device), replace=True)
             _fitted(sub)
             score = sum(weighted_error(sub.get_task(t), mw) for t in ids)
             stored = stats.stored_bytes(sub) if budget is not None else 0
@@ -214,19 +231,21 @@ class SharedSubspace:
 
     @classmethod
     def _fit(cls, items, ids, weights, shapes, starts, ks, refine_iters, pseudo_rank, progress,
-             **options) -> SharedSubspace:
-        """Refine the bases from their starts at the chosen ks, then project every task."""
+             device=None, **options) -> SharedSubspace:
+        """Refine the bases from their starts at the chosen ks, then project every task
+        (all on ``device`` when given; the bases come back to the CPU)."""
         modules = {}
         with linalg.fixed_threads():
             for m in track(list(shapes), "Fitting bases", len(shapes), progress):
                 present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
-                facs = [_factors(a, m) for a, _ in present]
+                facs = [_factors(a, m, device) for a, _ in present]
                 u0, v0 = starts[m][0][:, :ks[m][0]], starts[m][1][:, :ks[m][1]]
                 u, v = linalg.refine_bases(facs, [w for _, w in present], u0, v0, refine_iters)
                 modules[m] = _basis(u, v, facs, [w for _, w in present])
         sub = cls(modules, **options)
+        bases = _bases_on(modules, device)
         for a, tid in zip(track(items, "Projecting tasks", len(items), progress), ids):
-            sub.add_task(sub.project(a, tid, pseudo_rank=pseudo_rank))
+            sub.add_task(sub._project(a, tid, pseudo_rank, bases, device))
         return sub
 
     # --------------------------------------------------------------- tasks
@@ -260,6 +279,20 @@ class SharedSubspace:
         with linalg.fixed_threads():
             return project_adapter(adapter, task_id, self.modules, self.weighting, pseudo_rank,
                                    self.missing_modules == "zero", self._coord_quant())
+
+    def _project(self, adapter: AdapterLike, task_id: str, pseudo_rank: int | dict[str, int] | None,
+                 bases: dict[str, ModuleBasis], device: torch.device | None) -> TaskProjection:
+        """:meth:`project` for a fit on ``device``, with this subspace's (float) bases moved
+        there once per fit (``bases``, :func:`_bases_on`); the result is on the CPU."""
+        if device is None:
+            return self.project(adapter, task_id, pseudo_rank=pseudo_rank)
+        from vlora.storage import validate_task_id
+        validate_task_id(task_id)
+        adapter = as_adapter(adapter)
+        self._check_adapter(adapter, task_id)
+        with linalg.fixed_threads():
+            return project_adapter(adapter, task_id, bases, self.weighting, pseudo_rank,
+                                   self.missing_modules == "zero", self._coord_quant(), device)
 
     def _coord_quant(self) -> tuple[int, str, int] | None:
         """``(bits, method, block)`` of stored coordinates, None when they are float."""
@@ -763,6 +796,14 @@ def _stacks(facs: list[linalg.Factor], ws: list[float], shape: tuple[int, int],
             linalg.top_left_singular([vt * (st * c) for (_, st, vt), c in zip(facs, sw)], k_in))
 
 
+def _bases_on(modules: dict[str, ModuleBasis], device: torch.device | None) -> dict[str, ModuleBasis]:
+    """``modules`` with U and V moved to a fit's ``device`` (None: as they are); a fit's
+    bases are float, never quantized, so nothing else needs to move."""
+    if device is None:
+        return modules
+    return {m: dataclasses.replace(b, U=b.U.to(device), V=b.V.to(device)) for m, b in modules.items()}
+
+
 def _basis(u: torch.Tensor, v: torch.Tensor, facs: list[linalg.Factor],
            ws: list[float]) -> ModuleBasis:
     sw = [w ** 0.5 for w in ws]
@@ -771,4 +812,5 @@ def _basis(u: torch.Tensor, v: torch.Tensor, facs: list[linalg.Factor],
                                                           u))
     v, gv = linalg.principal_axes(v, linalg.gram_in_basis([vt * (st * c) for (_, st, vt), c in zip(facs, sw)],
                                                           v))
-    return ModuleBasis(u.float().contiguous(), v.float().contiguous(), gu, gv)
+    # computed on a fit's device, stored on the CPU
+    return ModuleBasis(u.float().cpu().contiguous(), v.float().cpu().contiguous(), gu.cpu(), gv.cpu())

@@ -197,8 +197,8 @@ def adapter_weight(norm_sq_total: float, weighting: str) -> float:
 
 def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleBasis],
                     weighting: str = "task", pseudo_rank: int | dict[str, int] | None = None,
-                    zero_missing: bool = False, coord_quant: tuple[int, str, int] | None = None
-                    ) -> TaskProjection:
+                    zero_missing: bool = False, coord_quant: tuple[int, str, int] | None = None,
+                    device: torch.device | None = None) -> TaskProjection:
     """Coordinates of ``adapter`` in ``bases`` and its exact error (float64, small matrices).
 
     ``pseudo_rank`` stores each core at rank ``p`` by truncated SVD (one p, or one per
@@ -207,6 +207,10 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
     coordinates as a subspace with quantized coordinates stores them (the error is then
     against the rounded ones). The adapter's modules ``bases`` lacks are lost in full
     (``dropped_sq``).
+
+    ``device`` (a fit's, :func:`vlora.devices.fit_device`): compute there in float64, with
+    ``bases`` already moved there; the coordinates and spectra come back to the CPU.
+    None computes where the tensors are, as always.
     """
     cb, ca, norm, res, spec, quant = {}, {}, {}, {}, {}, {}
     for m, basis in bases.items():
@@ -220,14 +224,17 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
             norm[m], res[m], spec[m] = 0.0, 0.0, torch.zeros(0, dtype=F64)
             continue
         s = adapter.scales[m]
-        ut, st, vt = linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], s)
+        b, a = adapter.lora_b[m], adapter.lora_a[m]
+        if device is not None:
+            b, a = b.to(device), a.to(device)
+        ut, st, vt = linalg.canonical(b, a, s)
         u, v = basis.U.to(F64), basis.V.to(F64)
         if basis.quant:  # rounded bases are not orthonormal: U^T X is not the best fit there
-            lb = linalg.lstsq_map(u, s * adapter.lora_b[m].to(F64))
-            la = linalg.lstsq_map(v, adapter.lora_a[m].to(F64).T)
+            lb = linalg.lstsq_map(u, s * b.to(F64))
+            la = linalg.lstsq_map(v, a.to(F64).T)
         else:
-            lb = u.T @ (s * adapter.lora_b[m].to(F64))
-            la = v.T @ adapter.lora_a[m].to(F64).T
+            lb = u.T @ (s * b.to(F64))
+            la = v.T @ a.to(F64).T
         p = pseudo_rank.get(m) if isinstance(pseudo_rank, dict) else pseudo_rank
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 0):
             raise ValueError(f"pseudo_rank must be a positive integer, not {p!r}")
@@ -242,6 +249,8 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
         spec[m] = st
     dropped = {m: linalg.frobenius_sq(adapter.lora_b[m], adapter.lora_a[m], adapter.scales[m])
                for m in adapter.layer_names if m not in bases}
+    if device is not None:
+        cb, ca, spec = ({m: x.cpu() for m, x in d.items()} for d in (cb, ca, spec))
     dtype = str(next(iter(adapter.lora_a.values())).dtype).removeprefix("torch.")
     return TaskProjection(task_id, cb, ca, norm, res, spec,
                           adapter_weight(sum(norm.values()), weighting), False,

@@ -29,7 +29,8 @@ from vlora.cli.common import (
 from vlora.cli.sources import HELP as SOURCES_HELP
 from vlora.cli.sources import AdapterSource, any_hub, parse_hub_id, require_no_urls
 from vlora.compress import compress as fit_to_bytes
-from vlora.errors import SubspaceError
+from vlora.devices import fit_device
+from vlora.errors import DeviceError, SubspaceError
 from vlora.inputs import default_task_id
 from vlora.io import adapter_disk_bytes, load_adapter, save_adapter
 from vlora.sharing import private_within
@@ -200,12 +201,14 @@ def _module_weights(ctx, param, values) -> dict[str, float] | None:
               help="With --budget/--ratio: auto keeps a private part per task where sharing does "
                    "not pay (never worse than compressing each adapter alone); none shares every "
                    "byte (one shared path for mixed batches; info says what it costs).")
+@click.option("--device", help="Run the fit's linear algebra here: cpu, cuda or cuda:N (float64 on "
+                                "either; the subspace is stored from the CPU). Default: the CPU.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is already a subspace (only then).")
 @QUIET
 @JSON
 def compress(adapters, output, num_components, k_out, k_in, variance_threshold, budget, ratio, bits,
-             module_weights, task_ids, streaming, ray_address, missing_modules, private, force, quiet,
-             as_json):
+             module_weights, task_ids, streaming, ray_address, missing_modules, private, device, force,
+             quiet, as_json):
     """Compress LoRA adapters (folders, Hub ids org/name[@revision]) into one shared subspace.
 
     \b
@@ -216,7 +219,15 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
       vlora compress adapters/* -o sub --ratio 10 --bits 6
       vlora compress a/ b/ c/ -o sub --task-ids sales,legal,support --budget 2MB
       vlora compress adapters/* -o sub --ratio 10 --bits 6 --module-weight value=2
+      vlora compress adapters/* -o sub --ratio 10 --device cuda
     """
+    if device is not None:
+        if ray_address is not None:
+            raise click.UsageError("--device runs the fit on this machine; --ray fits on the cluster")
+        try:
+            device = fit_device(device)
+        except DeviceError as e:  # before any adapter is read
+            raise click.BadParameter(str(e), param_hint="'--device'") from None
     if module_weights and not (budget or ratio):
         raise click.UsageError("--module-weight shares out a byte target: give --budget or --ratio")
     chosen = [x is not None for x in (num_components, k_out or k_in, variance_threshold, budget, ratio)]
@@ -261,7 +272,7 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
             raise click.UsageError("--streaming takes -k or --variance-threshold")
         sub = SharedSubspace.from_adapters_streaming(
             [s.local() for s in adapters], task_ids=ids, num_components=k or 16,
-            variance_threshold=variance_threshold, progress=progress)
+            variance_threshold=variance_threshold, progress=progress, device=device)
         if bits:
             sub.quantize(int(bits), coordinates=True)
     else:
@@ -272,7 +283,8 @@ def compress(adapters, output, num_components, k_out, k_in, variance_threshold, 
         sub = fit_to_bytes(loaded, ids, budget=budget, ratio=ratio,
                            bits=int(bits) if bits else None, num_components=k,
                            variance_threshold=variance_threshold, module_weights=module_weights,
-                           missing_modules=missing_modules, private=private, progress=progress)
+                           missing_modules=missing_modules, private=private, progress=progress,
+                           device=device)
     sub.save(output)
     data = summary(sub, output)
     if as_json:
