@@ -154,6 +154,13 @@ def test_cli_device_cuda_without_cuda(adapters, no_cuda, tmp_path):
     assert not (tmp_path / "sub").exists()
 
 
+def test_cli_device_with_ray_is_refused(adapters, tmp_path):
+    paths = [str(p) for p in saved(adapters[:2], tmp_path)]
+    result = CliRunner().invoke(cli, ["compress", *paths, "-o", str(tmp_path / "sub"), "-k", "2",
+                                      "--ray=auto", "--device", "cpu"])
+    assert result.exit_code == 2 and "--ray fits on the cluster" in result.output, result.output
+
+
 def test_cli_device_cpu_writes_the_default_subspace(adapters, tmp_path):
     paths = [str(p) for p in saved(adapters[:3], tmp_path)]
     for name, extra in (("a", []), ("b", ["--device", "cpu"])):
