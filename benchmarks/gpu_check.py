@@ -5,6 +5,7 @@ here), nothing else: no download, no transformers, no files on disk. From the re
 
     python benchmarks/gpu_check.py                        # on a GPU machine: sized for < 5 min on an H100
     python benchmarks/gpu_check.py --quick --device cpu   # tiny sizes on the CPU, seconds
+    python benchmarks/gpu_check.py --quick                # tiny sizes, on the GPU where there is one
 
 It prints a markdown report and writes JSON to ``--out`` (default ``$OUT/gpu_check.json``
 when ``$OUT`` is set, else none), rewritten after every part so that a run cut short
@@ -454,16 +455,26 @@ def markdown(data: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (a smoke test)")
-    ap.add_argument("--device", help="cuda (default) or cpu (only sensible with --quick)")
+    ap.add_argument("--device", help="cuda (default; with --quick, cpu where CUDA is absent), cuda:N, "
+                    "or cpu (with --quick only)")
     ap.add_argument("--out", help="JSON path (default $OUT/gpu_check.json when $OUT is set)")
     ap.add_argument("--parts", default="agreement,serving,fit_time",
                     help="comma-separated subset of agreement, fit_time, serving (run in this order)")
     ap.add_argument("--fit-n", type=int, help="adapters in part (b) (default 1000)")
     args = ap.parse_args(argv)
-    device = args.device or "cuda"
+    device = args.device or ("cpu" if args.quick and not torch.cuda.is_available() else "cuda")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: CUDA is not available here (torch.cuda.is_available() is False); "
               "run it on a GPU machine, or with --quick --device cpu as a smoke test", file=sys.stderr)
+        return 2
+    if not args.quick and torch.device(device).type == "cpu":
+        print("gpu_check: the full sizes on the CPU would take hours (1,000 adapters of a 7B layer, "
+              "a 2B-parameter decoder); add --quick", file=sys.stderr)
+        return 2
+    parts = {"agreement": agreement, "fit_time": fit_time, "serving": serving}
+    unknown = [name for name in args.parts.split(",") if name not in parts]
+    if unknown:
+        print(f"gpu_check: unknown parts {unknown}; choose from {sorted(parts)}", file=sys.stderr)
         return 2
     p = dict(QUICK if args.quick else FULL)
     if args.fit_n:
@@ -476,7 +487,6 @@ def main(argv: list[str] | None = None) -> int:
             "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
             "targets": {"fit_speedup": TARGET_FIT_SPEEDUP, "decode_vs_bare_at_32": TARGET_DECODE_RATIO}}
     start = time.perf_counter()
-    parts = {"agreement": agreement, "fit_time": fit_time, "serving": serving}
     failed = []
     for name in args.parts.split(","):
         t0 = time.perf_counter()
