@@ -9,6 +9,9 @@
   changed in a new generation of the subspace.
 * :mod:`vlora.serving.vllm_driver`: runs adapter folders through vLLM's offline engine
   (used by the tests; run with the vLLM environment's python).
+* :mod:`vlora.serving.vllm_platform`: an opt-in vLLM CPU platform (``vllm.platform_plugins``
+  entry point, off unless ``VLORA_VLLM_PLATFORM=1``) whose LoRA wrapper runs one matmul per
+  adapter in the batch instead of gathering each token's weights (docs/VLLM.md).
 
 Nothing here imports vLLM at module level: vlora's own environment does not have it.
 """

@@ -11,6 +11,12 @@ is ``{"tokens": [[id, ...] per prompt], "logprobs": [[float, ...] per prompt]}``
 greedy tokens and each one's log-probability) or ``{"error": vLLM's message}`` where vLLM
 refused to load the adapter. Greedy decoding in float32, so tokens can be compared with
 PEFT's. The engine is started under ``__main__`` (vLLM's engine core is a child process).
+
+Optional: ``"max_loras"`` (default 1) and ``"batches": [[{"prompt": index into prompts,
+"case": name or null for the base model}, ...], ...]``: each batch is one ``generate`` call
+with a LoRA request per prompt (adapters mixed in one batch); OUT.json then has
+``"batches": [result, ...]`` too, and ``"punica_wrapper"``, the wrapper vLLM's platform
+names in this process (:mod:`vlora.serving.vllm_platform` changes it).
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ def run(job: dict) -> dict:
     from vllm.lora.request import LoRARequest
 
     start = time.perf_counter()
+    max_loras = job.get("max_loras", 1)
     llm = LLM(model=job["model"], dtype="float32", enable_lora=True,
-              max_lora_rank=job.get("max_lora_rank", 16), max_loras=1, max_cpu_loras=2,
+              max_lora_rank=job.get("max_lora_rank", 16), max_loras=max_loras,
+              max_cpu_loras=max(2, max_loras),
               max_model_len=job.get("max_model_len", 512), enforce_eager=True, seed=0)
     engine_s = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=1,
@@ -55,6 +63,18 @@ def run(job: dict) -> dict:
         outputs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
         results["cases"][case["name"]] = _result(outputs)
         llm.llm_engine.remove_lora(i)
+    if job.get("batches"):
+        ids = {case["name"]: LoRARequest(case["name"], i, case["path"])
+               for i, case in enumerate(job["cases"], 1)}
+        results["batches"] = []
+        for batch in job["batches"]:
+            outputs = llm.generate([prompts[b["prompt"]] for b in batch], params,
+                                   lora_request=[b["case"] and ids[b["case"]] for b in batch],
+                                   use_tqdm=False)
+            results["batches"].append(_result(outputs))
+    from vllm.platforms import current_platform
+
+    results["punica_wrapper"] = current_platform.get_punica_wrapper()
     results["engine_s"] = engine_s
     return results
 

@@ -1,0 +1,204 @@
+"""vLLM serving with vlora's grouped LoRA wrapper (``VLORA_VLLM_PLATFORM=1``) vs vLLM's own.
+
+The platform is chosen once per process, so each arm is its own ``vlora serve`` start
+(SmolLM2-135M, float32, ``--enforce-eager``), arms alternating ``--pairs`` times: stock,
+grouped, stock, grouped... The served tasks are those of benchmarks/vllm_serving.py (``--tasks``
+planted adapters, rank ``--rank`` on q/k/v/o/gate/up/down, in a ``--k``-dimensional
+subspace). Measured per arm: tokens/s with 1, 4, 16 and 32 distinct tasks in flight (one
+concurrent request per task: ``--prompt-tokens`` prompt tokens, ``--new-tokens`` greedy
+tokens, EOS ignored), best of ``--repeats`` rounds, every request of every round with
+its own prompt (the same ones in every arm; no prefix-cache hits), and the base model's
+(no adapter) at the same concurrency. The greedy completions of the arms are compared:
+identical completions are counted.
+
+    python -m benchmarks.vllm_platform            # needs scripts/vllm_env.sh's environment
+
+Writes ``benchmarks/results/vllm_platform.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from benchmarks.vllm_serving import _planted
+
+HERE = Path(__file__).parent
+
+
+def _complete(url: str, model: str, prompt: list[int], n: int) -> tuple[int, str]:
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        out = json.loads(r.read())
+    return out["usage"]["completion_tokens"], out["choices"][0]["text"]
+
+
+def _prompts(c: int, rnd: int, n: int, tokens: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1000 * c + rnd)
+    return torch.randint(1000, 40000, (n, tokens), generator=g).tolist()
+
+
+def _round(url: str, names: list[str], prompts: list[list[int]], n: int) -> tuple[float, list[str]]:
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(names)) as pool:
+        got = list(pool.map(lambda mp: _complete(url, mp[0], mp[1], n), zip(names, prompts)))
+    return sum(t for t, _ in got) / (time.perf_counter() - start), [s for _, s in got]
+
+
+def _arm(arm: str, work: Path, base: Path, ids: list[str], args) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "VLORA_VLLM_PLATFORM"}
+    env |= {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+    if arm == "grouped":
+        env["VLORA_VLLM_PLATFORM"] = "1"
+    cmd = [sys.executable, "-c", "from vlora.cli import main; main()", "serve", str(work / "sub"),
+           "--model", str(base), "--cache", str(work / "cache"), "--host", "127.0.0.1",
+           "--port", str(port), "--enforce-eager", "--max-model-len", "512",
+           "--max-loras", str(args.tasks), "--max-cpu-loras", str(2 * args.tasks),
+           "--max-adapter-folders", str(2 * args.tasks)]
+    log_path = work / f"serve-{arm}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    out = {"tokens_per_s": {"base": {}, "lora": {}}, "texts": {}}
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"server did not start; see {log_path}") from None
+                time.sleep(2)
+        for name in ids:  # every adapter loaded before the timed rounds
+            _complete(url, name, [1000], 1)
+        for c in [int(x) for x in args.in_flight.split(",")]:
+            for kind, names in (("base", [str(base)] * c), ("lora", ids[:c])):
+                best = 0.0
+                for rnd in range(args.repeats):
+                    tps, texts = _round(url, names, _prompts(c, rnd, c, args.prompt_tokens),
+                                        args.new_tokens)
+                    best = max(best, tps)
+                    if kind == "lora":
+                        out["texts"][f"{c}/{rnd}"] = texts
+                out["tokens_per_s"][kind][c] = best
+                print(f"{arm:<8} {c:>3} in flight  {kind:<5} {best:8.1f} tokens/s", flush=True)
+        out["load_average"] = os.getloadavg()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    text = log_path.read_text()
+    want = "GroupedPunicaWrapper" if arm == "grouped" else "PunicaWrapperCPU"
+    if f"Using {want}." not in text:
+        raise SystemExit(f"{arm}: the server did not use {want}; see {log_path}")
+    return out
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def _report(result: dict) -> None:
+    """Writes ``vllm_platform.md`` from the result (``--report`` rebuilds it from the json)."""
+    a, best = result["args"], result["best_tokens_per_s"]
+    lines = ["# vLLM serving with vlora's grouped LoRA wrapper vs vLLM's own (CPU)", "",
+             f"`python -m benchmarks.vllm_platform --pairs {a['pairs']}`, commit {result['commit']} "
+             f"(the wrapper uncommitted where the commit predates it), {result['date']}, this "
+             f"project's {result['cpu_count']}-core CPU machine shared with other work (timings are "
+             f"noisy: see the load averages), vllm-cpu 0.32.0 in float32, SmolLM2-135M-Instruct, "
+             f"{a['tasks']} planted tasks (r={a['rank']} on all seven linear module types, subspace "
+             f"k={a['k']}) served by `vlora serve` by name, {a['prompt_tokens']} prompt tokens (a "
+             f"different prompt for every request) and {a['new_tokens']} new tokens per request, "
+             f"one request per task in flight, best of {a['repeats']} rounds in each of "
+             f"{a['pairs']} server starts per arm (arms alternating, best over starts). The base "
+             "columns are requests without an adapter (neither wrapper does any LoRA work for "
+             "them), a measure of the drift between server starts.", "",
+             "| in flight | stock tokens/s | grouped tokens/s | grouped / stock | base (no adapter), "
+             "stock server | base, grouped server |", "|---:|---:|---:|---:|---:|---:|"]
+    for c in best["stock"]["lora"]:
+        s, g = best["stock"]["lora"][c], best["grouped"]["lora"][c]
+        lines.append(f"| {c} | {s:.1f} | {g:.1f} | {g / s:.2f} | {best['stock']['base'][c]:.1f} | "
+                     f"{best['grouped']['base'][c]:.1f} |")
+    same, total = result["identical_completions"]
+    loads = ", ".join(f"{r['arm']} {r['load_average'][0]:.1f}" for r in result["runs"])
+    lines += ["", f"Greedy completions identical in both arms: {same} of {total}. Load average "
+              f"(1 min) at the end of each server run, in order: {loads}, on "
+              f"{result['cpu_count']} cores.", "", "Each server run (tokens/s with adapters):", "",
+              "| run | " + " | ".join(f"{c} in flight" for c in best["stock"]["lora"]) + " |",
+              "|---|" + "---:|" * len(best["stock"]["lora"])]
+    for i, r in enumerate(result["runs"], 1):
+        lines.append(f"| {i} {r['arm']} | " + " | ".join(
+            f"{v:.1f}" for v in r["tokens_per_s"]["lora"].values()) + " |")
+    (HERE / "results" / "vllm_platform.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", type=int, default=32)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--k", type=int, default=24)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--in-flight", default="1,4,16,32")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=1, help="stock/grouped server starts, alternating")
+    p.add_argument("--report", action="store_true", help="only rebuild the .md from the .json")
+    args = p.parse_args(argv)
+    if args.report:
+        return _report(json.loads((HERE / "results" / "vllm_platform.json").read_text()))
+    from vlora.subspace import SharedSubspace
+    from vlora.testbed.llm import ensure_base
+
+    base = ensure_base()
+    work = Path(tempfile.mkdtemp(prefix="vlora-vllm-platform-"))
+    ids = [f"t{i}" for i in range(args.tasks)]
+    SharedSubspace.from_adapters(_planted(base, args.tasks, args.rank, args.k), task_ids=ids,
+                                 num_components=args.k).save(work / "sub")
+    runs = []
+    for _ in range(args.pairs):
+        for arm in ("stock", "grouped"):
+            runs.append({"arm": arm, **_arm(arm, work, base, ids, args)})
+    best = {arm: {kind: {c: max(r["tokens_per_s"][kind][c] for r in runs if r["arm"] == arm)
+                         for c in runs[0]["tokens_per_s"][kind]} for kind in ("base", "lora")}
+            for arm in ("stock", "grouped")}
+    stock_texts = next(r["texts"] for r in runs if r["arm"] == "stock")
+    same = total = 0
+    for r in runs:
+        if r["arm"] == "grouped":
+            for key, texts in r["texts"].items():
+                same += sum(a == b for a, b in zip(texts, stock_texts[key]))
+                total += len(texts)
+    result = {"args": vars(args), "best_tokens_per_s": best, "identical_completions": [same, total],
+              "runs": [{k: v for k, v in r.items() if k != "texts"} for r in runs],
+              "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "commit": _commit()}
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "vllm_platform.json").write_text(json.dumps(result, indent=1))
+    _report(result)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
