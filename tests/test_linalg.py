@@ -90,6 +90,21 @@ def test_refinement_never_lowers_kept_energy():
     assert linalg.objective(facs, w, u, v) >= linalg.objective(facs, w, u0, v0) - 1e-12
 
 
+def test_refinement_in_the_tasks_span_is_the_refinement_in_full_coordinates():
+    """Where N r < d the rounds run on the span of the tasks' factors (refine_bases);
+    the rounds on the full coordinates (_refine) find the same bases."""
+    facs = [linalg.canonical(rand(60, 3, seed=i), rand(3, 50, seed=200 + i)) for i in range(4)]
+    w = [1.0, 2.0, 0.5, 1.0]
+    u0, _ = linalg.top_left_singular([ut * st for ut, st, _ in facs], 4)
+    v0, _ = linalg.top_left_singular([vt * st for _, st, vt in facs], 5)
+    u, v = linalg.refine_bases(facs, w, u0, v0, iters=6)
+    ur, vr = linalg._refine(facs, w, u0, v0, 6, 1e-10)
+    assert ur is not None  # a round was taken, so the comparison says something
+    torch.testing.assert_close(u, linalg.fix_signs(ur), atol=1e-9, rtol=0)
+    torch.testing.assert_close(v, linalg.fix_signs(vr), atol=1e-9, rtol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(4, dtype=u.dtype), atol=1e-12, rtol=0)
+
+
 def test_incremental_update_equals_batch_without_truncation():
     blocks = [rand(30, 3, seed=i) for i in range(4)]
     u, g = linalg.top_left_singular(blocks[:3])[0], None

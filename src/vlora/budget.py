@@ -126,12 +126,19 @@ def core_ranks(tasks: Sequence[TaskProjection], modules: dict[str, ModuleBasis],
     (a rank-0 module means one the adapter never had); no rank past the core's numerical
     rank is handed out."""
     gains, costs, c = {}, {}, module_weights or {}
-    for t in tasks:
-        for m, b in modules.items():
+    for m, b in modules.items():
+        # the cores' singular values, batched over the tasks whose cores share a shape
+        by_shape: dict[tuple, list[TaskProjection]] = {}
+        for t in tasks:
             if t.coords_b[m].shape[1]:
-                s = linalg.canonical(t.coords_b[m], t.coords_a[m].T)[1]
+                by_shape.setdefault((t.coords_b[m].shape, t.coords_a[m].shape), []).append(t)
+        for group in by_shape.values():
+            cores = (torch.stack([t.coords_b[m] for t in group]).to(torch.float64)
+                     @ torch.stack([t.coords_a[m] for t in group]).to(torch.float64).transpose(1, 2))
+            for t, s in zip(group, torch.linalg.svdvals(cores)):
                 q = max(1, linalg.numerical_rank(s))
                 gains[(t.task_id, m)] = c.get(m, 1.0) * t.weight * s[:q].square()
                 costs[(t.task_id, m)] = float(b.k_out + b.k_in)
-    ranks = linalg.allocate_budget(gains, costs, numbers, minimum=1)
+    order = [(t.task_id, m) for t in tasks for m in modules if (t.task_id, m) in gains]  # ties: task-major
+    ranks = linalg.allocate_budget({key: gains[key] for key in order}, costs, numbers, minimum=1)
     return {t.task_id: {m: ranks.get((t.task_id, m), 0) for m in modules} for t in tasks}

@@ -18,6 +18,7 @@ from vlora.adapter import LoRAWeights
 from vlora.budget import resolve_module_weights
 from vlora.devices import fit_device
 from vlora.errors import BudgetError
+from vlora.fit_memo import FitMemo
 from vlora.inputs import default_task_id
 from vlora.io import load_adapter
 from vlora.sharing import choose
@@ -82,7 +83,9 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
             sub.quantize(bits, method, coordinates=quantize_coordinates)
         return sub
     ids = list(task_ids) if task_ids is not None else [default_task_id(a, i) for i, a in enumerate(items)]
-    shared_kwargs = {k: v for k, v in fit_kwargs.items() if k != "progress"}
+    # the byte search fits these adapters many times: what does not depend on the budget
+    # (spectra, refined bases by k) is computed once (vlora.fit_memo)
+    shared_kwargs = {**{k: v for k, v in fit_kwargs.items() if k != "progress"}, "memo": FitMemo()}
 
     def shared_fit(target: float) -> SharedSubspace:
         try:

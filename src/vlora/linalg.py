@@ -288,11 +288,39 @@ def refine_bases(factors: Sequence[Factor], weights: Sequence[float], u: torch.T
 
     U becomes the top of ``[sqrt(w_t) dW_t V]``, then V the top of ``[sqrt(w_t) dW_t^T U]``;
     no round lowers the kept energy. Stops when a round gains less than ``tol`` (relative).
+
+    Every block lies in the span of the tasks' ``U_t`` (or ``V_t``), and so do the stacked-SVD
+    starts: where those spans are narrower than the module (``N r < d``) the rounds run in
+    orthonormal coordinates of them, the same problem on ``N r`` rows instead of ``d``.
     """
     if not factors or u.shape[1] == 0 or v.shape[1] == 0:
         return u, v
+    qo, qi = _span([ut for ut, _, _ in factors]), _span([vt for _, _, vt in factors])
+    if qo is not None or qi is not None:
+        small = [(ut if qo is None else qo.T @ ut, st, vt if qi is None else qi.T @ vt)
+                 for ut, st, vt in factors]
+        su, sv = _refine(small, weights, u if qo is None else qo.T @ u,
+                         v if qi is None else qi.T @ v, iters, tol)
+        if su is None:
+            return u, v
+        return (su if qo is None else fix_signs(qo @ su)), (sv if qi is None else fix_signs(qi @ sv))
+    out = _refine(factors, weights, u, v, iters, tol)
+    return (u, v) if out[0] is None else out
+
+
+def _span(blocks: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Orthonormal ``(d, sum of widths)`` columns spanning the blocks, None where they are
+    not narrower than ``d`` (no gain in working in their coordinates)."""
+    x = torch.cat(list(blocks), 1)
+    return torch.linalg.qr(x)[0] if x.shape[1] < x.shape[0] else None
+
+
+def _refine(factors: Sequence[Factor], weights: Sequence[float], u: torch.Tensor, v: torch.Tensor,
+            iters: int, tol: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The rounds of :func:`refine_bases`; ``(None, None)`` when no round is taken."""
     sw = [w ** 0.5 for w in weights]
     best = objective(factors, weights, u, v)
+    taken = False
     for _ in range(iters):
         # the current bases warm-start the new ones: they are close after the first round
         u2, _ = top_left_singular(
@@ -304,10 +332,10 @@ def refine_bases(factors: Sequence[Factor], weights: Sequence[float], u: torch.T
         new = objective(factors, weights, u2, v2)
         if u2.shape[1] < u.shape[1] or v2.shape[1] < v.shape[1] or new <= best:
             break  # a round that would shrink k or lose energy is not taken
-        u, v, gained, best = u2, v2, new - best, new
+        u, v, gained, best, taken = u2, v2, new - best, new, True
         if gained <= tol * best:
             break
-    return u, v
+    return (u, v) if taken else (None, None)
 
 
 def gram_in_basis(blocks: Sequence[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:

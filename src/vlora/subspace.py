@@ -26,6 +26,7 @@ from vlora.adapter import LoRAWeights
 from vlora.budget import choose_ks, coordinate_numbers, core_ranks, resolve_module_weights, weighted_error
 from vlora.devices import fit_device
 from vlora.errors import BudgetError, IncompatibleAdaptersError, SubspaceError, TaskNotFoundError
+from vlora.fit_memo import FitMemo
 from vlora.inputs import (
     AdapterLike,
     as_adapter,
@@ -109,8 +110,8 @@ class SharedSubspace:
                       adaptive_k: bool = True, weighting: str = "task", refine_iters: int = 10,
                       missing_modules: str = "error", pseudo_rank: int | None = None,
                       module_weights: dict[str, float] | None = None,
-                      progress: bool = False, device: str | torch.device | None = None
-                      ) -> SharedSubspace:
+                      progress: bool = False, device: str | torch.device | None = None,
+                      memo: FitMemo | None = None) -> SharedSubspace:
         """Fit shared bases on ``adapters`` and store every one as a task.
 
         Args:
@@ -142,6 +143,9 @@ class SharedSubspace:
                 CPU. What the subspace holds comes back to the CPU (bases float32, Grams
                 float64). None (default) computes on the CPU exactly as before. A CUDA fit
                 matches a CPU one to rounding, not bit for bit (docs/DESIGN.md, "Devices").
+            memo: a :class:`vlora.fit_memo.FitMemo` shared by fits of the same adapters,
+                ids and options (``compress`` passes one through its byte search); it is
+                ignored for other adapters or options. Results are the same without it.
 
         Raises:
             DeviceError: (a ValueError) ``device`` is CUDA and CUDA is not available.
@@ -170,20 +174,28 @@ class SharedSubspace:
         if module_weights and budget is None:
             raise ValueError("module_weights share out a byte budget: pass budget (or compress's ratio)")
         mw = resolve_module_weights(module_weights, shapes)
-        norms = [sum(linalg.frobenius_sq(a.lora_b[m], a.lora_a[m], a.scales[m])
-                     for m in shapes if m in a.lora_a) for a in items]
+        options = {"weighting": weighting, "missing_modules": missing_modules, "device": device}
+        if memo is None or not memo.bind((tuple(map(id, items)), tuple(ids), refine_iters,
+                                          tuple(sorted((k, str(v)) for k, v in options.items())))):
+            memo = FitMemo()
+        norms = memo.get("norms", lambda: [sum(linalg.frobenius_sq(a.lora_b[m], a.lora_a[m], a.scales[m])
+                                               for m in shapes if m in a.lora_a) for a in items])
         weights = [adapter_weight(n, weighting) for n in norms]
-        spectra, starts = {}, {}
         # A fixed k needs only the top k of each stack (the fast top-k path on wide modules);
         # a budget or an energy threshold needs the whole spectrum to choose k.
         top = (num_components if isinstance(num_components, tuple) else (num_components,) * 2) \
             if budget is None and variance_threshold is None else (None, None)
-        with linalg.fixed_threads():
-            for m in track(list(shapes), "Stack spectra", len(shapes), progress):
-                present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
-                facs = [_factors(a, m, device) for a, _ in present]
-                (u, su), (v, sv) = _stacks(facs, [w for _, w in present], shapes[m], *top)
-                spectra[m], starts[m] = (su.cpu(), sv.cpu()), (u, v)  # k is chosen on the CPU
+
+        def stacks() -> tuple[dict, dict]:
+            spectra, starts = {}, {}
+            with linalg.fixed_threads():
+                for m in track(list(shapes), "Stack spectra", len(shapes), progress):
+                    present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
+                    facs = [_factors(a, m, device) for a, _ in present]
+                    (u, su), (v, sv) = _stacks(facs, [w for _, w in present], shapes[m], *top)
+                    spectra[m], starts[m] = (su.cpu(), sv.cpu()), (u, v)  # k is chosen on the CPU
+            return spectra, starts
+        spectra, starts = memo.get(("stacks", top), stacks)
         # With a byte budget, a lower pseudo-rank buys more shared directions: try a few
         # and keep the one with the lowest mean error (the library's choice, see DESIGN.md).
         # Each candidate's coordinate bytes are then shared out over the tasks' cores.
@@ -195,20 +207,19 @@ class SharedSubspace:
         expect(len(candidates) * (len(shapes) + len(items)), progress)  # one bar's estimate: every fit
         # several models (warned about in check_modules): none, so tasks are not warned again
         base_model = one_base_model(a.base_model for a in items)
-        options = {"weighting": weighting, "base_model": base_model, "missing_modules": missing_modules,
-                   "device": device}
+        options["base_model"] = base_model
         # what the directory holds whatever the ks (manifest, headers, the tasks' figures):
         # measured on the fit with no direction, which costs one projection per task
-        fixed = 0 if budget is None else stats.stored_bytes(_fitted(cls._fit(
+        fixed = 0 if budget is None else memo.get("fixed", lambda: stats.stored_bytes(_fitted(cls._fit(
             items, ids, weights, shapes, starts, dict.fromkeys(shapes, (0, 0)), 0, None, False,
-            **options)))
+            memo, **options))))
         best = smallest = None  # (score, sub) within the budget; (bytes, sub) of all
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
             ks = choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
                            budget, adaptive_k, mw, fixed_bytes=fixed)
             sub = cls._fit(items, ids, weights, shapes, starts, ks, refine_iters,
-                           None if adaptive else p, progress, **options)
+                           None if adaptive else p, progress, memo, **options)
             if adaptive and p < max_rank:
                 tasks = [sub.get_task(t) for t in ids]
                 ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p), mw)
@@ -231,17 +242,21 @@ class SharedSubspace:
 
     @classmethod
     def _fit(cls, items, ids, weights, shapes, starts, ks, refine_iters, pseudo_rank, progress,
-             device=None, **options) -> SharedSubspace:
-        """Refine the bases from their starts at the chosen ks, then project every task
-        (all on ``device`` when given; the bases come back to the CPU)."""
-        modules = {}
+             memo, device=None, **options) -> SharedSubspace:
+        """Refine the bases from their starts at the chosen ks (``memo`` keeps them by
+        module and ks), then project every task (all on ``device`` when given; the bases
+        come back to the CPU)."""
+        def refined(m: str) -> ModuleBasis:
+            present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
+            facs = [_factors(a, m, device) for a, _ in present]
+            u0, v0 = starts[m][0][:, :ks[m][0]], starts[m][1][:, :ks[m][1]]
+            u, v = linalg.refine_bases(facs, [w for _, w in present], u0, v0, refine_iters)
+            return _basis(u, v, facs, [w for _, w in present])
+
         with linalg.fixed_threads():
-            for m in track(list(shapes), "Fitting bases", len(shapes), progress):
-                present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
-                facs = [_factors(a, m, device) for a, _ in present]
-                u0, v0 = starts[m][0][:, :ks[m][0]], starts[m][1][:, :ks[m][1]]
-                u, v = linalg.refine_bases(facs, [w for _, w in present], u0, v0, refine_iters)
-                modules[m] = _basis(u, v, facs, [w for _, w in present])
+            # starts are the memo's own (one object per kind of start), so their id is stable
+            modules = {m: memo.get(("basis", id(starts), m, ks[m]), lambda m=m: refined(m))
+                       for m in track(list(shapes), "Fitting bases", len(shapes), progress)}
         sub = cls(modules, **options)
         bases = _bases_on(modules, device)
         for a, tid in zip(track(items, "Projecting tasks", len(items), progress), ids):
