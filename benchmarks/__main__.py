@@ -85,6 +85,19 @@ CONTROLS = [("Control: serving with a private part of rank 4 for every task",
              "continual_phi2_seeds6")]
 
 
+# The LLM test bed's parts (python -m benchmarks.testbed --llm builds it: about 41 x 50-70 s):
+# run alone, outside the suite's clock, quoted in their own section.
+LLM_PARTS = [("Fidelity, loss kept and held-out tasks, one-seed set",
+              "python -m benchmarks.llm_fidelity --regimes one-seed --name llm_fidelity_one_seed",
+              "llm_fidelity_one_seed"),
+             ("Fidelity, loss kept and held-out tasks, independent set",
+              "python -m benchmarks.llm_fidelity --regimes independent --name llm_fidelity_independent",
+              "llm_fidelity_independent"),
+             ("Build time and memory", "python -m benchmarks.llm_build", "llm_build"),
+             ("Serving", "python -m benchmarks.llm_serving", "llm_serving"),
+             ("Share inside a family", "python -m benchmarks.llm_continual", "llm_continual")]
+
+
 def write_results(quick: bool) -> Path:
     """RESULTS(_quick).md from the parts' results and the last suite run's ``suite*.json``;
     a part re-run alone after that suite is named as such."""
@@ -116,6 +129,15 @@ def write_results(quick: bool) -> Path:
         if path.exists():
             body = re.sub(r"^(#+) ", r"##\1 ", path.read_text(), flags=re.M)
             out += [f"## {title}", "", f"Run alone, not part of the suite: `{command}`.", "", body, ""]
+    llm = [(t, c, n) for t, c, n in ([] if quick else LLM_PARTS) if (RESULTS / f"{n}.md").exists()]
+    if llm:
+        out += ["# The LLM test bed (SmolLM2-135M-Instruct, LoRA r=16 on all seven linear module types)",
+                "", "41 PEFT adapters (33 from one init seed, 8 from seeds of their own) trained on real "
+                "text by `python -m benchmarks.testbed --llm` (vlora.testbed.llm; metrics defined "
+                "there and in docs/DESIGN.md). Each part is run alone, not in the suite.", ""]
+    for title, command, name in llm:
+        body = re.sub(r"^(#+) ", r"##\1 ", (RESULTS / f"{name}.md").read_text(), flags=re.M)
+        out += [f"## {title}", "", f"`{command}`", "", body, ""]
     target = HERE / f"RESULTS{suffix}.md"
     target.write_text("\n".join(out))
     print(f"wrote {target}")

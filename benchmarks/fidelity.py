@@ -146,13 +146,14 @@ def quantized_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float
 
 
 def held_out(adapters: list[LoRAWeights], ids: list[str], ratio: float, n_out: int,
-             dirs: list | None = None, limit: int | None = None) -> dict:
+             dirs: list | None = None, limit: int | None = None, keep: dict | None = None) -> dict:
     """Fit on all but the last ``n_out`` adapters at ``lora_bytes(fit) / ratio``, then add
     those one by one in each of the three ways a user can: only projected (the bases stay),
     absorbed incrementally (the bases turn toward each, k kept, cost free of N) and by a
     full refit. Reports the new tasks' and the fitted tasks' mean dW error after each (an
     absorb moves the bases under the old tasks) and, with ``dirs`` (the adapters' folders,
-    in ``adapters``' order), the new tasks' accuracy kept (:func:`accuracy_kept`)."""
+    in ``adapters``' order), the new tasks' accuracy kept (:func:`accuracy_kept`). ``keep``
+    (a dict) receives the three subspaces by way."""
     import copy
 
     fit, new = adapters[:-n_out], adapters[-n_out:]
@@ -172,6 +173,8 @@ def held_out(adapters: list[LoRAWeights], ids: list[str], ratio: float, n_out: i
                     "fitted_max": max(err[t] for t in fit_ids),
                     "ratio": lora_bytes(adapters) / stored_bytes(sub)}
     out["held_out_mean"] = out["projected"]["new_mean"]
+    if keep is not None:
+        keep.update(subs)
     if dirs is not None:
         out["accuracy"] = accuracy_kept(dirs[-n_out:], {w: {t: s.reconstruct(t) for t in new_ids}
                                                         for w, s in subs.items()}, limit)

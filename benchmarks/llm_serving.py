@@ -1,0 +1,172 @@
+"""Serving the LLM test bed: one batch of rows from 1, 4, 16 or 32 distinct tasks.
+
+The subspace is what ``compress`` keeps for the bed's 33 one-seed adapters at 10x,
+6-bit (written by ``benchmarks.llm_fidelity`` under ``--subspace``; fitted here if
+absent). Each of the ``--rows`` rows is a test-bed prompt of its task (round robin over
+the tasks; left-padded), and every method generates ``--new-tokens`` greedy tokens:
+
+* the bare base (transformers' ``generate``);
+* PEFT's mixed batch: every task's vlora export loaded as a PEFT adapter,
+  ``generate(adapter_names=...)``;
+* vlora: :meth:`VLoRAModel.generate` with ``task_ids=`` (per-row cores, ``bmm``).
+
+Prefill tokens/s from ``generate(max_new_tokens=1)``; decode tokens/s from the extra
+time of ``1 + new_tokens`` (rows x new tokens / that time); median of ``--repeats``
+rounds, each timing every method in turn. Every row's tokens from vlora are checked
+against PEFT's with the same export.
+
+    python -m benchmarks.llm_serving [--rows 32] [--new-tokens 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.llm_fidelity import SERVED
+from vlora import SharedSubspace
+from vlora.io import save_adapter
+from vlora.model import VLoRAModel
+from vlora.testbed import llm
+
+RESULTS = Path(__file__).parent / "results"
+TASK_COUNTS = (1, 4, 16, 32)
+DEFAULT_SUBSPACE = SERVED
+
+
+def subspace(folder: Path, root: Path) -> SharedSubspace:
+    if not (folder / "manifest.json").exists():
+        from benchmarks.llm_fidelity import bed, save_fit
+        from vlora.compress import compress
+        from vlora.io import load_adapter
+        dirs = bed(root)["one-seed"]
+        save_fit(compress([load_adapter(d) for d in dirs], [d.name for d in dirs], ratio=10, bits=6),
+                 folder)
+    return SharedSubspace.load(folder)
+
+
+def batch(tasks: list[str], rows: int, root: Path, tokenizer) -> tuple[list[str], dict]:
+    names, prompts = [], []
+    for i in range(rows):
+        t = tasks[i % len(tasks)]
+        meta = llm.read_meta(root / "one-seed" / t)
+        names.append(t)
+        prompts.append(meta["prompt_ids"][(i // len(tasks)) % len(meta["prompt_ids"])])
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return names, {"input_ids": ids, "attention_mask": mask, "pad_token_id": pad}
+
+
+def generate(model, inputs: dict, new: int, **kw) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
+    return time.perf_counter() - start, out[:, inputs["input_ids"].shape[1]:]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", type=Path, default=llm.default_root())
+    ap.add_argument("--subspace", type=Path, default=DEFAULT_SUBSPACE)
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="llm_serving")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sub = subspace(args.subspace, args.root)
+    tasks = sub.tasks[:max(TASK_COUNTS)]
+    base_dir = llm.ensure_base(args.root)
+    tok = llm.load_tokenizer(base_dir)
+    from peft import PeftModel
+    with tempfile.TemporaryDirectory(prefix="vlora-llm-serve-") as tmp:
+        for t in tasks:
+            save_adapter(sub.reconstruct(t), Path(tmp) / t)
+        pm = PeftModel.from_pretrained(llm.load_lm(None, base_dir), str(Path(tmp) / tasks[0]),
+                                       adapter_name=tasks[0]).eval()
+        for t in tasks[1:]:
+            pm.load_adapter(str(Path(tmp) / t), adapter_name=t)
+    bare = llm.load_lm(None, base_dir)
+    vm = VLoRAModel(llm.load_lm(None, base_dir), sub)
+    results, equal = [], {}
+    for count in TASK_COUNTS:
+        names, inputs = batch(tasks[:count], args.rows, args.root, tok)
+        methods = {"base": lambda n, inputs=inputs: generate(bare, inputs, n),
+                   "peft mixed": lambda n, inputs=inputs, names=names:
+                       generate(pm, inputs, n, adapter_names=names),
+                   "vlora mixed (bmm)": lambda n, inputs=inputs, names=names:
+                       generate(vm, inputs, n, task_ids=names)}
+        times = {m: {"prefill": [], "total": []} for m in methods}
+        tokens = {}
+        for rnd in range(args.repeats + 1):  # round 0 warms up
+            for m, call in methods.items():
+                t1, _ = call(1)
+                tn, toks = call(1 + args.new_tokens)
+                if rnd:
+                    times[m]["prefill"].append(t1)
+                    times[m]["total"].append(tn)
+                tokens[m] = toks
+        equal[count] = [bool(torch.equal(a, b))
+                        for a, b in zip(tokens["vlora mixed (bmm)"], tokens["peft mixed"])]
+        prompt_tokens = int(inputs["input_ids"].numel())
+        for m, x in times.items():
+            pre, tot = statistics.median(x["prefill"]), statistics.median(x["total"])
+            results.append({"tasks": count, "method": m, "prefill_s": pre, "total_s": tot,
+                            "prefill_tok_s": prompt_tokens / pre,
+                            "decode_tok_s": args.rows * args.new_tokens / max(tot - pre, 1e-9)})
+        print(json.dumps([r for r in results if r["tasks"] == count]), flush=True)
+    ks = [(b.k_out, b.k_in) for b in sub.modules.values()]
+    private = [sum(r for r in sub.get_task(t).private_ranks().values()) for t in tasks]
+    out = {"config": {"rows": args.rows, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                      "threads": args.threads, "prompt_width": int(inputs["input_ids"].shape[1]),
+                      "subspace": str(args.subspace), "fit_report": sub.fit_report},
+           "k_out_mean": statistics.mean(k[0] for k in ks),
+           "k_in_mean": statistics.mean(k[1] for k in ks),
+           "k_max": max(max(k) for k in ks), "modules": len(ks),
+           "private_rank_sum_mean": statistics.mean(private), "results": results,
+           "rows_equal_to_peft": {str(c): sum(e) for c, e in equal.items()},
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent).stdout.strip()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"{args.name}.md").write_text(report(out))
+    print(report(out))
+    return out
+
+
+def report(out: dict) -> str:
+    c = out["config"]
+    base = {r["tasks"]: r for r in out["results"] if r["method"] == "base"}
+    lines = ["# Serving the LLM test bed (SmolLM2-135M, 210 modules)", "",
+             f"`python -m benchmarks.llm_serving` at {out['commit']}, {c['threads']} threads. "
+             f"{c['rows']} rows of test-bed prompts (left-padded to {c['prompt_width']} tokens), "
+             f"{c['new_tokens']} greedy new tokens; median of {c['repeats']} rounds. The subspace: "
+             f"the one-seed bed at 10x 6-bit as compress keeps it ({out['modules']} modules, mean k "
+             f"{out['k_out_mean']:.1f} out / {out['k_in_mean']:.1f} in, largest {out['k_max']}; "
+             f"private ranks summed over modules, mean per task {out['private_rank_sum_mean']:.0f}). "
+             "Targets: vlora mixed >= 0.9x the bare model in prefill and >= 0.8x in decode at every "
+             "task count; every row's tokens equal to PEFT's.", "",
+             "| tasks | method | prefill tok/s | x base | decode tok/s | x base | rows = PEFT |",
+             "|---|---|---|---|---|---|---|"]
+    for r in out["results"]:
+        b = base[r["tasks"]]
+        same = out["rows_equal_to_peft"][str(r["tasks"])]
+        eq = f"{same}/{c['rows']}" if r["method"].startswith("vlora") else ""
+        lines.append(f"| {r['tasks']} | {r['method']} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['prefill_tok_s'] / b['prefill_tok_s']:.2f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['decode_tok_s'] / b['decode_tok_s']:.2f} | {eq} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
