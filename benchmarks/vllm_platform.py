@@ -154,6 +154,85 @@ def _report(result: dict) -> None:
     print("\n".join(lines))
 
 
+_OPS = """
+import json, sys, time, torch
+from vllm.lora.layers import LoRAMapping
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+from vlora.serving.vllm_platform import GroupedPunicaWrapper
+torch.set_num_threads(2)
+cfg = json.loads(sys.argv[1])
+h, inter, kv, layers = cfg["hidden"], cfg["inter"], cfg["kv"], cfg["layers"]
+slots, max_rank, rank, tokens = cfg["slots"], cfg["max_rank"], cfg["rank"], cfg["tokens"]
+g = torch.Generator().manual_seed(0)
+def stacks(d_in, outs):  # rank-`rank` adapters zero-padded to max_rank, as vLLM stacks them
+    a = tuple(torch.zeros(slots, 1, max_rank, d_in) for _ in outs)
+    b = tuple(torch.zeros(slots, 1, o, max_rank) for o in outs)
+    for t in a: t[:, 0, :rank] = torch.randn(slots, rank, d_in, generator=g)
+    for t, o in zip(b, outs): t[:, 0, :, :rank] = torch.randn(slots, o, rank, generator=g) * 0.01
+    return a, b, outs, d_in
+mods = [stacks(h, (h, kv, kv)), stacks(h, (h,)), stacks(h, (inter, inter)), stacks(inter, (h,))]
+class FullRank(GroupedPunicaWrapper):
+    def _rank(self, a, b, slot):
+        return a.shape[-2]
+out = {}
+for n_ad, per in cfg["shapes"]:
+    tok = sum([[1 + i] * per for i in range(n_ad)], [])
+    m = LoRAMapping(tuple(tok), tuple(tok), is_prefill=True)
+    xs = {d: torch.randn(len(tok), d, generator=g) for d in (h, inter)}
+    row = {}
+    for name, cls in (("stock", PunicaWrapperCPU), ("grouped_full_rank", FullRank),
+                      ("grouped", GroupedPunicaWrapper)):
+        w = cls(8192, 256, "cpu")
+        w.update_metadata(m, list(range(1, slots + 1)), slots + 1, 100)
+        def step():
+            for _ in range(layers):
+                for a, b, outs, d_in in mods:
+                    y = torch.zeros(len(tok), sum(outs))
+                    w.add_lora_linear(y, xs[d_in], a, b, 1.0, outs)
+        step()
+        best = float("inf")
+        for _ in range(cfg["repeats"]):
+            t = time.perf_counter(); step(); best = min(best, time.perf_counter() - t)
+        row[name] = best
+    out[f"{n_ad}x{per}"] = row
+print(json.dumps(out))
+"""
+
+
+def ops(args) -> None:
+    """The LoRA work of one forward step of SmolLM2-135M's 30 layers (q/k/v, o, gate/up,
+    down), wrapper calls only, in vLLM's environment: PunicaWrapperCPU, the grouped wrapper
+    at the padded rank, and the grouped wrapper skipping the padding."""
+    from vlora.cli.serve import vllm_python
+
+    c = {"hidden": 576, "inter": 1536, "kv": 192, "layers": 30, "slots": 32,
+         "max_rank": args.max_lora_rank, "rank": args.rank, "tokens": 0, "repeats": args.repeats,
+         "shapes": [[1, 1], [16, 1], [4, 16]]}
+    proc = subprocess.run([str(vllm_python()), "-c", _OPS, json.dumps(c)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    res = {"config": c, "seconds_per_step": json.loads(proc.stdout.strip().splitlines()[-1]),
+           "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "commit": _commit()}
+    name = f"vllm_platform_ops_r{args.rank}_max{args.max_lora_rank}"
+    (HERE / "results" / f"{name}.json").write_text(json.dumps(res, indent=1))
+    lines = [f"# LoRA work of one step, SmolLM2-135M shapes, rank-{args.rank} adapters in "
+             f"max_lora_rank {args.max_lora_rank} stacks ({c['slots']} slots)", "",
+             f"`python -m benchmarks.vllm_platform --ops --rank {args.rank} --max-lora-rank "
+             f"{args.max_lora_rank}`, commit {res['commit']}, {res['date']}, 2 torch threads on this "
+             f"project's {os.cpu_count()}-core machine shared with other work (load average "
+             f"{res['load_average'][0]:.1f}: noisy), best of {args.repeats}; milliseconds per step "
+             "(30 layers x q/k/v, o, gate/up, down `add_lora_linear` calls, float32).", "",
+             "| adapters x tokens each | PunicaWrapperCPU | grouped, padded rank | grouped, own rank |",
+             "|---|---:|---:|---:|"]
+    for k, row in res["seconds_per_step"].items():
+        lines.append(f"| {k} | {row['stock'] * 1e3:.0f} | {row['grouped_full_rank'] * 1e3:.0f} | "
+                     f"{row['grouped'] * 1e3:.0f} |")
+    (HERE / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", type=int, default=32)
@@ -165,7 +244,13 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--pairs", type=int, default=1, help="stock/grouped server starts, alternating")
     p.add_argument("--report", action="store_true", help="only rebuild the .md from the .json")
+    p.add_argument("--ops", action="store_true",
+                   help="time the wrappers' LoRA work of one step instead (no server; uses --rank)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="the stacks' rank for --ops")
     args = p.parse_args(argv)
+    if args.ops:
+        args.repeats = max(args.repeats, 2)
+        return ops(args)
     if args.report:
         return _report(json.loads((HERE / "results" / "vllm_platform.json").read_text()))
     from vlora.subspace import SharedSubspace

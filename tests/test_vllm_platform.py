@@ -68,6 +68,7 @@ def test_grouped_wrapper_gives_the_stock_engines_tokens(arms):
     assert stock["punica_wrapper"] == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
     assert ours["punica_wrapper"] == "vlora.serving.vllm_platform.GroupedPunicaWrapper"
     assert "Using GroupedPunicaWrapper" in ours["log"]  # the engine core's own choice
+    assert "zero-padded rank skipped" in ours["log"]  # a1 is rank 4 in rank-8 stacks
     assert "Using PunicaWrapperCPU" in stock["log"] and "GroupedPunicaWrapper" not in stock["log"]
     assert ours["base"] == stock["base"]
     diffs = {}
@@ -132,6 +133,22 @@ _OPS = textwrap.dedent("""
         y = torch.zeros(len(tok), 32); w.add_lora_embedding(y, xr, E, add_input=True)
         res["embedding"] = y
         y = torch.zeros(len(tok), 100); w.add_lora_logits(y, x, Al, Bl, 1.0); res["logits"] = y
+        # slot 1 at rank 3 of 8 (A's rows past 3 zero, B's columns past 5), then rewritten
+        # in place at full rank as vLLM's set_lora does: the grouped wrapper's cached rank follows
+        A3, B3 = tuple(t.clone() for t in A), tuple(t.clone() for t in B)
+        for a, b in zip(A3, B3):
+            a[1, 0, 3:] = 0; b[1, 0, :, 5:] = 0
+        def linear():
+            y = torch.zeros(len(tok), sum(outs)); w.add_lora_linear(y, x, A3, B3, 1.0, outs)
+            return y
+        res["padded"] = linear()
+        if hasattr(w, "_rank"):
+            out["rank"] = [w._rank(A3[0], B3[0], 1)]
+        for a, b, a0, b0 in zip(A3, B3, A, B):
+            a[1, 0].copy_(a0[1, 0]); b[1, 0].copy_(b0[1, 0])
+        res["rewritten"] = linear()
+        if hasattr(w, "_rank"):
+            out["rank"].append(w._rank(A3[0], B3[0], 1))
         return res
     stock, ours = run(ws[0]), run(ws[1])
     out["rel_err"] = {k: float((stock[k] - ours[k]).abs().max() / stock[k].abs().max()) for k in stock}
@@ -145,7 +162,9 @@ def test_platform_is_off_unless_asked_and_ops_match_stock():
     (the plugin answers None); with it, vlora's. Each wrapper operation (linear with packed
     slices and a scale, shrink, expand at an offset, embedding, logits) on random stacked
     weights, tokens of two adapters interleaved and some with none, equals PunicaWrapperCPU's
-    (the last slot left empty, where PunicaWrapperCPU sends the tokens with none)."""
+    (the last slot left empty, where PunicaWrapperCPU sends the tokens with none); so does
+    the linear one where an adapter's rank is below the stacks' (the zero padding skipped)
+    and after that slot is rewritten in place."""
     got = {}
     for arm, extra in (("off", {}), ("on", {"VLORA_VLLM_PLATFORM": "1"})):
         proc = subprocess.run([str(VLLM_PYTHON), "-c", _OPS], env=_vllm_env(**extra),
@@ -155,6 +174,7 @@ def test_platform_is_off_unless_asked_and_ops_match_stock():
     assert got["off"]["platform"] == "vllm.platforms.cpu.CpuPlatform" and got["off"]["plugin"] is None
     assert got["on"]["platform"] == got["on"]["plugin"] == "vlora.serving.vllm_platform.VLoRACpuPlatform"
     print("relative error, grouped vs PunicaWrapperCPU:", got["on"]["rel_err"])
+    assert got["on"]["rank"] == [3, 8]  # the padded rank skipped, then the rewrite seen
     assert all(e < 1e-5 for e in got["on"]["rel_err"].values()), got["on"]["rel_err"]
 
 

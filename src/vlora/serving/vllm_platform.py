@@ -5,7 +5,8 @@ vLLM's CPU LoRA path (``vllm/lora/punica_wrapper/punica_cpu.py`` over
 (``lora_b_weights[lora_indices_tensor]``): a prefill of T tokens copies T x rank x d
 floats per module and slice before its einsum. :class:`GroupedPunicaWrapper` groups the
 tokens by adapter slot instead and runs ``x_g @ A_slot^T @ B_slot^T`` once per distinct
-adapter in the batch, on the stacked weights vLLM already holds (no copy of them).
+adapter in the batch, on the stacked weights vLLM already holds (no copy of them), and at
+each adapter's own rank where vLLM zero-pads it to ``max_lora_rank``.
 
 vLLM lets a platform choose the punica wrapper (``Platform.get_punica_wrapper``), and a
 platform comes from the ``vllm.platform_plugins`` entry point. Only one out-of-tree
@@ -101,7 +102,10 @@ def _take(x, rows):
 
 def _build_wrapper():
     import torch
+    from vllm.logger import init_logger
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    vllm_logger = init_logger("vllm.vlora_platform")  # under "vllm": vLLM's log handlers
 
     class GroupedPunicaWrapper(PunicaWrapperCPU):
         """PunicaWrapperCPU with the per-token weight gathers replaced by one matmul per
@@ -111,6 +115,28 @@ def _build_wrapper():
             super().__init__(*args, **kwargs)
             self._token_groups: list = []
             self._sampler_groups: list = []
+            self._ranks: dict = {}  # id(lora_a stack) -> (stacks, versions, {slot: rank})
+
+        def _rank(self, a, b, slot: int) -> int:
+            """The rank that slot's product ``B A`` uses within the zero-padded stacks: rows
+            of A or columns of B past the last ones that are both non-zero add nothing.
+            Cached until vLLM writes either stack (set_lora / reset_lora bump its version
+            counter); the padded rank where the stacks keep no version counter."""
+            try:
+                versions = (a._version, b._version)
+            except RuntimeError:  # inference tensors: nothing tells when a slot is rewritten
+                vllm_logger.info_once("GroupedPunicaWrapper: stacks without version counters, "
+                                      "zero-padded rank not skipped")
+                return a.shape[-2]
+            vllm_logger.info_once("GroupedPunicaWrapper: zero-padded rank skipped")
+            hit = self._ranks.get(id(a))
+            if hit is None or hit[0][0] is not a or hit[0][1] is not b or hit[1] != versions:
+                hit = self._ranks[id(a)] = ((a, b), versions, {})
+            if slot not in hit[2]:
+                used = _weight(a, slot).ne(0).any(1) & _weight(b, slot).ne(0).any(0)
+                nz = used.nonzero()
+                hit[2][slot] = int(nz[-1]) + 1 if len(nz) else 0
+            return hit[2][slot]
 
         def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
             super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
@@ -161,11 +187,13 @@ def _build_wrapper():
                 xg = _take(x, rows).float()  # PunicaWrapperCPU's buffer is float32
                 offset = 0
                 for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
-                    h = torch.mm(xg, _weight(a, slot).float().t())
-                    if scale != 1.0:
-                        h = h * scale
-                    out = torch.mm(h.to(y2.dtype), _weight(b, slot).to(y2.dtype).t())
-                    _add_rows(y2, rows, slice(offset, offset + size), out)
+                    r = self._rank(a, b, slot)  # the adapter's own rank, not max_lora_rank
+                    if r:
+                        h = torch.mm(xg, _weight(a, slot)[:r].float().t())
+                        if scale != 1.0:
+                            h = h * scale
+                        out = torch.mm(h.to(y2.dtype), _weight(b, slot)[:, :r].to(y2.dtype).t())
+                        _add_rows(y2, rows, slice(offset, offset + size), out)
                     offset += size
 
         def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None,
