@@ -95,7 +95,11 @@ LLM_PARTS = [("Fidelity, loss kept and held-out tasks, one-seed set",
               "llm_fidelity_independent"),
              ("Build time and memory", "python -m benchmarks.llm_build", "llm_build"),
              ("Serving", "python -m benchmarks.llm_serving", "llm_serving"),
-             ("Share inside a family", "python -m benchmarks.llm_continual", "llm_continual")]
+             ("Share inside a family", "python -m benchmarks.llm_continual", "llm_continual"),
+             ("vLLM serving a subspace by name against PEFT folders",
+              "python -m benchmarks.vllm_serving", "vllm_serving"),
+             ("vLLM with vlora's grouped LoRA wrapper (VLORA_VLLM_PLATFORM=1) against its own",
+              "python -m benchmarks.vllm_platform --pairs 2", "vllm_platform")]
 
 
 def write_results(quick: bool) -> Path:

@@ -146,7 +146,8 @@ def quantized_at_ratio(adapters: list[LoRAWeights], ids: list[str], ratio: float
 
 
 def held_out(adapters: list[LoRAWeights], ids: list[str], ratio: float, n_out: int,
-             dirs: list | None = None, limit: int | None = None, keep: dict | None = None) -> dict:
+             dirs: list | None = None, limit: int | None = None, keep: dict | None = None,
+             refine_iters: int = 10) -> dict:
     """Fit on all but the last ``n_out`` adapters at ``lora_bytes(fit) / ratio``, then add
     those one by one in each of the three ways a user can: only projected (the bases stay),
     absorbed incrementally (the bases turn toward each, k kept, cost free of N) and by a
@@ -158,12 +159,13 @@ def held_out(adapters: list[LoRAWeights], ids: list[str], ratio: float, n_out: i
 
     fit, new = adapters[:-n_out], adapters[-n_out:]
     fit_ids, new_ids = ids[:-n_out], ids[-n_out:]
-    start = SharedSubspace.from_adapters(fit, task_ids=fit_ids, budget=lora_bytes(fit) / ratio)
+    start = SharedSubspace.from_adapters(fit, task_ids=fit_ids, budget=lora_bytes(fit) / ratio,
+                                         refine_iters=refine_iters)
     out = {"n_fit": len(fit), "n_held_out": n_out, "fitted_mean": start.compression_stats()["mean_error"]}
     subs = {}
     for way, add in (("projected", lambda s, a, t: s.add_task(s.project(a, t))),
                      ("incremental", lambda s, a, t: s.absorb_incremental(a, t)),
-                     ("full", lambda s, a, t: s.absorb(a, t, exact_errors=False))):
+                     ("full", lambda s, a, t: s.absorb(a, t, refine_iters, exact_errors=False))):
         sub = subs[way] = copy.deepcopy(start)
         for a, t in zip(new, new_ids):
             add(sub, a, t)

@@ -77,12 +77,13 @@ def train(sub: SharedSubspace, name: str, meta: dict, base_dir, phi: int, p: int
                 "trainable": st.num_trainable_params["adapter"], "rates": rates}
 
 
-def run(phi: int, k: int, p: int, root: Path, base_tasks: list[str], new_tasks: list[str]) -> dict:
+def run(phi: int, k: int, p: int, root: Path, base_tasks: list[str], new_tasks: list[str],
+        refine_iters: int = 10) -> dict:
     base_dir = llm.ensure_base(root)
     dirs = {t: root / "one-seed" / t for t in base_tasks + new_tasks}
     metas = {t: llm.read_meta(d) for t, d in dirs.items()}
     sub = SharedSubspace.from_adapters([load_adapter(dirs[t]) for t in base_tasks], base_tasks,
-                                       num_components=k)
+                                       num_components=k, refine_iters=refine_iters)
     lora_numbers = load_adapter(dirs[new_tasks[0]]).num_lora_params()
     before = eval_losses(sub, base_tasks, metas, base_dir)
     rows = []
@@ -113,7 +114,8 @@ def run(phi: int, k: int, p: int, root: Path, base_tasks: list[str], new_tasks: 
 def report(out: dict) -> str:
     lines = ["# Share on the LLM test bed (SmolLM2-135M, 210 modules)", "",
              f"`python -m benchmarks.llm_continual` at {out['commit']}. A float32 subspace of k = "
-             f"{out['k']} per side fitted on {', '.join(out['base_tasks'])}; each new task trained "
+             f"{out['k']} per side fitted ({out.get('refine_iters', 10)} refinement rounds) on "
+             f"{', '.join(out['base_tasks'])}; each new task trained "
              f"inside it at pseudo-rank p = {out['p']} with its LoRA's recipe (30 steps of 8 x 32 "
              "tokens, the LoRA's lr carried over by lora_equivalent_lr, no tuning), then written "
              "back. Kept: the task's eval-loss drop from the base as a share of its LoRA's. "
@@ -139,12 +141,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--p", type=int, default=8)
     ap.add_argument("--base", nargs="+", default=BASE_TASKS)
     ap.add_argument("--new", nargs="+", default=NEW_TASKS)
+    ap.add_argument("--refine-iters", type=int, default=10, help="of the subspace's fit")
     ap.add_argument("--name", default="llm_continual")
     args = ap.parse_args(argv)
     out = {"k": args.k, "p": args.p, "base_tasks": args.base,
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True, cwd=Path(__file__).parent).stdout.strip(),
-           "runs": [run(phi, args.k, args.p, args.root, args.base, args.new) for phi in args.phi]}
+           "refine_iters": args.refine_iters,
+           "runs": [run(phi, args.k, args.p, args.root, args.base, args.new, args.refine_iters)
+                    for phi in args.phi]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
     (RESULTS / f"{args.name}.md").write_text(report(out))
