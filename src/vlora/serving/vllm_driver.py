@@ -17,6 +17,11 @@ Optional: ``"max_loras"`` (default 1) and ``"batches": [[{"prompt": index into p
 with a LoRA request per prompt (adapters mixed in one batch); OUT.json then has
 ``"batches": [result, ...]`` too, and ``"punica_wrapper"``, the wrapper vLLM's platform
 names in this process (:mod:`vlora.serving.vllm_platform` changes it).
+``"logprobs": n`` (default 1): with n > 1 a result also has ``"top"``, per prompt per
+step the n most likely ``[token, logprob]`` pairs, best first (to tell near-ties).
+``"generate_cases": false``: each case is only loaded (``{"loaded": true}`` or its
+error), for jobs that generate in ``batches``; a batch entry whose case vLLM refused is
+skipped (``null`` tokens and logprobs) rather than sent to the engine.
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ import sys
 import time
 
 
-def _result(outputs) -> dict:
-    tokens, logprobs = [], []
+def _result(outputs, top: int = 1) -> dict:
+    tokens, logprobs, tops = [], [], []
     for out in outputs:
         c = out.outputs[0]
         tokens.append(list(c.token_ids))
         logprobs.append([step[t].logprob for t, step in zip(c.token_ids, c.logprobs)])
-    return {"tokens": tokens, "logprobs": logprobs}
+        tops.append([sorted(([t, lp.logprob] for t, lp in step.items()), key=lambda x: -x[1])[:top]
+                     for step in c.logprobs])
+    return {"tokens": tokens, "logprobs": logprobs, **({"top": tops} if top > 1 else {})}
 
 
 def run(job: dict) -> dict:
@@ -47,10 +54,11 @@ def run(job: dict) -> dict:
               max_cpu_loras=max(2, max_loras),
               max_model_len=job.get("max_model_len", 512), enforce_eager=True, seed=0)
     engine_s = time.perf_counter() - start
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=1,
+    top = job.get("logprobs", 1)
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=top,
                             ignore_eos=True)
     prompts = [{"prompt_token_ids": ids} for ids in job["prompts"]]
-    results = {"base": _result(llm.generate(prompts, params, use_tqdm=False)), "cases": {}}
+    results = {"base": _result(llm.generate(prompts, params, use_tqdm=False), top), "cases": {}}
     for i, case in enumerate(job["cases"], 1):
         request = LoRARequest(case["name"], i, case["path"])
         try:
@@ -60,18 +68,26 @@ def run(job: dict) -> dict:
         except Exception as e:  # vLLM raises ValueError/RuntimeError wrapped by its IPC
             results["cases"][case["name"]] = {"error": f"{type(e).__name__}: {e}"}
             continue
-        outputs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
-        results["cases"][case["name"]] = _result(outputs)
+        if job.get("generate_cases", True):
+            outputs = llm.generate(prompts, params, lora_request=request, use_tqdm=False)
+            results["cases"][case["name"]] = _result(outputs, top)
+        else:
+            results["cases"][case["name"]] = {"loaded": True}
         llm.llm_engine.remove_lora(i)
     if job.get("batches"):
         ids = {case["name"]: LoRARequest(case["name"], i, case["path"])
                for i, case in enumerate(job["cases"], 1)}
         results["batches"] = []
         for batch in job["batches"]:
-            outputs = llm.generate([prompts[b["prompt"]] for b in batch], params,
-                                   lora_request=[b["case"] and ids[b["case"]] for b in batch],
-                                   use_tqdm=False)
-            results["batches"].append(_result(outputs))
+            keep = [i for i, b in enumerate(batch)
+                    if "error" not in results["cases"].get(b["case"], {})]
+            got = _result(llm.generate(
+                [prompts[batch[i]["prompt"]] for i in keep], params,
+                lora_request=[batch[i]["case"] and ids[batch[i]["case"]] for i in keep],
+                use_tqdm=False), top)
+            row = {i: n for n, i in enumerate(keep)}
+            results["batches"].append({k: [v[row[i]] if i in row else None
+                                           for i in range(len(batch))] for k, v in got.items()})
     from vllm.platforms import current_platform
 
     results["punica_wrapper"] = current_platform.get_punica_wrapper()
