@@ -62,6 +62,8 @@ def _subspace(group: str, folders: list[Path], args, log) -> tuple:
     k = 32 if group == "one-seed" else 16
     path = Path(args.work) / f"{group}-k{k}"
     fit = {"source": str(path), "fit": f"compress(num_components={k}, refine_iters=1)"}
+    if group == "one-seed" and args.one_seed:
+        fit["note"] = f"{args.one_seed} was not written by {args.wait_until} UTC"
     if (path / "manifest.json").is_file():
         return SharedSubspace.load(path), fit
     start = time.perf_counter()
