@@ -87,18 +87,30 @@ CONTROLS = [("Control: serving with a private part of rank 4 for every task",
 
 # The LLM test bed's parts (python -m benchmarks.testbed --llm builds it: about 41 x 50-70 s):
 # run alone, outside the suite's clock, quoted in their own section.
-LLM_PARTS = [("Fidelity, loss kept and held-out tasks, one-seed set",
-              "python -m benchmarks.llm_fidelity --regimes one-seed --name llm_fidelity_one_seed",
-              "llm_fidelity_one_seed"),
+LLM_PARTS = [("Fidelity, one-seed set, float32",
+              "python -m benchmarks.llm_fidelity --regimes one-seed --ratios 10 --refine-iters 3 "
+              "--name llm_fidelity_one_seed", "llm_fidelity_one_seed"),
+             ("Inside each family of the one-seed set, float32",
+              "python -m benchmarks.llm_fidelity --regimes one-seed --ratios --no-scores --refine-iters 3 "
+              "--name llm_fidelity_families", "llm_fidelity_families"),
+             ("Fidelity, loss kept and held-out tasks, one-seed set, 6-bit",
+              "python -m benchmarks.llm_fidelity --regimes one-seed --ratios 10 --bits 6 --no-families "
+              "--refine-iters 3 --name llm_fidelity_one_seed_6bit", "llm_fidelity_one_seed_6bit"),
              ("Fidelity, loss kept and held-out tasks, independent set",
-              "python -m benchmarks.llm_fidelity --regimes independent --name llm_fidelity_independent",
+              "python -m benchmarks.llm_fidelity --regimes independent --refine-iters 3 "
+              "--name llm_fidelity_independent",
               "llm_fidelity_independent"),
              ("Build time and memory", "python -m benchmarks.llm_build", "llm_build"),
              ("Serving", "python -m benchmarks.llm_serving", "llm_serving"),
+             ("Serving a shared-only fit (k = 32 per side)",
+              "python -m benchmarks.llm_serving --k 32 --repeats 2 --name llm_serving_k32",
+              "llm_serving_k32"),
              ("Share inside a family", "python -m benchmarks.llm_continual", "llm_continual"),
              ("Share inside the chat tasks (16 adapters as the subspace)",
               "python -m benchmarks.llm_continual --phi 0 --k 64 --p 8 --refine-iters 3 --base <the 16 "
               "other chat adapters> --name llm_continual_chat16", "llm_continual_chat16"),
+             ("Every test-bed task's export in vLLM against PEFT",
+              "python -m benchmarks.vllm_bed_check", "vllm_bed_check"),
              ("vLLM serving a subspace by name against PEFT folders",
               "python -m benchmarks.vllm_serving", "vllm_serving"),
              ("vLLM with vlora's grouped LoRA wrapper (VLORA_VLLM_PLATFORM=1) against its own",

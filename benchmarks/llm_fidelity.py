@@ -28,9 +28,11 @@ import statistics
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from benchmarks import fidelity
+from vlora import SharedSubspace
 from vlora.baseline import svd_quantized
 from vlora.compress import compress, lora_bytes
 from vlora.io import load_adapter, save_adapter
@@ -81,8 +83,10 @@ def cell(adapters, ids, ratio: float, bits: int | None, refine_iters: int = 10) 
             "seconds": seconds, "refine_iters": refine_iters}, sub
 
 
-def scores(sub, adapters, dirs, ids, bits: int | None, scorer, work: Path) -> list[dict]:
-    """Every task's vlora export and per-adapter SVD copy at the subspace's bytes, scored."""
+def scores(sub, adapters, dirs, ids, bits: int | None, scorer, work: Path,
+           done=lambda rows: None) -> list[dict]:
+    """Every task's vlora export and per-adapter SVD copy at the subspace's bytes, scored;
+    ``done(rows)`` after each task."""
     per_task = sub.compression_stats()["svd_bytes_per_task"]
     rows = []
     for a, d, t in zip(adapters, dirs, ids):
@@ -90,6 +94,7 @@ def scores(sub, adapters, dirs, ids, bits: int | None, scorer, work: Path) -> li
         save_adapter(sub.reconstruct(t), ours)
         save_adapter(svd_quantized(a, per_task, bits)[0], svd)
         rows.append({"task": t, "vlora": scorer.compare(ours, d), "svd": scorer.compare(svd, d)})
+        done(rows)
     return rows
 
 
@@ -118,13 +123,15 @@ def summary(rows: list[dict], key: str) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, default=llm.default_root())
-    ap.add_argument("--ratios", type=float, nargs="+", default=[4, 10, 20])
+    ap.add_argument("--ratios", type=float, nargs="*", default=[4, 10, 20], help="none: no grid")
     ap.add_argument("--regimes", nargs="+", default=["one-seed", "independent"])
     ap.add_argument("--quick", action="store_true", help="the independent regime at 10x only, no scores")
     ap.add_argument("--no-vlora-dev", action="store_true")
     ap.add_argument("--no-scores", action="store_true", help="skip loss kept, agreement and held-out")
     ap.add_argument("--bits", type=int, nargs="+", default=[32, 6], help="32 for float32")
     ap.add_argument("--no-families", action="store_true")
+    ap.add_argument("--scores-of", type=Path, default=None,
+                    help="only score the tasks of this saved 6-bit subspace (fitted by an earlier run)")
     ap.add_argument("--refine-iters", type=int, default=10,
                     help="refinement rounds of every fit (compress's refine_iters; each round costs "
                          "about 2 s per module with 33 of these adapters on a shared core)")
@@ -137,11 +144,19 @@ def main(argv=None) -> dict:
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True, cwd=Path(__file__).parent).stdout.strip()}
     scorer = None if args.no_scores else llm.Scorer(llm.ensure_base(args.root))
+    def scored(regime: str, rows: list[dict]) -> None:
+        out["scores"][regime] = {"rows": rows, "vlora": summary(rows, "vlora"), "svd": summary(rows, "svd")}
+        save(out, args.name)
+
     with tempfile.TemporaryDirectory(prefix="vlora-llm-fid-") as tmp:
         work = Path(tmp)
         for regime in args.regimes:
             dirs = regimes[regime]
             adapters, ids = [load_adapter(d) for d in dirs], [d.name for d in dirs]
+            if args.scores_of is not None:  # a saved 10x 6-bit fit of this regime: its scores only
+                sub = SharedSubspace.load(args.scores_of)
+                scores(sub, adapters, dirs, ids, 6, scorer, work, partial(scored, regime))
+                continue
             for ratio in args.ratios:
                 for bits in [None if b == 32 else b for b in args.bits]:
                     row, sub = cell(adapters, ids, ratio, bits, args.refine_iters)
@@ -154,11 +169,8 @@ def main(argv=None) -> dict:
                     if ratio == 10 and bits == 6 and regime == "one-seed":
                         save_fit(sub, SERVED)  # what benchmarks.llm_serving serves
                     if ratio == 10 and bits == 6 and scorer is not None:
-                        rows = scores(sub, adapters, dirs, ids, bits, scorer, work)
-                        out["scores"][regime] = {"rows": rows, "vlora": summary(rows, "vlora"),
-                                                 "svd": summary(rows, "svd")}
+                        scores(sub, adapters, dirs, ids, bits, scorer, work, partial(scored, regime))
                         print(json.dumps(out["scores"][regime]["vlora"]), flush=True)
-                        save(out, args.name)
             if regime == "one-seed" and not args.no_families:
                 # float32 only: where sharing can pay (at 6 bits private parts win everywhere)
                 for fam, fdirs in families(dirs).items():

@@ -41,15 +41,22 @@ TASK_COUNTS = (1, 4, 16, 32)
 DEFAULT_SUBSPACE = SERVED
 
 
-def subspace(folder: Path, root: Path) -> SharedSubspace:
+def subspace(folder: Path, root: Path, k: int | None) -> SharedSubspace:
+    """The subspace at ``folder``; fitted there first if absent: with ``k``, a shared-only
+    fit of k per side (one refinement round), else compress's 10x 6-bit choice."""
     if not (folder / "manifest.json").exists():
         from benchmarks.llm_fidelity import bed, save_fit
         from vlora.compress import compress
         from vlora.io import load_adapter
         dirs = bed(root)["one-seed"]
-        save_fit(compress([load_adapter(d) for d in dirs], [d.name for d in dirs], ratio=10, bits=6),
-                 folder)
+        adapters, ids = [load_adapter(d) for d in dirs], [d.name for d in dirs]
+        save_fit(SharedSubspace.from_adapters(adapters, ids, num_components=k, refine_iters=1) if k
+                 else compress(adapters, ids, ratio=10, bits=6), folder)
     return SharedSubspace.load(folder)
+
+
+def peft_name(task: str) -> str:
+    return task.replace(".", "_")  # PEFT's adapter names are module names: no dots
 
 
 def batch(tasks: list[str], rows: int, root: Path, tokenizer) -> tuple[list[str], dict]:
@@ -76,7 +83,9 @@ def generate(model, inputs: dict, new: int, **kw) -> tuple[float, torch.Tensor]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, default=llm.default_root())
-    ap.add_argument("--subspace", type=Path, default=DEFAULT_SUBSPACE)
+    ap.add_argument("--subspace", type=Path, default=None,
+                    help=f"default {DEFAULT_SUBSPACE} (10x 6-bit), or one-seed-k<K> beside it with --k")
+    ap.add_argument("--k", type=int, default=None, help="serve a shared-only fit of k per side")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
@@ -84,7 +93,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="llm_serving")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sub = subspace(args.subspace, args.root)
+    if args.subspace is None:
+        args.subspace = DEFAULT_SUBSPACE.parent / f"one-seed-k{args.k}" if args.k else DEFAULT_SUBSPACE
+    sub = subspace(args.subspace, args.root, args.k)
     tasks = sub.tasks[:max(TASK_COUNTS)]
     base_dir = llm.ensure_base(args.root)
     tok = llm.load_tokenizer(base_dir)
@@ -93,9 +104,9 @@ def main(argv=None) -> dict:
         for t in tasks:
             save_adapter(sub.reconstruct(t), Path(tmp) / t)
         pm = PeftModel.from_pretrained(llm.load_lm(None, base_dir), str(Path(tmp) / tasks[0]),
-                                       adapter_name=tasks[0]).eval()
+                                       adapter_name=peft_name(tasks[0])).eval()
         for t in tasks[1:]:
-            pm.load_adapter(str(Path(tmp) / t), adapter_name=t)
+            pm.load_adapter(str(Path(tmp) / t), adapter_name=peft_name(t))
     bare = llm.load_lm(None, base_dir)
     vm = VLoRAModel(llm.load_lm(None, base_dir), sub)
     results, equal = [], {}
@@ -103,7 +114,7 @@ def main(argv=None) -> dict:
         names, inputs = batch(tasks[:count], args.rows, args.root, tok)
         methods = {"base": lambda n, inputs=inputs: generate(bare, inputs, n),
                    "peft mixed": lambda n, inputs=inputs, names=names:
-                       generate(pm, inputs, n, adapter_names=names),
+                       generate(pm, inputs, n, adapter_names=[peft_name(t) for t in names]),
                    "vlora mixed (bmm)": lambda n, inputs=inputs, names=names:
                        generate(vm, inputs, n, task_ids=names)}
         times = {m: {"prefill": [], "total": []} for m in methods}
@@ -135,6 +146,7 @@ def main(argv=None) -> dict:
            "k_max": max(max(k) for k in ks), "modules": len(ks),
            "private_rank_sum_mean": statistics.mean(private), "results": results,
            "rows_equal_to_peft": {str(c): sum(e) for c, e in equal.items()},
+           "load_average": __import__("os").getloadavg()[0],
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True, cwd=Path(__file__).parent).stdout.strip()}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -150,8 +162,9 @@ def report(out: dict) -> str:
     lines = ["# Serving the LLM test bed (SmolLM2-135M, 210 modules)", "",
              f"`python -m benchmarks.llm_serving` at {out['commit']}, {c['threads']} threads. "
              f"{c['rows']} rows of test-bed prompts (left-padded to {c['prompt_width']} tokens), "
-             f"{c['new_tokens']} greedy new tokens; median of {c['repeats']} rounds. The subspace: "
-             f"the one-seed bed at 10x 6-bit as compress keeps it ({out['modules']} modules, mean k "
+             f"{c['new_tokens']} greedy new tokens; median of {c['repeats']} rounds; load average "
+             f"{out.get('load_average', 0):.1f} at the end. The subspace: {c['subspace'].rsplit('/', 1)[-1]} "
+             f"of the one-seed bed ({out['modules']} modules, mean k "
              f"{out['k_out_mean']:.1f} out / {out['k_in_mean']:.1f} in, largest {out['k_max']}; "
              f"private ranks summed over modules, mean per task {out['private_rank_sum_mean']:.0f}). "
              "Targets: vlora mixed >= 0.9x the bare model in prefill and >= 0.8x in decode at every "

@@ -33,7 +33,8 @@ def test_reports_render_their_results():
                                 "held_out": {"n_fit": 30, "fitted_mean": 0.2, "projected": way,
                                              "incremental": way, "full": way}})
     assert "96.75%" in text and "| f | 2 |" in text and "90.0%" in text
-    serve = {"config": {"rows": 2, "new_tokens": 4, "repeats": 1, "threads": 1, "prompt_width": 9},
+    serve = {"config": {"rows": 2, "new_tokens": 4, "repeats": 1, "threads": 1, "prompt_width": 9,
+                        "subspace": "/cache/one-seed-k32"}, "load_average": 1.5,
              "modules": 210, "k_out_mean": 3.0, "k_in_mean": 2.0, "k_max": 5, "private_rank_sum_mean": 0,
              "rows_equal_to_peft": {"1": 2}, "commit": "abc",
              "results": [{"tasks": 1, "method": m, "prefill_tok_s": 100.0, "decode_tok_s": 10.0}
