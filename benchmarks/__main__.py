@@ -100,6 +100,9 @@ LLM_PARTS = [("Fidelity, one-seed set, float32",
               "python -m benchmarks.llm_fidelity --regimes independent --refine-iters 3 "
               "--name llm_fidelity_independent",
               "llm_fidelity_independent"),
+             ("Loss kept and agreement of a shared-only fit (k = 32, float32)",
+              "python -m benchmarks.llm_fidelity --regimes one-seed --scores-of <llm_serving's one-seed-k32 "
+              "fit> --name llm_scores_k32", "llm_scores_k32"),
              ("Build time and memory", "python -m benchmarks.llm_build", "llm_build"),
              ("Serving", "python -m benchmarks.llm_serving", "llm_serving"),
              ("Serving a shared-only fit (k = 32 per side)",

@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--bits", type=int, nargs="+", default=[32, 6], help="32 for float32")
     ap.add_argument("--no-families", action="store_true")
     ap.add_argument("--scores-of", type=Path, default=None,
-                    help="only score the tasks of this saved 6-bit subspace (fitted by an earlier run)")
+                    help="only score the tasks of this saved subspace (fitted by an earlier run)")
     ap.add_argument("--refine-iters", type=int, default=10,
                     help="refinement rounds of every fit (compress's refine_iters; each round costs "
                          "about 2 s per module with 33 of these adapters on a shared core)")
@@ -155,7 +155,11 @@ def main(argv=None) -> dict:
             adapters, ids = [load_adapter(d) for d in dirs], [d.name for d in dirs]
             if args.scores_of is not None:  # a saved 10x 6-bit fit of this regime: its scores only
                 sub = SharedSubspace.load(args.scores_of)
-                scores(sub, adapters, dirs, ids, 6, scorer, work, partial(scored, regime))
+                bits = (sub.quantization or {}).get("bits")
+                st = sub.compression_stats()
+                out["scored_fit"] = {"folder": str(args.scores_of), "bits": bits or 32,
+                                     "disk_ratio": st["compression_ratio"], "mean_error": st["mean_error"]}
+                scores(sub, adapters, dirs, ids, bits, scorer, work, partial(scored, regime))
                 continue
             for ratio in args.ratios:
                 for bits in [None if b == 32 else b for b in args.bits]:
@@ -229,7 +233,11 @@ def report(out: dict) -> str:
             lines.append(f"| {r['family']} | {r['n']} | {r['bits']} | {r['vlora']:.4f} | {r['chosen']} | "
                          f"{fmt(r['shared_only'])} | {fmt(r['private_equal'])} | {r['svd']:.4f} |")
     if out["scores"]:
-        lines += ["", "## Loss kept and agreement at 10x 6-bit", "",
+        f = out.get("scored_fit")
+        title = (f"of {f['folder'].rsplit('/', 1)[-1]} ({f['disk_ratio']:.1f}x on disk, {f['bits']} bits, "
+                 f"mean dW error {f['mean_error']:.4f}; SVD copies at its bytes and bits)"
+                 if f else "at 10x 6-bit")
+        lines += ["", f"## Loss kept and agreement {title}", "",
                   "Exports loaded by PEFT, float32, on each task's held-out eval blocks (16 x 32 "
                   "tokens) and 4 fixed prompts (20 greedy tokens each). Targets: loss kept >= 99% "
                   "mean and >= 97% every task; greedy agreement >= 95%.", "",
