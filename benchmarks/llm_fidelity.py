@@ -206,15 +206,18 @@ def dev_cell(adapters, stored: float, folder: Path) -> dict:
 
 
 def report(out: dict) -> str:
+    rounds = out.get("refine_iters", 10)
+    how = ("scoring a saved fit (llm_serving --k fits with one refinement round). " if out.get("scored_fit")
+           else f"every fit with {rounds} refinement rounds (compress's default is 10). ")
     lines = ["# Fidelity on the LLM test bed (SmolLM2-135M, 210 modules)", "",
-             f"`python -m benchmarks.llm_fidelity` at {out['commit']}, every fit with "
-             f"{out.get('refine_iters', 10)} refinement rounds (compress's default is 10). "
-             "Relative dW error, mean over "
-             "tasks; bytes are the subspace folder's; B is per-adapter SVD at the same bytes and "
-             "bits; the bound is max(1.01 B, B + 0.003).", "",
+             f"`python -m benchmarks.llm_fidelity` at {out['commit']}, " + how
+             + "Relative dW error, mean over tasks; bytes are the subspace folder's; B is per-adapter "
+             "SVD at the same bytes and bits; the bound is max(1.01 B, B + 0.003).", "",
              "| set | N | target | bits | vlora | max | SVD (B) | within bound | chosen | shared only | "
              "vlora-dev 1.0.0 (k) | folder bytes | disk ratio | fit s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if not out["grid"]:  # a run of families or scores alone
+        del lines[-2:]
     for r in out["grid"]:
         dev = (f"{r['vlora_dev']:.4f} ({r['vlora_dev_k']}{', over' if r['vlora_dev_over_budget'] else ''})"
                if "vlora_dev" in r else "-")
