@@ -25,8 +25,8 @@ from pathlib import Path
 from vlora.testbed import llm
 
 RESULTS = Path(__file__).parent / "results"
-BUILDS = {"batch, -k 32": ["-k", "32"],
-          "streaming, -k 32": ["--streaming", "-k", "32"],
+BUILDS = {"streaming, -k 32": ["--streaming", "-k", "32"],
+          "batch, -k 32": ["-k", "32"],
           "batch, --ratio 10 --bits 6": ["--ratio", "10", "--bits", "6"]}
 
 
@@ -54,18 +54,18 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     dirs = sorted(p.parent for r in ("one-seed", "independent")
                   for p in (args.root / r).glob("*/adapter_model.safetensors"))
-    out = {"adapters": len(dirs), "adapter_bytes": sum(du(d) for d in dirs), "builds": {}}
+    out = {"adapters": len(dirs), "adapter_bytes": sum(du(d) for d in dirs), "builds": {},
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent).stdout.strip()}
     with tempfile.TemporaryDirectory(prefix="vlora-llm-build-") as tmp:
         for i, (name, options) in enumerate(BUILDS.items()):
             if "--ratio" in options and not args.ratio:
                 continue
             out["builds"][name] = build(dirs, options, Path(tmp) / str(i))
             print(name, json.dumps(out["builds"][name]), flush=True)
-    out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                   text=True, cwd=Path(__file__).parent).stdout.strip()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
-    (RESULTS / f"{args.name}.md").write_text(report(out))
+            RESULTS.mkdir(parents=True, exist_ok=True)  # after each build: a stopped run keeps it
+            (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+            (RESULTS / f"{args.name}.md").write_text(report(out))
     print(report(out))
     return out
 
