@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import commit
 from vlora.testbed import llm
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,8 +56,7 @@ def main(argv=None) -> dict:
     dirs = sorted(p.parent for r in ("one-seed", "independent")
                   for p in (args.root / r).glob("*/adapter_model.safetensors"))
     out = {"adapters": len(dirs), "adapter_bytes": sum(du(d) for d in dirs), "builds": {},
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent).stdout.strip()}
+           "commit": commit()}
     with tempfile.TemporaryDirectory(prefix="vlora-llm-build-") as tmp:
         for i, (name, options) in enumerate(BUILDS.items()):
             if "--ratio" in options and not args.ratio:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import commit
 from vlora import SharedSubspace, load_adapter
 from vlora.model import VLoRAModel
 from vlora.testbed import llm
@@ -145,8 +145,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="llm_continual")
     args = ap.parse_args(argv)
     out = {"k": args.k, "p": args.p, "base_tasks": args.base,
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent).stdout.strip(),
+           "commit": commit(),
            "refine_iters": args.refine_iters,
            "runs": [run(phi, args.k, args.p, args.root, args.base, args.new, args.refine_iters)
                     for phi in args.phi]}

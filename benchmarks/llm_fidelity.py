@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
-from benchmarks import fidelity
+from benchmarks import commit, fidelity
 from vlora import SharedSubspace
 from vlora.baseline import svd_quantized
 from vlora.compress import compress, lora_bytes
@@ -141,8 +140,7 @@ def main(argv=None) -> dict:
         args.ratios, args.regimes, args.no_scores = [10], ["independent"], True
     regimes = bed(args.root)
     out = {"grid": [], "families": [], "scores": {}, "held_out": None, "refine_iters": args.refine_iters,
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent).stdout.strip()}
+           "commit": commit()}
     scorer = None if args.no_scores else llm.Scorer(llm.ensure_base(args.root))
     def scored(regime: str, rows: list[dict]) -> None:
         out["scores"][regime] = {"rows": rows, "vlora": summary(rows, "vlora"), "svd": summary(rows, "svd")}

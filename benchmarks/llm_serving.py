@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import commit
 from benchmarks.llm_fidelity import SERVED
 from vlora import SharedSubspace
 from vlora.io import save_adapter
@@ -147,8 +147,7 @@ def main(argv=None) -> dict:
            "private_rank_sum_mean": statistics.mean(private), "results": results,
            "rows_equal_to_peft": {str(c): sum(e) for c, e in equal.items()},
            "load_average": __import__("os").getloadavg()[0],
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent).stdout.strip()}
+           "commit": commit()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
     (RESULTS / f"{args.name}.md").write_text(report(out))

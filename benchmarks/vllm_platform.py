@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.vllm_serving import _planted
+from benchmarks.vllm_serving import _planted, wait_healthy
 
 HERE = Path(__file__).parent
 
@@ -78,15 +78,7 @@ def _arm(arm: str, work: Path, base: Path, ids: list[str], args) -> dict:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     out = {"tokens_per_s": {"base": {}, "lora": {}}, "texts": {}}
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start; see {log_path}") from None
-                time.sleep(2)
+        wait_healthy(url, proc, log_path)
         for name in ids:  # every adapter loaded before the timed rounds
             _complete(url, name, [1000], 1)
         for c in [int(x) for x in args.in_flight.split(",")]:

@@ -67,6 +67,20 @@ def _bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, limit_s: float = 900) -> None:
+    """Return once the server at ``url`` answers /health; exit naming ``log`` if it dies or
+    takes over ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not start; see {log}") from None
+            time.sleep(2)
+
+
 def _complete(url: str, model: str, prompt: list[int], n: int) -> int:
     body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
@@ -122,15 +136,7 @@ def main(argv=None) -> None:
     result = {"args": vars(args), "disk_bytes": disk, "first_request_s": {}, "second_request_s": {},
               "tokens_per_s": {}}
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start; see {work / 'serve.log'}") from None
-                time.sleep(2)
+        wait_healthy(url, proc, work / "serve.log")
         arms = {"subspace": ids, "peft_folders": [f"peft-{t}" for t in ids]}
         for arm, names in arms.items():
             # the first task (the resolver reads the subspace then), its second request,
