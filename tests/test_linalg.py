@@ -98,7 +98,7 @@ def test_refinement_in_the_tasks_span_is_the_refinement_in_full_coordinates():
     u0, _ = linalg.top_left_singular([ut * st for ut, st, _ in facs], 4)
     v0, _ = linalg.top_left_singular([vt * st for _, st, vt in facs], 5)
     u, v = linalg.refine_bases(facs, w, u0, v0, iters=6)
-    ur, vr = linalg._refine(facs, w, u0, v0, 6, 1e-10)
+    ur, vr = linalg._refine(facs, w, u0, v0, 6, linalg.REFINE_TOL)
     assert ur is not None  # a round was taken, so the comparison says something
     torch.testing.assert_close(u, linalg.fix_signs(ur), atol=1e-9, rtol=0)
     torch.testing.assert_close(v, linalg.fix_signs(vr), atol=1e-9, rtol=0)

@@ -84,8 +84,9 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
         return sub
     ids = list(task_ids) if task_ids is not None else [default_task_id(a, i) for i, a in enumerate(items)]
     # the byte search fits these adapters many times: what does not depend on the budget
-    # (spectra, refined bases by k) is computed once (vlora.fit_memo)
-    shared_kwargs = {**{k: v for k, v in fit_kwargs.items() if k != "progress"}, "memo": FitMemo()}
+    # (factors, spectra, refined bases by k) is computed once (vlora.fit_memo)
+    shared_kwargs = {**{k: v for k, v in fit_kwargs.items() if k != "progress"},
+                     "memo": FitMemo.for_adapters(items)}
 
     def shared_fit(target: float) -> SharedSubspace:
         try:

@@ -218,11 +218,13 @@ def _top(gram: torch.Tensor, k: int) -> torch.Tensor | None:
 
 
 def _refine(ray: Any, stats: Any, shards: list[Any], rotations: dict[str, tuple[torch.Tensor, torch.Tensor]],
-            iters: int, progress: bool, tol: float = 1e-10) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            totals: dict[str, float], iters: int, progress: bool, tol: float = linalg.REFINE_TOL
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """:func:`vlora.linalg.refine_bases` inside the sketch spans: ``U = Ũ P``, ``V = Ṽ Q``,
     P the top of ``sum_t w_t C_t Q Q^T C_t^T`` and Q the top of ``sum_t w_t C_t^T P P^T C_t``
     with ``C_t`` the cores in the sketch bases, reduced over ``shards`` (refs of their
-    :data:`Cores`) each round. Same stopping rules, per module."""
+    :data:`Cores`) each round. Same stopping rules, per module, ``totals[m]`` the weighted
+    energy of module m's tasks in the sketch span (the trace of its Gram)."""
     def reduce(mats: dict[str, torch.Tensor], side: str) -> dict[str, torch.Tensor]:
         if not mats:
             return {}
@@ -247,7 +249,7 @@ def _refine(ray: Any, stats: Any, shards: list[Any], rotations: dict[str, tuple[
                 active.discard(m)
                 continue
             rotations[m], gained, best[m] = (p2[m], q2), new - best[m], new
-            if gained <= tol * new:
+            if linalg.refinement_done(gained, new, totals[m], tol):
                 active.discard(m)
     return rotations
 
@@ -317,7 +319,8 @@ class _Run:
             starts = {m: (torch.eye(b.k_out, dtype=F64)[:, :ks[m][0]],
                           torch.eye(b.k_in, dtype=F64)[:, :ks[m][1]]) for m, b in self.wide.items()}
             with linalg.fixed_threads():
-                rotations = _refine(self.ray, self.stats, self.cores, starts, self.refine_iters,
+                totals = {m: float(torch.trace(b.G_u)) for m, b in self.wide.items()}
+                rotations = _refine(self.ray, self.stats, self.cores, starts, totals, self.refine_iters,
                                     self.progress)
                 self.last = (ks, _final_bases(self.wide, rotations))
         modules, rotations = self.last[1]

@@ -3,16 +3,24 @@
 ``compress`` searches for a byte target by fitting the same adapters again and again
 (scales of a float budget, four pseudo-ranks each, a hybrid at half the bytes). Most of
 a fit does not depend on the budget: the tasks' norms, each module's stacked spectra and
-starts, and the refined bases of a module at given ``(k_out, k_in)``. A :class:`FitMemo`
-keeps those for the length of one ``compress`` call; on the LLM test bed (210 modules)
-it cut a fit at a ratio several-fold. Results are the same as without it: every value
-is a deterministic function of its key and the bound adapters and options.
+starts, the refined bases of a module at given ``(k_out, k_in)``, and each adapter's
+canonical factors ``(U_t, S_t, V_t)`` per module, which every fit's stacks, refinement
+and projections need (QR and SVD per adapter and module: a third of a byte search's time
+on the LLM test bed before they were kept). A :class:`FitMemo` keeps those for the
+length of one ``compress`` call; on the LLM test bed (210 modules) it cut a fit at a
+ratio several-fold. Results are the same as without it: every value is a deterministic
+function of its key and the bound adapters and options.
+
+The factors are float64, about twice the adapters' float32 bytes: they are kept only
+while those bytes are at most :data:`FACTOR_CACHE_BYTES` (above, they are recomputed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
+
+FACTOR_CACHE_BYTES = 2 << 30  # adapters' float32 LoRA bytes up to which factors are kept
 
 
 class FitMemo:
@@ -24,16 +32,26 @@ class FitMemo:
     are shared, not copied, between the subspaces built from it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_factors: bool = True) -> None:
         self._key: Hashable | None = None
         self._values: dict[Hashable, Any] = {}
+        self.keep_factors = keep_factors
 
     def bind(self, key: Hashable) -> bool:
         if self._key is None:
             self._key = key
         return self._key == key
 
+    @classmethod
+    def for_adapters(cls, adapters: Sequence[Any]) -> FitMemo:
+        """A memo for fits of ``adapters`` (LoRAWeights), keeping factors if they are small enough."""
+        return cls(keep_factors=4 * sum(a.num_lora_params() for a in adapters) <= FACTOR_CACHE_BYTES)
+
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         if key not in self._values:
             self._values[key] = compute()
         return self._values[key]
+
+    def factors(self, index: int, module: str, compute: Callable[[], Any]) -> Any:
+        """Adapter ``index``'s canonical factors of ``module``, kept if ``keep_factors``."""
+        return self.get(("factors", index, module), compute) if self.keep_factors else compute()

@@ -280,14 +280,28 @@ def objective(factors: Sequence[Factor], weights: Sequence[float],
     return sum(w * captured_sq(ut * st, vt, u, v) for (ut, st, vt), w in zip(factors, weights))
 
 
+# A refinement round that takes off less than this share of the squared error the bases
+# still leave ends it. Measured on the LLM test bed (33 adapters, 210 modules, k 20-60):
+# rounds 4-10 lowered that error by 1e-5 to 1e-4 of itself in all, for 2.5x the time.
+REFINE_TOL = 1e-4
+
+
+def refinement_done(gained: float, kept: float, total: float, tol: float = REFINE_TOL) -> bool:
+    """Whether a round that raised the kept energy by ``gained`` to ``kept`` (of ``total``,
+    the weighted energy of the tasks) lowered the squared error left by under ``tol`` of it."""
+    return gained <= tol * max(total - kept, 0.0)
+
+
 def refine_bases(factors: Sequence[Factor], weights: Sequence[float], u: torch.Tensor,
-                 v: torch.Tensor, iters: int = 10, tol: float = 1e-10
+                 v: torch.Tensor, iters: int = 10, tol: float = REFINE_TOL
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternating refinement of orthonormal ``U (d_out, k_out)``, ``V (d_in, k_in)`` for
     ``min sum_t w_t ||dW_t - U U^T dW_t V V^T||^2``, from a start (the stacked SVD).
 
     U becomes the top of ``[sqrt(w_t) dW_t V]``, then V the top of ``[sqrt(w_t) dW_t^T U]``;
-    no round lowers the kept energy. Stops when a round gains less than ``tol`` (relative).
+    no round lowers the kept energy. Stops after ``iters`` rounds, or when a round lowers
+    the weighted squared error ``sum_t w_t ||dW_t - U U^T dW_t V V^T||^2`` by less than
+    ``tol`` of itself (:func:`refinement_done`).
 
     Every block lies in the span of the tasks' ``U_t`` (or ``V_t``), and so do the stacked-SVD
     starts: where those spans are narrower than the module (``N r < d``) the rounds run in
@@ -320,6 +334,7 @@ def _refine(factors: Sequence[Factor], weights: Sequence[float], u: torch.Tensor
     """The rounds of :func:`refine_bases`; ``(None, None)`` when no round is taken."""
     sw = [w ** 0.5 for w in weights]
     best = objective(factors, weights, u, v)
+    total = sum(w * float(st.square().sum()) for (_, st, _), w in zip(factors, weights))
     taken = False
     for _ in range(iters):
         # the current bases warm-start the new ones: they are close after the first round
@@ -333,7 +348,7 @@ def _refine(factors: Sequence[Factor], weights: Sequence[float], u: torch.Tensor
         if u2.shape[1] < u.shape[1] or v2.shape[1] < v.shape[1] or new <= best:
             break  # a round that would shrink k or lose energy is not taken
         u, v, gained, best, taken = u2, v2, new - best, new, True
-        if gained <= tol * best:
+        if refinement_done(gained, best, total, tol):
             break
     return (u, v) if taken else (None, None)
 

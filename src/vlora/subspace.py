@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,14 @@ class AbsorbReport:
     drift: float
     error_after: float
     after_is_bound: bool
+
+
+def _present(items: Sequence[LoRAWeights], weights: Sequence[float],
+             factors: Callable[[int, str], linalg.Factor], m: str
+             ) -> tuple[list[linalg.Factor], list[float]]:
+    """Canonical factors and weights of the tasks with energy in module ``m``."""
+    present = [i for i, (a, w) in enumerate(zip(items, weights)) if m in a.lora_a and w > 0]
+    return [factors(i, m) for i in present], [weights[i] for i in present]
 
 
 def _factors(adapter: LoRAWeights, module: str, device: torch.device | None = None) -> linalg.Factor:
@@ -177,10 +185,14 @@ class SharedSubspace:
         options = {"weighting": weighting, "missing_modules": missing_modules, "device": device}
         if memo is None or not memo.bind((tuple(map(id, items)), tuple(ids), refine_iters,
                                           tuple(sorted((k, str(v)) for k, v in options.items())))):
-            memo = FitMemo()
+            memo = FitMemo.for_adapters(items)
         norms = memo.get("norms", lambda: [sum(linalg.frobenius_sq(a.lora_b[m], a.lora_a[m], a.scales[m])
                                                for m in shapes if m in a.lora_a) for a in items])
         weights = [adapter_weight(n, weighting) for n in norms]
+
+        def factors(i: int, m: str) -> linalg.Factor:
+            """Adapter i's canonical factors of module m (kept by the memo, as it allows)."""
+            return memo.factors(i, m, lambda: _factors(items[i], m, device))
         # A fixed k needs only the top k of each stack (the fast top-k path on wide modules);
         # a budget or an energy threshold needs the whole spectrum to choose k.
         top = (num_components if isinstance(num_components, tuple) else (num_components,) * 2) \
@@ -190,9 +202,8 @@ class SharedSubspace:
             spectra, starts = {}, {}
             with linalg.fixed_threads():
                 for m in track(list(shapes), "Stack spectra", len(shapes), progress):
-                    present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
-                    facs = [_factors(a, m, device) for a, _ in present]
-                    (u, su), (v, sv) = _stacks(facs, [w for _, w in present], shapes[m], *top)
+                    facs, ws = _present(items, weights, factors, m)
+                    (u, su), (v, sv) = _stacks(facs, ws, shapes[m], *top)
                     spectra[m], starts[m] = (su.cpu(), sv.cpu()), (u, v)  # k is chosen on the CPU
             return spectra, starts
         spectra, starts = memo.get(("stacks", top), stacks)
@@ -211,21 +222,22 @@ class SharedSubspace:
         # what the directory holds whatever the ks (manifest, headers, the tasks' figures):
         # measured on the fit with no direction, which costs one projection per task
         fixed = 0 if budget is None else memo.get("fixed", lambda: stats.stored_bytes(_fitted(cls._fit(
-            items, ids, weights, shapes, starts, dict.fromkeys(shapes, (0, 0)), 0, None, False,
-            memo, **options))))
+            items, ids, weights, factors, shapes, starts, dict.fromkeys(shapes, (0, 0)), 0, None,
+            False, memo, **options))))
         best = smallest = None  # (score, sub) within the budget; (bytes, sub) of all
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
             ks = choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
                            budget, adaptive_k, mw, fixed_bytes=fixed)
-            sub = cls._fit(items, ids, weights, shapes, starts, ks, refine_iters,
+            sub = cls._fit(items, ids, weights, factors, shapes, starts, ks, refine_iters,
                            None if adaptive else p, progress, memo, **options)
             if adaptive and p < max_rank:
                 tasks = [sub.get_task(t) for t in ids]
                 ranks = core_ranks(tasks, sub.modules, coordinate_numbers(tasks, sub.modules, p), mw)
                 bases = _bases_on(sub.modules, device)
-                for a, tid in zip(items, ids):
-                    sub.add_task(sub._project(a, tid, ranks[tid], bases, device), replace=True)
+                for i, (a, tid) in enumerate(zip(items, ids)):
+                    sub.add_task(sub._project(a, tid, ranks[tid], bases, device,
+                                              lambda m, i=i: factors(i, m)), replace=True)
             _fitted(sub)
             score = sum(weighted_error(sub.get_task(t), mw) for t in ids)
             stored = stats.stored_bytes(sub) if budget is not None else 0
@@ -241,17 +253,16 @@ class SharedSubspace:
         return best[1]
 
     @classmethod
-    def _fit(cls, items, ids, weights, shapes, starts, ks, refine_iters, pseudo_rank, progress,
-             memo, device=None, **options) -> SharedSubspace:
+    def _fit(cls, items, ids, weights, factors, shapes, starts, ks, refine_iters, pseudo_rank,
+             progress, memo, device=None, **options) -> SharedSubspace:
         """Refine the bases from their starts at the chosen ks (``memo`` keeps them by
         module and ks), then project every task (all on ``device`` when given; the bases
-        come back to the CPU)."""
+        come back to the CPU). ``factors(i, m)``: adapter i's canonical factors of m."""
         def refined(m: str) -> ModuleBasis:
-            present = [(a, w) for a, w in zip(items, weights) if m in a.lora_a and w > 0]
-            facs = [_factors(a, m, device) for a, _ in present]
+            facs, ws = _present(items, weights, factors, m)
             u0, v0 = starts[m][0][:, :ks[m][0]], starts[m][1][:, :ks[m][1]]
-            u, v = linalg.refine_bases(facs, [w for _, w in present], u0, v0, refine_iters)
-            return _basis(u, v, facs, [w for _, w in present])
+            u, v = linalg.refine_bases(facs, ws, u0, v0, refine_iters)
+            return _basis(u, v, facs, ws)
 
         with linalg.fixed_threads():
             # starts are the memo's own (one object per kind of start), so their id is stable
@@ -259,8 +270,8 @@ class SharedSubspace:
                        for m in track(list(shapes), "Fitting bases", len(shapes), progress)}
         sub = cls(modules, **options)
         bases = _bases_on(modules, device)
-        for a, tid in zip(track(items, "Projecting tasks", len(items), progress), ids):
-            sub.add_task(sub._project(a, tid, pseudo_rank, bases, device))
+        for i, (a, tid) in enumerate(zip(track(items, "Projecting tasks", len(items), progress), ids)):
+            sub.add_task(sub._project(a, tid, pseudo_rank, bases, device, lambda m, i=i: factors(i, m)))
         return sub
 
     # --------------------------------------------------------------- tasks
@@ -296,18 +307,20 @@ class SharedSubspace:
                                    self.missing_modules == "zero", self._coord_quant())
 
     def _project(self, adapter: AdapterLike, task_id: str, pseudo_rank: int | dict[str, int] | None,
-                 bases: dict[str, ModuleBasis], device: torch.device | None) -> TaskProjection:
-        """:meth:`project` for a fit on ``device``, with this subspace's (float) bases moved
-        there once per fit (``bases``, :func:`_bases_on`); the result is on the CPU."""
-        if device is None:
-            return self.project(adapter, task_id, pseudo_rank=pseudo_rank)
+                 bases: dict[str, ModuleBasis], device: torch.device | None,
+                 factors: Callable[[str], linalg.Factor] | None = None) -> TaskProjection:
+        """:meth:`project` for a fit on ``device`` (None: where the tensors are), with this
+        subspace's (float) bases moved there once per fit (``bases``, :func:`_bases_on`)
+        and the adapter's canonical factors by module where a fit keeps them (``factors``);
+        the result is on the CPU."""
         from vlora.storage import validate_task_id
         validate_task_id(task_id)
         adapter = as_adapter(adapter)
         self._check_adapter(adapter, task_id)
         with linalg.fixed_threads():
             return project_adapter(adapter, task_id, bases, self.weighting, pseudo_rank,
-                                   self.missing_modules == "zero", self._coord_quant(), device)
+                                   self.missing_modules == "zero", self._coord_quant(), device,
+                                   factors)
 
     def _coord_quant(self) -> tuple[int, str, int] | None:
         """``(bits, method, block)`` of stored coordinates, None when they are float."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,7 +199,8 @@ def adapter_weight(norm_sq_total: float, weighting: str) -> float:
 def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleBasis],
                     weighting: str = "task", pseudo_rank: int | dict[str, int] | None = None,
                     zero_missing: bool = False, coord_quant: tuple[int, str, int] | None = None,
-                    device: torch.device | None = None) -> TaskProjection:
+                    device: torch.device | None = None,
+                    factors: Callable[[str], linalg.Factor] | None = None) -> TaskProjection:
     """Coordinates of ``adapter`` in ``bases`` and its exact error (float64, small matrices).
 
     ``pseudo_rank`` stores each core at rank ``p`` by truncated SVD (one p, or one per
@@ -210,7 +212,8 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
 
     ``device`` (a fit's, :func:`vlora.devices.fit_device`): compute there in float64, with
     ``bases`` already moved there; the coordinates and spectra come back to the CPU.
-    None computes where the tensors are, as always.
+    None computes where the tensors are, as always. ``factors(m)``: the adapter's canonical
+    factors of module m where a fit already holds them (on ``device``), else computed here.
     """
     cb, ca, norm, res, spec, quant = {}, {}, {}, {}, {}, {}
     for m, basis in bases.items():
@@ -227,7 +230,7 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
         b, a = adapter.lora_b[m], adapter.lora_a[m]
         if device is not None:
             b, a = b.to(device), a.to(device)
-        ut, st, vt = linalg.canonical(b, a, s)
+        ut, st, vt = factors(m) if factors is not None else linalg.canonical(b, a, s)
         u, v = basis.U.to(F64), basis.V.to(F64)
         if basis.quant:  # rounded bases are not orthonormal: U^T X is not the best fit there
             lb = linalg.lstsq_map(u, s * b.to(F64))
