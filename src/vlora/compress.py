@@ -9,6 +9,7 @@ fewer bits buy more directions at the same bytes.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -94,12 +95,15 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
         except BudgetError as e:  # over the target: a closest fit to report
             return e.closest
 
-    def private_fit() -> SharedSubspace:
-        keep = {k: v for k, v in fit_kwargs.items() if k in ("weighting", "missing_modules", "device")}
-        sub = SharedSubspace.from_adapters(items, ids, num_components=0, **keep)
-        if bits is not None:
-            sub.quantize(bits, method, coordinates=quantize_coordinates)
-        return sub
+    private_base: list[SharedSubspace] = []
+
+    def private_fit() -> SharedSubspace:  # fitted once; each candidate fills a copy
+        if not private_base:
+            keep = {k: v for k, v in fit_kwargs.items() if k in ("weighting", "missing_modules", "device")}
+            private_base.append(SharedSubspace.from_adapters(items, ids, num_components=0, **keep))
+            if bits is not None:
+                private_base[0].quantize(bits, method, coordinates=quantize_coordinates)
+        return copy.deepcopy(private_base[0])
 
     weights = fit_kwargs.get("module_weights")
     mw = resolve_module_weights(weights, dict.fromkeys(m for a in items for m in a.layer_names)) \

@@ -6,13 +6,15 @@ a fit does not depend on the budget: the tasks' norms, each module's stacked spe
 starts, the refined bases of a module at given ``(k_out, k_in)``, and each adapter's
 canonical factors ``(U_t, S_t, V_t)`` per module, which every fit's stacks, refinement
 and projections need (QR and SVD per adapter and module: a third of a byte search's time
-on the LLM test bed before they were kept). A :class:`FitMemo` keeps those for the
+on the LLM test bed before they were kept), and the span of each module's factors that
+refinement works in (:func:`vlora.linalg.task_span`). A :class:`FitMemo` keeps those for the
 length of one ``compress`` call; on the LLM test bed (210 modules) it cut a fit at a
 ratio several-fold. Results are the same as without it: every value is a deterministic
 function of its key and the bound adapters and options.
 
-The factors are float64, about twice the adapters' float32 bytes: they are kept only
-while those bytes are at most :data:`FACTOR_CACHE_BYTES` (above, they are recomputed).
+The factors and spans are float64, together several times the adapters' float32 bytes:
+they are kept only while those bytes are at most :data:`FACTOR_CACHE_BYTES` (above, they
+are recomputed).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-FACTOR_CACHE_BYTES = 2 << 30  # adapters' float32 LoRA bytes up to which factors are kept
+FACTOR_CACHE_BYTES = 1 << 30  # adapters' float32 LoRA bytes up to which factors are kept
 
 
 class FitMemo:
@@ -52,6 +54,7 @@ class FitMemo:
             self._values[key] = compute()
         return self._values[key]
 
-    def factors(self, index: int, module: str, compute: Callable[[], Any]) -> Any:
-        """Adapter ``index``'s canonical factors of ``module``, kept if ``keep_factors``."""
-        return self.get(("factors", index, module), compute) if self.keep_factors else compute()
+    def large(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """:meth:`get` for values as large as the adapters (their canonical factors, the
+        spans refinement works in): kept only if ``keep_factors``."""
+        return self.get(key, compute) if self.keep_factors else compute()

@@ -292,9 +292,23 @@ def refinement_done(gained: float, kept: float, total: float, tol: float = REFIN
     return gained <= tol * max(total - kept, 0.0)
 
 
+TaskSpan = tuple[torch.Tensor | None, torch.Tensor | None, list[Factor]]
+
+
+def task_span(factors: Sequence[Factor]) -> TaskSpan:
+    """``(Q_out, Q_in, factors in them)``: orthonormal columns spanning the tasks' ``U_t``
+    (``V_t``), None on a side where they are not narrower than the module (no gain in
+    working in their coordinates), and the factors with ``U_t``, ``V_t`` in those
+    coordinates. Depends on the tasks only: fits at many k share one
+    (:func:`refine_bases`'s ``span``)."""
+    qo, qi = _span([ut for ut, _, _ in factors]), _span([vt for _, _, vt in factors])
+    return qo, qi, [(ut if qo is None else qo.T @ ut, st, vt if qi is None else qi.T @ vt)
+                    for ut, st, vt in factors]
+
+
 def refine_bases(factors: Sequence[Factor], weights: Sequence[float], u: torch.Tensor,
-                 v: torch.Tensor, iters: int = 10, tol: float = REFINE_TOL
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 v: torch.Tensor, iters: int = 10, tol: float = REFINE_TOL,
+                 span: TaskSpan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternating refinement of orthonormal ``U (d_out, k_out)``, ``V (d_in, k_in)`` for
     ``min sum_t w_t ||dW_t - U U^T dW_t V V^T||^2``, from a start (the stacked SVD).
 
@@ -305,14 +319,13 @@ def refine_bases(factors: Sequence[Factor], weights: Sequence[float], u: torch.T
 
     Every block lies in the span of the tasks' ``U_t`` (or ``V_t``), and so do the stacked-SVD
     starts: where those spans are narrower than the module (``N r < d``) the rounds run in
-    orthonormal coordinates of them, the same problem on ``N r`` rows instead of ``d``.
+    orthonormal coordinates of them, the same problem on ``N r`` rows instead of ``d``
+    (``span``: :func:`task_span` of ``factors``, computed here when not given).
     """
-    if not factors or u.shape[1] == 0 or v.shape[1] == 0:
+    if not factors or u.shape[1] == 0 or v.shape[1] == 0 or iters <= 0:
         return u, v
-    qo, qi = _span([ut for ut, _, _ in factors]), _span([vt for _, _, vt in factors])
+    qo, qi, small = span if span is not None else task_span(factors)
     if qo is not None or qi is not None:
-        small = [(ut if qo is None else qo.T @ ut, st, vt if qi is None else qi.T @ vt)
-                 for ut, st, vt in factors]
         su, sv = _refine(small, weights, u if qo is None else qo.T @ u,
                          v if qi is None else qi.T @ v, iters, tol)
         if su is None:

@@ -192,7 +192,7 @@ class SharedSubspace:
 
         def factors(i: int, m: str) -> linalg.Factor:
             """Adapter i's canonical factors of module m (kept by the memo, as it allows)."""
-            return memo.factors(i, m, lambda: _factors(items[i], m, device))
+            return memo.large(("factors", i, m), lambda: _factors(items[i], m, device))
         # A fixed k needs only the top k of each stack (the fast top-k path on wide modules);
         # a budget or an energy threshold needs the whole spectrum to choose k.
         top = (num_components if isinstance(num_components, tuple) else (num_components,) * 2) \
@@ -261,7 +261,8 @@ class SharedSubspace:
         def refined(m: str) -> ModuleBasis:
             facs, ws = _present(items, weights, factors, m)
             u0, v0 = starts[m][0][:, :ks[m][0]], starts[m][1][:, :ks[m][1]]
-            u, v = linalg.refine_bases(facs, ws, u0, v0, refine_iters)
+            span = memo.large(("span", m), lambda: linalg.task_span(facs)) if refine_iters else None
+            u, v = linalg.refine_bases(facs, ws, u0, v0, refine_iters, span=span)
             return _basis(u, v, facs, ws)
 
         with linalg.fixed_threads():
