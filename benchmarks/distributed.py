@@ -11,7 +11,10 @@ Ray worker before shutdown), the mean error, and the bytes of one module's sketc
 a merge moves), from which a cluster's time is predicted as
 ``seconds per adapter-module x N x modules / workers`` plus the merges.
 
-    nice -n 10 python -m benchmarks.distributed --n 32 --layers 1
+Each fit runs ``--repeats`` times (the order of the kinds alternating) and the median
+is reported beside the spread; the results go to ``results/<name>.json`` and ``.md``.
+
+    python -m benchmarks.distributed --n 256 --layers 1 --repeats 3 --name distributed
     nice -n 10 python -m benchmarks.distributed --n 64 --workers 0,2
 
 Timings need a quiet machine: with other work running, two workers wait for two cores.
@@ -22,12 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import commit
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
           "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
@@ -103,23 +110,71 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=1, help="Llama-7B layers per adapter (7 modules each)")
     parser.add_argument("--shard", type=int, default=8, help="adapters per Ray task")
     parser.add_argument("--workers", default="0,1,2", help="fits to run: 0 streaming, w Ray with w workers")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each fit (the median is reported)")
+    parser.add_argument("--name", default=None, help="write results/<name>.json and .md")
     args = parser.parse_args(argv)
     modules = 7 * args.layers
+    kinds = list(map(int, args.workers.split(",")))
+    runs: dict[int, list[dict]] = {w: [] for w in kinds}
     with tempfile.TemporaryDirectory(prefix="vlora-bench-dist-") as tmp:
+        start = time.perf_counter()
         paths = [str(p) for p in make_adapters(Path(tmp), args.n, args.layers)]
-        rows = {}
-        for workers in map(int, args.workers.split(",")):
-            name = "streaming (1 process)" if workers == 0 else f"Ray, {workers} worker{'s' * (workers > 1)}"
-            rows[name] = run({"paths": paths, "workers": workers, "k": K, "oversample": OVERSAMPLE,
-                              "shard": args.shard})
-            rows[name]["seconds_per_adapter_module"] = rows[name]["seconds"] / (args.n * modules)
-            print(name, json.dumps(rows[name]), flush=True)
+        written = time.perf_counter() - start
+        disk = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        for rep in range(args.repeats):  # kinds alternate, so a slow spell hits each alike
+            for workers in kinds if rep % 2 == 0 else kinds[::-1]:
+                runs[workers].append(run({"paths": paths, "workers": workers, "k": K,
+                                          "oversample": OVERSAMPLE, "shard": args.shard}))
+                print(_name(workers), json.dumps(runs[workers][-1]), flush=True)
+    rows = {_name(w): _median_row(rs, args.n * modules) for w, rs in runs.items()}
     w = K + OVERSAMPLE
     sketch = {m: 8 * ((d_out + d_in) * w + 2 * w * w) for m, (d_out, d_in) in SHAPES.items()}
-    result = {"n": args.n, "layers": args.layers, "modules": modules, "shard": args.shard, "rows": rows,
-              "sketch_bytes_per_module": sketch}
+    result = {"n": args.n, "layers": args.layers, "modules": modules, "shard": args.shard,
+              "repeats": args.repeats, "rows": rows, "sketch_bytes_per_module": sketch,
+              "adapter_bytes_on_disk": disk, "write_seconds": written,
+              "load_average": os.getloadavg(), "commit": commit()}
     print(json.dumps(result, indent=1))
+    if args.name:
+        out = Path(__file__).parent / "results"
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{args.name}.md").write_text(report(result))
     return result
+
+
+def _name(workers: int) -> str:
+    return "streaming (1 process)" if workers == 0 else f"Ray, {workers} worker{'s' * (workers > 1)}"
+
+
+def _median_row(runs: list[dict], adapter_modules: int) -> dict:
+    seconds = [r["seconds"] for r in runs]
+    row = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    row["seconds_all"] = seconds
+    row["seconds_per_adapter_module"] = row["seconds"] / adapter_modules
+    return row
+
+
+def report(r: dict) -> str:
+    rows = r["rows"]
+    single = rows.get("streaming (1 process)", {}).get("seconds")
+    lines = [f"# Distributed fit: {r['n']} adapters of {r['layers']} Llama-7B layer(s) ({r['modules']} "
+             f"modules, r = 16, {r['adapter_bytes_on_disk'] / 1e9:.2f} GB on disk)", "",
+             f"k = {K}, oversample {OVERSAMPLE}, {r['shard']} adapters per Ray task, one thread per "
+             f"process; median of {r['repeats']} run(s) of each (all runs' seconds in brackets); load "
+             f"average after the runs {r['load_average'][0]:.2f}; commit {r['commit']}.", "",
+             "| fit | seconds | speed-up | s per adapter-module | driver peak RSS MB | "
+             "largest worker peak RSS MB | mean error |", "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        speed = f"{single / row['seconds']:.2f}x" if single else "-"
+        worker = f"{row['worker_peak_rss_mb']:.0f}" if "worker_peak_rss_mb" in row else "-"
+        each = ", ".join(f"{s:.1f}" for s in row["seconds_all"])
+        lines.append(f"| {name} | {row['seconds']:.1f} [{each}] | "
+                     f"{speed} | {row['seconds_per_adapter_module']:.4f} | {row['driver_peak_rss_mb']:.0f} | "
+                     f"{worker} | {row['mean_error']:.4f} |")
+    sketch = r["sketch_bytes_per_module"]
+    lines += ["", "Cost model: a cluster of W workers takes about (s per adapter-module) x N x modules / W, "
+              "plus a tree of sketch merges; one module's sketch is "
+              + ", ".join(f"{m} {b / 1e6:.2f} MB" for m, b in sketch.items()) + "."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
