@@ -97,3 +97,11 @@ def test_a_ratio_or_budget_that_is_not_a_positive_number_is_refused():
     for kw in ({"ratio": float("nan")}, {"budget": float("inf")}, {"ratio": 0}):
         with pytest.raises(ValueError, match="positive finite"):
             compress(ads, **kw)
+
+
+def test_the_search_compares_fits_at_their_starts_and_refines_the_one_it_keeps(adapters):
+    budget = lora_bytes(adapters) / 4
+    refined = compress(adapters, budget=budget, private="none").compression_stats()
+    start = compress(adapters, budget=budget, private="none", refine_iters=0).compression_stats()
+    assert refined["stored_bytes"] <= budget and start["stored_bytes"] <= budget
+    assert refined["mean_error"] < start["mean_error"]  # refinement gains on a noisy stack

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from vlora.adapter import LoRAWeights
-from vlora.budget import resolve_module_weights
+from vlora.budget import resolve_module_weights, weighted_error
 from vlora.devices import fit_device
 from vlora.errors import BudgetError
 from vlora.fit_memo import FitMemo
@@ -115,18 +115,34 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
 
 def _shared_at(items: Sequence[LoRAWeights], ids: Sequence[str], budget: float, bits: int | None,
                method: str, quantize_coordinates: bool, fit_kwargs: dict[str, Any]) -> SharedSubspace:
-    """The shared-only fit whose directory is within ``budget`` bytes."""
-    def fit(factor: float) -> tuple[SharedSubspace, bool, SharedSubspace]:
+    """The shared-only fit whose directory is within ``budget`` bytes.
+
+    The search over scales compares fits at their stacked-SVD starts (no refinement: the
+    bytes depend on the ks alone, chosen from the stacks' spectra); the scale it lands on
+    is fitted again with the refinement asked for, kept if it lands within ``budget`` too
+    (the core ranks shared out on refined errors can move a few bytes) and errs less."""
+    def fit(factor: float, kwargs: dict[str, Any]
+            ) -> tuple[SharedSubspace, bool, tuple[SharedSubspace, float]]:
         try:
             sub, smallest = SharedSubspace.from_adapters(items, ids, budget=budget * factor,
-                                                         **fit_kwargs), False
+                                                         **kwargs), False
         except BudgetError as e:  # below the smallest float32 fit, which quantized may fit
             sub, smallest = e.closest, True
         if bits is not None:
             sub.quantize(bits, method, coordinates=quantize_coordinates)
-        return sub, smallest, sub
+        return sub, smallest, (sub, factor)
 
-    return scale_search(fit, budget, bits, f"shared fit of {len(items)} adapters")
+    search = {**fit_kwargs, "refine_iters": 0}
+    found, factor = scale_search(lambda f: fit(f, search), budget, bits,
+                                 f"shared fit of {len(items)} adapters")
+    if not fit_kwargs.get("refine_iters", 10):
+        return found
+    refined = fit(factor, fit_kwargs)[0]
+    mw = resolve_module_weights(fit_kwargs.get("module_weights"), refined.modules)
+
+    def total(sub: SharedSubspace) -> float:
+        return sum(weighted_error(sub.get_task(t), mw) for t in ids)
+    return refined if stored_bytes(refined) <= budget and total(refined) <= total(found) else found
 
 
 def scale_search(fit: Callable[[float], tuple[SharedSubspace, bool, T]], budget: float,
