@@ -80,6 +80,9 @@ CONTROLS = [("Control: serving with a private part of rank 4 for every task",
             ("Control: continual learning over 6 seeds (phi = 0)",
              "python -m benchmarks.continual --phi 0 --seeds 0 1 2 3 4 5 --name continual_seeds6",
              "continual_seeds6"),
+            ("Scale beyond one machine: the fit on a local Ray cluster (Llama-7B-shaped layers)",
+             "python -m benchmarks.distributed --n 1000 --layers 1 --repeats 3 --name distributed",
+             "distributed"),
             ("Control: continual learning over 6 seeds, the extra directions trained (phi = 2)",
              "python -m benchmarks.continual --phi 2 --seeds 0 1 2 3 4 5 --name continual_phi2_seeds6",
              "continual_phi2_seeds6")]
@@ -93,11 +96,11 @@ LLM_PARTS = [("Fidelity, one-seed set, float32",
              ("Inside each family of the one-seed set, float32",
               "python -m benchmarks.llm_fidelity --regimes one-seed --ratios --no-scores --refine-iters 3 "
               "--name llm_fidelity_families", "llm_fidelity_families"),
-             ("Fidelity, loss kept and held-out tasks, one-seed set, 6-bit",
+             ("Fidelity, loss kept and held-out tasks, one-seed set, 10x 6-bit",
               "python -m benchmarks.llm_fidelity --regimes one-seed --ratios 10 --bits 6 --no-families "
-              "--refine-iters 3 --name llm_fidelity_one_seed_6bit", "llm_fidelity_one_seed_6bit"),
-             ("Fidelity, loss kept and held-out tasks, independent set",
-              "python -m benchmarks.llm_fidelity --regimes independent --refine-iters 3 "
+              "--no-vlora-dev --name llm_fidelity_one_seed_10x6", "llm_fidelity_one_seed_10x6"),
+             ("Fidelity, loss kept and agreement, independent set",
+              "python -m benchmarks.llm_fidelity --regimes independent --no-families "
               "--name llm_fidelity_independent",
               "llm_fidelity_independent"),
              ("Loss kept and agreement of a shared-only fit (k = 32, float32)",
