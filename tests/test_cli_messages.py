@@ -202,4 +202,5 @@ def test_a_budget_fit_draws_one_bar_whose_total_is_known_before_the_fits(monkeyp
     assert len(created) == 1
     announced = next(i for i, (_, reserve, _) in enumerate(totals) if reserve)
     assert {t for _, _, t in totals[announced:]} == {totals[-1][2]}  # no stage added to it
-    assert [d for d, _, _ in totals[announced + 1:]].count("Fitting bases") == 4  # r, 3r/4, r/2, r/4
+    # r, 3r/4, r/2, r/4 at their starts, then the one kept refined
+    assert [d for d, _, _ in totals[announced + 1:]].count("Fitting bases") == 5

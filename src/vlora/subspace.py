@@ -216,7 +216,9 @@ class SharedSubspace:
         candidates = [pseudo_rank] if not adaptive else sorted(
             {max_rank, max(1, (3 * max_rank) // 4), max(1, max_rank // 2), max(1, max_rank // 4)},
             reverse=True)
-        expect(len(candidates) * (len(shapes) + len(items)), progress)  # one bar's estimate: every fit
+        # one bar's estimate: every candidate's fit, and the kept one's refined
+        refits = len(candidates) > 1 and refine_iters > 0
+        expect((len(candidates) + refits) * (len(shapes) + len(items)), progress)
         # several models (warned about in check_modules): none, so tasks are not warned again
         base_model = one_base_model(a.base_model for a in items)
         options["base_model"] = base_model
