@@ -105,3 +105,17 @@ def test_the_search_compares_fits_at_their_starts_and_refines_the_one_it_keeps(a
     start = compress(adapters, budget=budget, private="none", refine_iters=0).compression_stats()
     assert refined["stored_bytes"] <= budget and start["stored_bytes"] <= budget
     assert refined["mean_error"] < start["mean_error"]  # refinement gains on a noisy stack
+
+
+def test_the_closest_fit_over_a_budget_is_refined_too():
+    """compress fills it with private parts (the hybrid) or quantizes it: refined, as a fit kept."""
+    noisy = planted(6, noise=0.5, d_out=128, d_in=96, r=8)
+    closest = {}
+    for iters in (10, 0):
+        with pytest.raises(SubspaceError) as info:
+            SharedSubspace.from_adapters(noisy, budget=100, refine_iters=iters)
+        closest[iters] = info.value.closest.compression_stats()["mean_error"]
+    assert closest[10] < closest[0]
+    hybrid = {iters: compress(noisy, ratio=15, bits=4, refine_iters=iters).fit_report["hybrid-0.5"][1]
+              for iters in (10, 0)}
+    assert hybrid[10] < hybrid[0]

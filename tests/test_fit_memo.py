@@ -60,3 +60,8 @@ def test_a_memo_keeps_no_factors_of_adapters_over_its_size_limit(adapters, monke
     assert FitMemo.for_adapters(adapters).keep_factors
     monkeypatch.setattr("vlora.fit_memo.FACTOR_CACHE_BYTES", lora_bytes(adapters) - 1)
     assert not FitMemo.for_adapters(adapters).keep_factors
+
+
+def test_a_memo_for_a_fit_on_an_accelerator_keeps_no_factors(adapters):
+    assert FitMemo.for_adapters(adapters, "cpu").keep_factors
+    assert not FitMemo.for_adapters(adapters, "cuda:0").keep_factors  # GPU memory is not spent on them

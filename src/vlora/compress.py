@@ -87,7 +87,7 @@ def compress(adapters: Sequence[LoRAWeights | str | os.PathLike], task_ids: Sequ
     # the byte search fits these adapters many times: what does not depend on the budget
     # (factors, spectra, refined bases by k) is computed once (vlora.fit_memo)
     shared_kwargs = {**{k: v for k, v in fit_kwargs.items() if k != "progress"},
-                     "memo": FitMemo.for_adapters(items)}
+                     "memo": FitMemo.for_adapters(items, fit_kwargs.get("device"))}
 
     def shared_fit(target: float) -> SharedSubspace:
         try:
@@ -132,11 +132,18 @@ def _shared_at(items: Sequence[LoRAWeights], ids: Sequence[str], budget: float, 
             sub.quantize(bits, method, coordinates=quantize_coordinates)
         return sub, smallest, (sub, factor)
 
-    search = {**fit_kwargs, "refine_iters": 0}
-    found, factor = scale_search(lambda f: fit(f, search), budget, bits,
-                                 f"shared fit of {len(items)} adapters")
-    if not fit_kwargs.get("refine_iters", 10):
-        return found
+    if fit_kwargs.get("refine_iters", 10) <= 0:
+        return scale_search(lambda f: fit(f, fit_kwargs), budget, bits,
+                            f"shared fit of {len(items)} adapters")[0]
+    search, tried = {**fit_kwargs, "refine_iters": 0}, []
+
+    def unrefined(factor: float) -> tuple[SharedSubspace, bool, tuple[SharedSubspace, float]]:
+        tried.append(factor)
+        return fit(factor, search)
+    try:
+        found, factor = scale_search(unrefined, budget, bits, f"shared fit of {len(items)} adapters")
+    except BudgetError as e:  # its closest (what a hybrid fills with private parts), refined
+        raise BudgetError(str(e), closest=fit(tried[-1], fit_kwargs)[0]) from None
     refined = fit(factor, fit_kwargs)[0]
     mw = resolve_module_weights(fit_kwargs.get("module_weights"), refined.modules)
 

@@ -223,8 +223,9 @@ def _refine(ray: Any, stats: Any, shards: list[Any], rotations: dict[str, tuple[
     """:func:`vlora.linalg.refine_bases` inside the sketch spans: ``U = Ũ P``, ``V = Ṽ Q``,
     P the top of ``sum_t w_t C_t Q Q^T C_t^T`` and Q the top of ``sum_t w_t C_t^T P P^T C_t``
     with ``C_t`` the cores in the sketch bases, reduced over ``shards`` (refs of their
-    :data:`Cores`) each round. Same stopping rules, per module, ``totals[m]`` the weighted
-    energy of module m's tasks in the sketch span (the trace of its Gram)."""
+    :data:`Cores`) each round. The batch fit's stopping rules per module, with
+    ``totals[m]`` the weighted energy of module m's tasks in its left sketch span (the
+    trace of its Gram): the error there, not the whole error, so it stops no earlier."""
     def reduce(mats: dict[str, torch.Tensor], side: str) -> dict[str, torch.Tensor]:
         if not mats:
             return {}

@@ -13,8 +13,8 @@ ratio several-fold. Results are the same as without it: every value is a determi
 function of its key and the bound adapters and options.
 
 The factors and spans are float64, together several times the adapters' float32 bytes:
-they are kept only while those bytes are at most :data:`FACTOR_CACHE_BYTES` (above, they
-are recomputed).
+they are kept only while those bytes are at most :data:`FACTOR_CACHE_BYTES`, and only
+for fits on the CPU (else they are recomputed).
 """
 
 from __future__ import annotations
@@ -45,9 +45,12 @@ class FitMemo:
         return self._key == key
 
     @classmethod
-    def for_adapters(cls, adapters: Sequence[Any]) -> FitMemo:
-        """A memo for fits of ``adapters`` (LoRAWeights), keeping factors if they are small enough."""
-        return cls(keep_factors=4 * sum(a.num_lora_params() for a in adapters) <= FACTOR_CACHE_BYTES)
+    def for_adapters(cls, adapters: Sequence[Any], device: Any = None) -> FitMemo:
+        """A memo for fits of ``adapters`` (LoRAWeights) on ``device`` (None: the CPU),
+        keeping factors if they are small enough and the fit runs on the CPU (an
+        accelerator's memory is not spent on them)."""
+        small = 4 * sum(a.num_lora_params() for a in adapters) <= FACTOR_CACHE_BYTES
+        return cls(keep_factors=small and (device is None or str(device) == "cpu"))
 
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         if key not in self._values:

@@ -133,13 +133,16 @@ class SharedSubspace:
             adaptive_k: with ``variance_threshold``, choose k per module (True) or
                 use the largest of those for every module (False).
             weighting: ``"task"`` (every adapter counts equally) or ``"energy"``.
-            refine_iters: alternating refinement rounds after the stacked-SVD start.
+            refine_iters: at most this many alternating refinement rounds after the
+                stacked-SVD start (:func:`vlora.linalg.refine_bases`; fewer when a round
+                gains under ``linalg.REFINE_TOL``).
             missing_modules: ``"error"``, ``"skip"`` or ``"zero"`` (see check_modules).
             pseudo_rank: store each task's core at this rank (Share's p). With a
                 ``budget`` and no ``pseudo_rank``, the coordinate bytes of ranks r, 3r/4,
                 r/2 and r/4 are tried, each shared out over the tasks' cores module by
                 module (:func:`vlora.budget.core_ranks`), and the one with the lowest
-                mean error is kept.
+                mean error is kept. They are compared at their stacked-SVD starts; the one
+                kept (or, over the budget, the smallest) is then refined.
             module_weights: with a ``budget``, count the errors of some modules more (or
                 less) where bytes are shared out, e.g. ``{"value": 2.0}``; keys as PEFT's
                 ``target_modules`` (:func:`vlora.budget.resolve_module_weights`). The
@@ -185,7 +188,7 @@ class SharedSubspace:
         options = {"weighting": weighting, "missing_modules": missing_modules, "device": device}
         if memo is None or not memo.bind((tuple(map(id, items)), tuple(ids),
                                           tuple(sorted((k, str(v)) for k, v in options.items())))):
-            memo = FitMemo.for_adapters(items)
+            memo = FitMemo.for_adapters(items, device)
         norms = memo.get("norms", lambda: [sum(linalg.frobenius_sq(a.lora_b[m], a.lora_a[m], a.scales[m])
                                                for m in shapes if m in a.lora_a) for a in items])
         weights = [adapter_weight(n, weighting) for n in norms]
@@ -242,8 +245,8 @@ class SharedSubspace:
         def score(sub: SharedSubspace) -> float:
             return sum(weighted_error(sub.get_task(t), mw) for t in ids)
 
-        compare_iters = 0 if len(candidates) > 1 else refine_iters
-        best = smallest = None  # (score, sub, ks, p) within the budget; (bytes, sub) of all
+        compare_iters = 0 if len(candidates) > 1 and refine_iters > 0 else refine_iters
+        best = smallest = None  # (score, sub, ks, p) within the budget; (bytes, sub, ks, p) of all
         for p in candidates:
             coord_rank = sum(min(a.rank, p or a.rank) for a in items)
             ks = choose_ks(spectra, shapes, coord_rank, num_components, variance_threshold,
@@ -253,12 +256,15 @@ class SharedSubspace:
             if (budget is None or stored <= budget) and (best is None or score(sub) < best[0]):
                 best = (score(sub), sub, ks, p)
             if smallest is None or stored < smallest[0]:
-                smallest = (stored, sub)
+                smallest = (stored, sub, ks, p)
             del sub
         if best is None:  # every module keeps one direction per side
+            # the closest is what compress quantizes or fills with private parts: refined too
+            closest = smallest[1] if compare_iters == refine_iters else fit(smallest[2], smallest[3],
+                                                                             refine_iters)
             raise BudgetError(f"a budget of {budget:.0f} bytes is below the smallest fit of these "
                               f"{len(items)} adapters ({smallest[0]} bytes: one direction per module "
-                              "and side)", closest=smallest[1])
+                              "and side)", closest=closest)
         if compare_iters != refine_iters:
             # the same ks, so the same bytes, unless the core ranks shared out on the refined
             # errors move a few numbers between modules of different block padding
