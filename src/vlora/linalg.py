@@ -239,15 +239,17 @@ def _steps_needed(previous: float, now: float, target: float) -> float:
     return math.log(target / now) / math.log(now / previous)
 
 
-def residual_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> float:
+def residual_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                m: torch.Tensor | None = None) -> float:
     """``||dW - U U^T dW V V^T||_F^2`` for ``dW = us @ v_t^T``, without subtracting norms.
 
     ``us = U_t diag(S_t)`` ``(d_out, q)``, ``v_t`` ``(d_in, q)`` orthonormal; ``u``, ``v``
     orthonormal bases. Uses the orthogonal split
-    ``||(I - UU^T) U_t S_t||^2 + ||U^T U_t S_t ((I - VV^T) V_t)^T||^2``.
+    ``||(I - UU^T) U_t S_t||^2 + ||U^T U_t S_t ((I - VV^T) V_t)^T||^2``
+    (``m``: ``U^T us`` in float64, where the caller has it).
     """
     us, v_t, u, v = us.to(F64), v_t.to(F64), u.to(F64), v.to(F64)
-    m = u.T @ us
+    m = u.T @ us if m is None else m
     out_part = us - u @ m
     v_perp = v_t - v @ (v.T @ v_t)
     # ||M P^T||^2 = sum((M^T M) * (P^T P)): two q x q Grams instead of a k x d_in product.

@@ -156,8 +156,10 @@ def core_error_sq(us: torch.Tensor, v_t: torch.Tensor, u: torch.Tensor, v: torch
                   core: torch.Tensor) -> float:
     """``||dW - U core V^T||^2`` for ``dW = us v_t^T`` and orthonormal U, V, in two
     orthogonal parts: what lies outside the bases, and ``||U^T dW V - core||^2``."""
-    inside = (u.T.to(F64) @ us.to(F64)) @ (v_t.T.to(F64) @ v.to(F64)) - core.to(F64)
-    return linalg.residual_sq(us, v_t, u, v) + float(inside.square().sum())
+    us, v_t, u, v = us.to(F64), v_t.to(F64), u.to(F64), v.to(F64)
+    m = u.T @ us  # shared by both parts: the most costly product (d_out x k x r)
+    inside = m @ (v_t.T @ v) - core.to(F64)
+    return linalg.residual_sq(us, v_t, u, v, m) + float(inside.square().sum())
 
 
 def error_sq(us: torch.Tensor, v_t: torch.Tensor, basis: ModuleBasis, core: torch.Tensor,
