@@ -282,7 +282,7 @@ class SharedSubspace:
         def refined(m: str) -> ModuleBasis:
             facs, ws = _present(items, weights, factors, m)
             u0, v0 = starts[m][0][:, :ks[m][0]], starts[m][1][:, :ks[m][1]]
-            span = memo.large(("span", m), lambda: linalg.task_span(facs)) if refine_iters else None
+            span = memo.large(("span", m), lambda: linalg.task_span(facs)) if refine_iters and facs else None
             u, v = linalg.refine_bases(facs, ws, u0, v0, refine_iters, span=span)
             return _basis(u, v, facs, ws)
 
