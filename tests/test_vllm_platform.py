@@ -70,8 +70,10 @@ def test_grouped_wrapper_gives_the_stock_engines_tokens(arms):
     assert "Using GroupedPunicaWrapper" in ours["log"]  # the engine core's own choice
     assert "zero-padded rank skipped" in ours["log"]  # a1 is rank 4 in rank-8 stacks
     assert "Using PunicaWrapperCPU" in stock["log"] and "GroupedPunicaWrapper" not in stock["log"]
-    assert ours["base"] == stock["base"]
-    diffs = {}
+    # the base model's own kernels either way: the same tokens and log-probabilities within
+    # the tolerance (bit-equal in earlier runs, not in one at load 2.7 beside other tests)
+    assert ours["base"]["tokens"] == stock["base"]["tokens"]
+    diffs = {"base": _max_diff(ours["base"]["logprobs"], stock["base"]["logprobs"])}
     for name in stock["cases"]:
         assert ours["cases"][name]["tokens"] == stock["cases"][name]["tokens"], name
         assert stock["cases"][name]["tokens"] != stock["base"]["tokens"], f"{name} changes nothing"
