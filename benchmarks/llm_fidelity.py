@@ -132,8 +132,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--scores-of", type=Path, default=None,
                     help="only score the tasks of this saved subspace (fitted by an earlier run)")
     ap.add_argument("--refine-iters", type=int, default=10,
-                    help="refinement rounds of every fit (compress's refine_iters; each round costs "
-                         "about 2 s per module with 33 of these adapters on a shared core)")
+                    help="at most this many refinement rounds of the fit kept (compress's refine_iters; "
+                         "a round took 0.1-0.2 s per module with 33 of these adapters on a quiet core)")
     ap.add_argument("--name", default="llm_fidelity")
     args = ap.parse_args(argv)
     if args.quick:
