@@ -7,7 +7,7 @@ with one thread per process: streaming (``from_adapters_streaming``, k=16) and
 ``from_adapters_distributed`` on a local Ray cluster of 1 or 2 CPUs (k=16, oversample 8,
 10 refinement rounds). Reported: the fit's seconds (Ray's start apart), seconds per
 adapter-module, the driver's peak RSS and the largest worker's (VmHWM, read from every
-Ray worker before shutdown), the mean error, and the bytes of one module's sketch (what
+Ray worker before shutdown; and its private and object-store parts, sampled), the mean error, and the bytes of one module's sketch (what
 a merge moves), from which a cluster's time is predicted as
 ``seconds per adapter-module x N x modules / workers`` plus the merges.
 
@@ -78,18 +78,47 @@ if req["workers"] == 0:
     sub = SharedSubspace.from_adapters_streaming(req["paths"], num_components=req["k"])
     row["seconds"] = time.perf_counter() - t0
 else:
-    import logging, psutil, ray
+    import logging, threading, psutil, ray
+
+    def workers():
+        out = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if any(c.startswith("ray::") for c in p.cmdline()[:1]):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    peaks, stop = {}, threading.Event()
+
+    def sample():  # VmHWM has no private/shared split: RssAnon and RssShmem sampled instead
+        while not stop.wait(0.2):
+            for p in workers():
+                try:
+                    fields = dict(l.split(":") for l in open(f"/proc/{p.pid}/status") if l.startswith("Rss"))
+                except OSError:
+                    continue
+                for k in ("RssAnon", "RssShmem"):
+                    mb = int(fields[k].split()[0]) / 1024
+                    peaks[k] = max(peaks.get(k, 0), mb)
+
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=req["workers"], include_dashboard=False, logging_level=logging.WARNING)
     row["ray_start_seconds"] = time.perf_counter() - t0
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     sub = SharedSubspace.from_adapters_distributed(req["paths"], num_components=req["k"],
                                                    oversample=req["oversample"], shard_size=req["shard"])
     row["seconds"] = time.perf_counter() - t0
-    workers = [p for p in psutil.Process().children(recursive=True)
-               if any(c.startswith("ray::") for c in p.cmdline()[:1])]
-    row["worker_peak_rss_mb"] = max(hwm(p.pid) for p in workers)
-    row["workers_seen"] = len(workers)
+    stop.set()
+    sampler.join()
+    seen = workers()
+    row["worker_peak_rss_mb"] = max(hwm(p.pid) for p in seen)
+    row["worker_peak_private_mb"] = peaks["RssAnon"]
+    row["worker_peak_shared_mb"] = peaks["RssShmem"]
+    row["workers_seen"] = len(seen)
     ray.shutdown()
 row["driver_peak_rss_mb"] = hwm()
 row["mean_error"] = sub.compression_stats()["mean_error"]
@@ -161,11 +190,16 @@ def report(r: dict) -> str:
              f"k = {K}, oversample {OVERSAMPLE}, {r['shard']} adapters per Ray task, one thread per "
              f"process; median of {r['repeats']} run(s) of each (all runs' seconds in brackets); load "
              f"average after the runs {r['load_average'][0]:.2f}; commit {r['commit']}.", "",
+             "Worker memory: the largest worker's peak RSS (VmHWM, which counts the object store's "
+             "pages the worker touched) and, sampled every 0.2 s, the largest private (RssAnon) and "
+             "object-store (RssShmem) parts of any worker.", "",
              "| fit | seconds | speed-up | s per adapter-module | driver peak RSS MB | "
-             "largest worker peak RSS MB | mean error |", "|---|---|---|---|---|---|---|"]
+             "largest worker peak RSS MB | private MB | object store MB | mean error |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         speed = f"{single / row['seconds']:.2f}x" if single else "-"
-        worker = f"{row['worker_peak_rss_mb']:.0f}" if "worker_peak_rss_mb" in row else "-"
+        worker = " | ".join(f"{row[k]:.0f}" if k in row else "-" for k in
+                            ("worker_peak_rss_mb", "worker_peak_private_mb", "worker_peak_shared_mb"))
         each = ", ".join(f"{s:.1f}" for s in row["seconds_all"])
         lines.append(f"| {name} | {row['seconds']:.1f} [{each}] | "
                      f"{speed} | {row['seconds_per_adapter_module']:.4f} | {row['driver_peak_rss_mb']:.0f} | "

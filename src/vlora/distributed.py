@@ -6,7 +6,8 @@ the backend). Four rounds of Ray tasks:
 
 1. Sketch: each shard folds, per module and side, into the top ``w = k + oversample``
    directions of its stack and their Gram (as pass 1 of streaming folds a chunk); the
-   sketches merge pairwise in a tree by the same rule (:func:`linalg.incremental_basis`).
+   sketches merge pairwise in a fixed tree by the same rule (:func:`linalg.incremental_basis`),
+   as they are made: a bounded number of sketches is alive at once, whatever the shards.
 2. Project: each shard's adapters are projected on the merged sketch bases ``Ũ``, ``Ṽ``
    (float64, w columns), with their exact errors outside those spans; the results stay
    in Ray's object store.
@@ -200,13 +201,49 @@ def _gather(ray: Any, refs: list[Any], description: str, progress: bool) -> list
     return values
 
 
-def _tree(merge: Any, refs: list[Any], widths: tuple[int, int]) -> Any:
-    """Submit the pairwise merges of ``refs`` level by level; the root's ref. Ray starts
-    each merge as soon as its two inputs exist."""
-    while len(refs) > 1:
-        refs = [merge.remote(refs[i], refs[i + 1], widths) if i + 1 < len(refs) else refs[i]
-                for i in range(0, len(refs), 2)]
-    return refs[0]
+def _sketch_tree(ray: Any, run: _Run, widths: tuple[int, int], window: int) -> tuple[list[Any], Any]:
+    """Round 1: the shards' sketch tasks and their pairwise merges; returns the shards'
+    ShardInfo refs and the root sketch's ref.
+
+    The merges form a fixed binary tree over the shards in order (a binary counter: two
+    sketches of one level merge as soon as both are submitted), so the result does not
+    depend on which task ends first. At most ``window`` tasks (sketches and merges) are in
+    flight, and a merge's inputs are dropped as it is submitted (Ray frees them once it
+    ran): the object store holds about ``2 window + log2(shards)`` sketches at a time, not
+    one per shard, so a worker's share of it does not grow with the adapters. A failed
+    shard cancels what is in flight and raises its error."""
+    infos: list[Any] = []
+    stack: list[tuple[int, Any]] = []  # (level, sketch ref): at most one per level but the top
+    running: list[Any] = []  # tasks not known to have ended: a sketch's info ref, a merge's ref
+    shard_infos: set[Any] = set()
+
+    def wait_below(n: int) -> None:
+        nonlocal running
+        while len(running) > n:  # a merge's sketch is not fetched here, only waited on
+            done, running = ray.wait(running, num_returns=1, fetch_local=False)
+            if done[0] in shard_infos and (failure := ray.get(done[0]).failure) is not None:
+                for r in running + [ref for _, ref in stack]:
+                    ray.cancel(r)
+                raise failure.exception()
+
+    def submit_merge(level: int) -> None:
+        (_, b), (_, a) = stack.pop(), stack.pop()
+        stack.append((level, run.merge.remote(a, b, widths)))
+        running.append(stack[-1][1])
+
+    for paths, _ in track(run.shards, "Fitting (sketches)", len(run.shards), run.progress):
+        wait_below(window - 1)
+        info, sketch = run.sketch.remote(paths, run.weighting, widths)
+        infos.append(info)
+        shard_infos.add(info)
+        running.append(info)
+        stack.append((0, sketch))
+        while len(stack) > 1 and stack[-1][0] == stack[-2][0]:
+            submit_merge(stack[-1][0] + 1)
+    while len(stack) > 1:
+        submit_merge(stack[-2][0])
+    wait_below(0)
+    return infos, stack[0][1]
 
 
 def _top(gram: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -281,6 +318,9 @@ class _Run:
         self.project, self.stats = remote(num_returns=3)(project_shard), remote()(refine_stats)
         self.finish = remote()(finish_shard)
         self.refine_iters, self.progress = refine_iters, progress
+        # tasks of round 1 in flight at once: enough to keep every CPU busy, few enough
+        # that the sketches waiting for their merge stay a handful
+        self.window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.last: tuple[Any, Any] = (None, None)  # (ks, (modules, rotations)) of the last fit
         self.fixed: int | None = None  # stored bytes of the fit with no direction (best_under)
 
@@ -289,9 +329,8 @@ class _Run:
         and their Grams per module), and every task projected on them, left in the object
         store (``self.projected``, one ref per shard)."""
         ray, self.widths = self.ray, widths
-        pairs = [self.sketch.remote(p, self.weighting, widths) for p, _ in self.shards]
-        root = _tree(self.merge, [s for _, s in pairs], widths)
-        infos = _gather(ray, [i for i, _ in pairs], "Fitting (sketches)", self.progress)
+        refs, root = _sketch_tree(ray, self, widths, self.window)
+        infos = ray.get(refs)
         for info in infos[1:]:
             if info.shapes != infos[0].shapes:
                 raise IncompatibleAdaptersError(
@@ -327,7 +366,9 @@ class _Run:
         modules, rotations = self.last[1]
         ranks = [{i: pseudo_rank[i] for i in ids} if isinstance(pseudo_rank, dict) else pseudo_rank
                  for _, ids in self.shards]  # a shard's share of the ranks only
-        refs = [self.finish.remote(self.cls, t, rotations, modules, self.weighting, self.base_model, p, r,
+        # put once: an argument given by value is copied into the object store per task
+        rot_ref, mod_ref = self.ray.put(rotations), self.ray.put(modules)
+        refs = [self.finish.remote(self.cls, t, rot_ref, mod_ref, self.weighting, self.base_model, p, r,
                                    quant) for t, (p, _), r in zip(self.projected, self.shards, ranks)]
         done = _gather(self.ray, refs, "Projecting", self.progress)
         sub = self.cls(modules, weighting=self.weighting, base_model=self.base_model)
