@@ -10,17 +10,23 @@ the tasks; left-padded), and every method generates ``--new-tokens`` greedy toke
   ``generate(adapter_names=...)``;
 * vlora: :meth:`VLoRAModel.generate` with ``task_ids=`` (per-row cores, ``bmm``).
 
-Prefill tokens/s from ``generate(max_new_tokens=1)``; decode tokens/s from the extra
-time of ``1 + new_tokens`` (rows x new tokens / that time); median of ``--repeats``
-rounds, each timing every method in turn. Every row's tokens from vlora are checked
-against PEFT's with the same export.
+Prefill tokens/s from one forward of the whole left-padded prompt batch; decode tokens/s
+from one decode step (every row's next greedy token) on a copy of that prompt's KV cache,
+rows over the step's time. The methods take turns, ``--repeats`` rounds of one prefill
+and ``--steps`` decode steps each (after a warm-up round); medians are reported. (Earlier
+versions took decode time as ``generate(1 + new) - generate(1)``: two noisy totals of
+several seconds, whose difference swung by up to 40% between rounds for the bare model
+alone on these shared cores.)
+Every row's ``--new-tokens`` greedy tokens from vlora's ``generate`` are checked against
+PEFT's with the same export.
 
-    python -m benchmarks.llm_serving [--rows 32] [--new-tokens 16] [--repeats 3]
+    python -m benchmarks.llm_serving [--rows 32] [--new-tokens 16] [--repeats 5] [--steps 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -80,6 +86,29 @@ def generate(model, inputs: dict, new: int, **kw) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out[:, inputs["input_ids"].shape[1]:]
 
 
+def timers(model, inputs: dict, **kw) -> tuple:
+    """``(prefill, step)``: functions timing, in seconds, one forward of the prompt batch
+    and one decode step on a copy of its KV cache (``kw``: the method's task arguments)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    pos = (mask.cumsum(1) - 1).clamp_min(0)  # as generate() places left-padded rows
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    mask2 = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    pos2 = mask2.sum(1, keepdim=True) - 1
+
+    def timed(**call) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(**call, use_cache=True, **kw)
+        return time.perf_counter() - start
+
+    def step() -> float:
+        return timed(input_ids=nxt, attention_mask=mask2, position_ids=pos2,
+                     past_key_values=copy.deepcopy(cache))
+    return (lambda: timed(input_ids=ids, attention_mask=mask, position_ids=pos)), step
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, default=llm.default_root())
@@ -88,7 +117,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=None, help="serve a shared-only fit of k per side")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (one prefill each)")
+    ap.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="llm_serving")
     args = ap.parse_args(argv)
@@ -112,33 +142,32 @@ def main(argv=None) -> dict:
     results, equal = [], {}
     for count in TASK_COUNTS:
         names, inputs = batch(tasks[:count], args.rows, args.root, tok)
-        methods = {"base": lambda n, inputs=inputs: generate(bare, inputs, n),
-                   "peft mixed": lambda n, inputs=inputs, names=names:
-                       generate(pm, inputs, n, adapter_names=[peft_name(t) for t in names]),
-                   "vlora mixed (bmm)": lambda n, inputs=inputs, names=names:
-                       generate(vm, inputs, n, task_ids=names)}
-        times = {m: {"prefill": [], "total": []} for m in methods}
-        tokens = {}
+        kws = {"base": (bare, {}), "peft mixed": (pm, {"adapter_names": [peft_name(t) for t in names]}),
+               "vlora mixed (bmm)": (vm, {"task_ids": names})}
+        clocks = {m: timers(model, inputs, **kw) for m, (model, kw) in kws.items()}
+        times = {m: {"prefill": [], "step": []} for m in kws}
         for rnd in range(args.repeats + 1):  # round 0 warms up
-            for m, call in methods.items():
-                t1, _ = call(1)
-                tn, toks = call(1 + args.new_tokens)
+            for m, (prefill, step) in clocks.items():
+                pre, steps = prefill(), [step() for _ in range(args.steps)]
                 if rnd:
-                    times[m]["prefill"].append(t1)
-                    times[m]["total"].append(tn)
-                tokens[m] = toks
+                    times[m]["prefill"].append(pre)
+                    times[m]["step"].extend(steps)
+        tokens = {m: generate(model, inputs, args.new_tokens, **kw)[1] for m, (model, kw) in kws.items()
+                  if m != "base"}
         equal[count] = [bool(torch.equal(a, b))
                         for a, b in zip(tokens["vlora mixed (bmm)"], tokens["peft mixed"])]
         prompt_tokens = int(inputs["input_ids"].numel())
         for m, x in times.items():
-            pre, tot = statistics.median(x["prefill"]), statistics.median(x["total"])
-            results.append({"tasks": count, "method": m, "prefill_s": pre, "total_s": tot,
-                            "prefill_tok_s": prompt_tokens / pre,
-                            "decode_tok_s": args.rows * args.new_tokens / max(tot - pre, 1e-9)})
-        print(json.dumps([r for r in results if r["tasks"] == count]), flush=True)
+            pre, step = statistics.median(x["prefill"]), statistics.median(x["step"])
+            results.append({"tasks": count, "method": m, "prefill_s": pre, "step_s": step,
+                            "prefill_tok_s": prompt_tokens / pre, "decode_tok_s": args.rows / step,
+                            "step_s_all": x["step"], "prefill_s_all": x["prefill"]})
+        print(json.dumps([{k: v for k, v in r.items() if not k.endswith("_all")}
+                          for r in results if r["tasks"] == count]), flush=True)
     ks = [(b.k_out, b.k_in) for b in sub.modules.values()]
     private = [sum(r for r in sub.get_task(t).private_ranks().values()) for t in tasks]
     out = {"config": {"rows": args.rows, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                      "steps": args.steps,
                       "threads": args.threads, "prompt_width": int(inputs["input_ids"].shape[1]),
                       "subspace": str(args.subspace), "fit_report": sub.fit_report},
            "k_out_mean": statistics.mean(k[0] for k in ks),
@@ -161,7 +190,10 @@ def report(out: dict) -> str:
     lines = ["# Serving the LLM test bed (SmolLM2-135M, 210 modules)", "",
              f"`python -m benchmarks.llm_serving` at {out['commit']}, {c['threads']} threads. "
              f"{c['rows']} rows of test-bed prompts (left-padded to {c['prompt_width']} tokens), "
-             f"{c['new_tokens']} greedy new tokens; median of {c['repeats']} rounds; load average "
+             f"{c['new_tokens']} greedy new tokens compared with PEFT's; prefill: median of "
+             f"{c['repeats']} forwards of the prompt batch, decode: median of "
+             f"{c['repeats'] * c.get('steps', 1)} single decode steps on its KV cache, the methods "
+             f"taking turns; load average "
              f"{out.get('load_average', 0):.1f} at the end. The subspace: {c['subspace'].rsplit('/', 1)[-1]} "
              f"of the one-seed bed ({out['modules']} modules, mean k "
              f"{out['k_out_mean']:.1f} out / {out['k_in_mean']:.1f} in, largest {out['k_max']}; "

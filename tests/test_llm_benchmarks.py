@@ -44,3 +44,24 @@ def test_reports_render_their_results():
         "phi": 2, "task": "n", "lora_drop": 1.0, "kept": 0.91, "kept_after_write_back": 0.9, "trainable": 100,
         "fewer": 20.0, "max_forgetting": 0.004, "train_seconds": 3.0}]}]}
     assert "| 2 | n | 1.000 | 91.0% | 90.0% | 100 | 20.0x | 0.40% | 3 |" in llm_continual.report(share)
+
+
+def test_serving_timers_time_the_prompt_and_one_step_on_a_copy_of_its_cache():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    ids = torch.randint(1, 64, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(
+        (kwargs["input_ids"].shape, kwargs["past_key_values"].get_seq_length()
+         if kwargs.get("past_key_values") is not None else 0)), with_kwargs=True)
+    prefill, step = llm_serving.timers(model, {"input_ids": ids, "attention_mask": mask})
+    assert prefill() > 0 and step() > 0 and step() > 0
+    # the prompt once to build the cache, again timed; then each step adds one token to a
+    # fresh copy of the 7 cached (seen after the forward: 8, never 9)
+    assert calls == [((3, 7), 0), ((3, 7), 0), ((3, 1), 8), ((3, 1), 8)]
