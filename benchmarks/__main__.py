@@ -105,9 +105,12 @@ LLM_PARTS = [("Fidelity, one-seed set, float32",
              ("Fidelity, loss kept and held-out tasks, one-seed set, 10x 6-bit",
               "python -m benchmarks.llm_fidelity --regimes one-seed --ratios 10 --bits 6 --no-families "
               "--no-vlora-dev --name llm_fidelity_one_seed_10x6", "llm_fidelity_one_seed_10x6"),
-             ("Fidelity, one-seed set, 20x and 4x (6-bit and float32)",
-              "python -m benchmarks.llm_fidelity --regimes one-seed --ratios 20 4 --bits 6 32 --no-families "
+             ("Fidelity, one-seed set, 20x (6-bit and float32)",
+              "python -m benchmarks.llm_fidelity --regimes one-seed --ratios 20 --bits 6 32 --no-families "
               "--no-scores --name llm_fidelity_one_seed_grid", "llm_fidelity_one_seed_grid"),
+             ("Fidelity, one-seed set, 4x (6-bit and float32)",
+              "python -m benchmarks.llm_fidelity --regimes one-seed --ratios 4 --bits 6 32 --no-families "
+              "--no-scores --name llm_fidelity_one_seed_4x", "llm_fidelity_one_seed_4x"),
              ("Fidelity, loss kept and agreement, independent set",
               "python -m benchmarks.llm_fidelity --regimes independent --no-families "
               "--name llm_fidelity_independent",

@@ -46,6 +46,29 @@ def test_a_task_with_its_energy_in_one_direction_gives_its_ranks_to_the_others()
     assert numbers - 12 < spent <= numbers  # 12 = the dearest rank's cost here
 
 
+def test_core_ranks_match_dense_singular_values_of_the_cores():
+    """The ranks come from the cores' r x r triangular factors; a dense SVD of every
+    k_out x k_in core (the reference) hands out the same ranks, also where a side keeps
+    fewer directions than the rank (k_in = 2 < r = 4) and where a core is rank-deficient."""
+    from vlora import linalg
+
+    ads = planted(6, noise=0.05, seed=4)
+    ads[1] = concentrated(ads[1])
+    for k in (6, (6, 2)):
+        sub = SharedSubspace.from_adapters(ads, task_ids=ids(6), num_components=k)
+        tasks = [sub.get_task(t) for t in sub.tasks]
+        gains, costs = {}, {}
+        for t in tasks:
+            for m, b in sub.modules.items():
+                s = torch.linalg.svdvals(t.coords_b[m].to(F64) @ t.coords_a[m].to(F64).T)
+                gains[(t.task_id, m)] = t.weight * s[:max(1, linalg.numerical_rank(s))].square()
+                costs[(t.task_id, m)] = float(b.k_out + b.k_in)
+        for numbers in (coordinate_numbers(tasks, sub.modules, p) for p in (1, 2, 3)):
+            want = linalg.allocate_budget(gains, costs, numbers, minimum=1)
+            got = core_ranks(tasks, sub.modules, numbers)
+            assert {key: got[key[0]][key[1]] for key in gains} == {key: want.get(key, 0) for key in gains}
+
+
 def test_shared_ranks_never_lose_to_one_pseudo_rank_at_equal_numbers():
     ads = planted(8, noise=0.05, seed=3)
     ads[2], ads[5] = concentrated(ads[2]), concentrated(ads[5])

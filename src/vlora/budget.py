@@ -133,9 +133,11 @@ def core_ranks(tasks: Sequence[TaskProjection], modules: dict[str, ModuleBasis],
             if t.coords_b[m].shape[1]:
                 by_shape.setdefault((t.coords_b[m].shape, t.coords_a[m].shape), []).append(t)
         for group in by_shape.values():
-            cores = (torch.stack([t.coords_b[m] for t in group]).to(torch.float64)
-                     @ torch.stack([t.coords_a[m] for t in group]).to(torch.float64).transpose(1, 2))
-            for t, s in zip(group, torch.linalg.svdvals(cores)):
+            # a core L_B L_A^T has the singular values of R_B R_A^T (L = Q R): r x r
+            # problems instead of k_out x k_in ones, a thousand times fewer flops at k = 200-400
+            rb = torch.linalg.qr(torch.stack([t.coords_b[m] for t in group]).to(torch.float64))[1]
+            ra = torch.linalg.qr(torch.stack([t.coords_a[m] for t in group]).to(torch.float64))[1]
+            for t, s in zip(group, torch.linalg.svdvals(rb @ ra.transpose(1, 2))):
                 q = max(1, linalg.numerical_rank(s))
                 gains[(t.task_id, m)] = c.get(m, 1.0) * t.weight * s[:q].square()
                 costs[(t.task_id, m)] = float(b.k_out + b.k_in)
