@@ -10,13 +10,15 @@ the tasks; left-padded), and every method generates ``--new-tokens`` greedy toke
   ``generate(adapter_names=...)``;
 * vlora: :meth:`VLoRAModel.generate` with ``task_ids=`` (per-row cores, ``bmm``).
 
-Prefill tokens/s from one forward of the whole left-padded prompt batch; decode tokens/s
-from one decode step (every row's next greedy token) on a copy of that prompt's KV cache,
-rows over the step's time. The methods take turns, ``--repeats`` rounds of one prefill
-and ``--steps`` decode steps each (after a warm-up round); medians are reported. (Earlier
-versions took decode time as ``generate(1 + new) - generate(1)``: two noisy totals of
-several seconds, whose difference swung by up to 40% between rounds for the bare model
-alone on these shared cores.)
+Prefill tokens/s from one forward of the whole left-padded prompt batch (logits of the
+last position, as ``generate`` computes them); decode tokens/s from one decode step
+(every row's next greedy token) on a copy of that prompt's KV cache, rows over the
+step's time. Each method runs inside its per-batch setup (vlora's route, PEFT's per-row
+adapter hooks), which ``generate`` enters once. The methods take turns, ``--repeats``
+rounds of one prefill and ``--steps`` decode steps each (after a warm-up round); medians
+are reported. (Earlier versions took decode time as ``generate(1 + new) - generate(1)``:
+two noisy totals of several seconds, whose difference swung by up to 40% between rounds
+for the bare model alone on these shared cores.)
 Every row's ``--new-tokens`` greedy tokens from vlora's ``generate`` are checked against
 PEFT's with the same export.
 
@@ -26,6 +28,7 @@ PEFT's with the same export.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -88,11 +91,14 @@ def generate(model, inputs: dict, new: int, **kw) -> tuple[float, torch.Tensor]:
 
 def timers(model, inputs: dict, **kw) -> tuple:
     """``(prefill, step)``: functions timing, in seconds, one forward of the prompt batch
-    and one decode step on a copy of its KV cache (``kw``: the method's task arguments)."""
+    (logits of the last position only, as ``generate`` asks) and one decode step on a copy
+    of its KV cache; ``kw`` are the method's forward arguments. Call them inside the
+    method's per-call setup (:func:`setup`), which ``generate`` pays once, not per step."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     pos = (mask.cumsum(1) - 1).clamp_min(0)  # as generate() places left-padded rows
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **kw)
     cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     mask2 = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
     pos2 = mask2.sum(1, keepdim=True) - 1
@@ -106,7 +112,18 @@ def timers(model, inputs: dict, **kw) -> tuple:
     def step() -> float:
         return timed(input_ids=nxt, attention_mask=mask2, position_ids=pos2,
                      past_key_values=copy.deepcopy(cache))
-    return (lambda: timed(input_ids=ids, attention_mask=mask, position_ids=pos)), step
+    return (lambda: timed(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)), step
+
+
+def setup(model, method: str, names: list[str]):
+    """The per-call setup ``generate`` enters once for a batch: vlora's route, PEFT's
+    per-row adapter hooks (its private context, which its ``generate`` enters), none for
+    the bare model."""
+    if method == "vlora mixed (bmm)":
+        return model.tasks(names)
+    if method == "peft mixed":
+        return model.base_model._enable_peft_forward_hooks(adapter_names=[peft_name(t) for t in names])
+    return contextlib.nullcontext()
 
 
 def main(argv=None) -> dict:
@@ -142,18 +159,22 @@ def main(argv=None) -> dict:
     results, equal = [], {}
     for count in TASK_COUNTS:
         names, inputs = batch(tasks[:count], args.rows, args.root, tok)
-        kws = {"base": (bare, {}), "peft mixed": (pm, {"adapter_names": [peft_name(t) for t in names]}),
-               "vlora mixed (bmm)": (vm, {"task_ids": names})}
-        clocks = {m: timers(model, inputs, **kw) for m, (model, kw) in kws.items()}
-        times = {m: {"prefill": [], "step": []} for m in kws}
+        models = {"base": bare, "peft mixed": pm, "vlora mixed (bmm)": vm}
+        clocks = {}
+        for m, model in models.items():
+            with setup(model, m, names):
+                clocks[m] = timers(model, inputs)
+        times = {m: {"prefill": [], "step": []} for m in models}
         for rnd in range(args.repeats + 1):  # round 0 warms up
             for m, (prefill, step) in clocks.items():
-                pre, steps = prefill(), [step() for _ in range(args.steps)]
+                with setup(models[m], m, names):
+                    pre, steps = prefill(), [step() for _ in range(args.steps)]
                 if rnd:
                     times[m]["prefill"].append(pre)
                     times[m]["step"].extend(steps)
-        tokens = {m: generate(model, inputs, args.new_tokens, **kw)[1] for m, (model, kw) in kws.items()
-                  if m != "base"}
+        tokens = {"peft mixed": generate(pm, inputs, args.new_tokens,
+                                         adapter_names=[peft_name(t) for t in names])[1],
+                  "vlora mixed (bmm)": generate(vm, inputs, args.new_tokens, task_ids=names)[1]}
         equal[count] = [bool(torch.equal(a, b))
                         for a, b in zip(tokens["vlora mixed (bmm)"], tokens["peft mixed"])]
         prompt_tokens = int(inputs["input_ids"].numel())

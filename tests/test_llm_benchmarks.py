@@ -60,8 +60,11 @@ def test_serving_timers_time_the_prompt_and_one_step_on_a_copy_of_its_cache():
     model.register_forward_hook(lambda m, args, kwargs, out: calls.append(
         (kwargs["input_ids"].shape, kwargs["past_key_values"].get_seq_length()
          if kwargs.get("past_key_values") is not None else 0)), with_kwargs=True)
+    model.register_forward_hook(lambda m, args, kwargs, out: logits.append(out.logits.shape), with_kwargs=True)
+    logits = []
     prefill, step = llm_serving.timers(model, {"input_ids": ids, "attention_mask": mask})
     assert prefill() > 0 and step() > 0 and step() > 0
     # the prompt once to build the cache, again timed; then each step adds one token to a
     # fresh copy of the 7 cached (seen after the forward: 8, never 9)
     assert calls == [((3, 7), 0), ((3, 7), 0), ((3, 1), 8), ((3, 1), 8)]
+    assert logits == [(3, 1, 64)] * 4  # the last position's logits only, as generate asks

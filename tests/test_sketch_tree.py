@@ -27,8 +27,8 @@ class FakeRay:
     """``wait`` ends one task of those asked for whose inputs have ended, chosen at random;
     a task's inputs are held until it ends (as Ray pins a task's arguments)."""
 
-    def __init__(self, seed: int, failing: set[int] = frozenset()):
-        self.rng, self.failing = random.Random(seed), failing
+    def __init__(self, seed: int, failing: set[int] = frozenset(), raising: set[int] = frozenset()):
+        self.rng, self.failing, self.raising = random.Random(seed), failing, raising
         self.ended: set[int] = set()
         self.inputs: dict[int, tuple] = {}  # task -> the refs it was given, until it ends
         self.alive = weakref.WeakSet()  # every sketch ref not yet garbage
@@ -44,7 +44,8 @@ class FakeRay:
     def sketch(self, paths, weighting, widths):
         i = int(paths[0])
         task = self.submit(None)
-        info = Ref(SimpleNamespace(failure=Failure(AdapterError, "", paths[0], "broken")
+        info = Ref(RuntimeError(f"worker died on {i}") if i in self.raising else
+                   SimpleNamespace(failure=Failure(AdapterError, "", paths[0], "broken")
                                    if i in self.failing else None), task)
         return info, self.track(Ref(f"s{i}", task))
 
@@ -65,6 +66,8 @@ class FakeRay:
         return [done], [r for r in refs if r is not done]
 
     def get(self, ref):
+        if isinstance(ref.value, Exception):  # as Ray raises a task's error
+            raise ref.value
         return ref.value
 
     def cancel(self, ref):
@@ -103,3 +106,10 @@ def test_a_failed_shard_raises_its_error_and_cancels_the_rest():
     with pytest.raises(AdapterError, match="broken"):
         _sketch_tree(ray, run_of(ray, 40), (8, 8), 4)
     assert ray.cancelled and ray.tasks < 2 * 40  # stopped before every shard was sketched
+
+
+def test_a_task_that_raises_cancels_the_rest_and_raises():
+    ray = FakeRay(0, raising={5})
+    with pytest.raises(RuntimeError, match="worker died on 5"):
+        _sketch_tree(ray, run_of(ray, 40), (8, 8), 4)
+    assert ray.cancelled and ray.tasks < 2 * 40

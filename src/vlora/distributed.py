@@ -217,13 +217,23 @@ def _sketch_tree(ray: Any, run: _Run, widths: tuple[int, int], window: int) -> t
     running: list[Any] = []  # tasks not known to have ended: a sketch's info ref, a merge's ref
     shard_infos: set[Any] = set()
 
+    def cancel() -> None:
+        for r in running + [ref for _, ref in stack]:
+            ray.cancel(r)
+
     def wait_below(n: int) -> None:
         nonlocal running
         while len(running) > n:  # a merge's sketch is not fetched here, only waited on
             done, running = ray.wait(running, num_returns=1, fetch_local=False)
-            if done[0] in shard_infos and (failure := ray.get(done[0]).failure) is not None:
-                for r in running + [ref for _, ref in stack]:
-                    ray.cancel(r)
+            if done[0] not in shard_infos:
+                continue
+            try:
+                failure = ray.get(done[0]).failure
+            except BaseException:  # the task itself raised (Ray's error, after its retries)
+                cancel()
+                raise
+            if failure is not None:
+                cancel()
                 raise failure.exception()
 
     def submit_merge(level: int) -> None:
