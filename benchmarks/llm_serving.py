@@ -8,7 +8,9 @@ the tasks; left-padded), and every method generates ``--new-tokens`` greedy toke
 * the bare base (transformers' ``generate``);
 * PEFT's mixed batch: every task's vlora export loaded as a PEFT adapter,
   ``generate(adapter_names=...)``;
-* vlora: :meth:`VLoRAModel.generate` with ``task_ids=`` (per-row cores, ``bmm``).
+* vlora: :meth:`VLoRAModel.generate` with ``task_ids=`` (``bmm``): per-row cores on the
+  shared bases, or per-row factors where the bases are wide (``--path``, default
+  ``auto``); where ``auto`` factors any module the shared path alone is timed beside it.
 
 Prefill tokens/s from one forward of the whole left-padded prompt batch (logits of the
 last position, as ``generate`` computes them); decode tokens/s from one decode step
@@ -119,7 +121,7 @@ def setup(model, method: str, names: list[str]):
     """The per-call setup ``generate`` enters once for a batch: vlora's route, PEFT's
     per-row adapter hooks (its private context, which its ``generate`` enters), none for
     the bare model."""
-    if method == "vlora mixed (bmm)":
+    if method.startswith("vlora"):
         return model.tasks(names)
     if method == "peft mixed":
         return model.base_model._enable_peft_forward_hooks(adapter_names=[peft_name(t) for t in names])
@@ -137,6 +139,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (one prefill each)")
     ap.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--path", choices=("auto", "shared", "factors"), default="auto",
+                    help="VLoRAModel's path: per-row cores on the shared bases or per-row factors")
     ap.add_argument("--name", default="llm_serving")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -155,11 +159,14 @@ def main(argv=None) -> dict:
         for t in tasks[1:]:
             pm.load_adapter(str(Path(tmp) / t), adapter_name=peft_name(t))
     bare = llm.load_lm(None, base_dir)
-    vm = VLoRAModel(llm.load_lm(None, base_dir), sub)
+    vms = {"vlora mixed (bmm)": VLoRAModel(llm.load_lm(None, base_dir), sub, path=args.path)}
+    factored = len(vms["vlora mixed (bmm)"].factored_modules)
+    if factored and args.path == "auto":
+        vms["vlora, shared path only"] = VLoRAModel(llm.load_lm(None, base_dir), sub, path="shared")
     results, equal = [], {}
     for count in TASK_COUNTS:
         names, inputs = batch(tasks[:count], args.rows, args.root, tok)
-        models = {"base": bare, "peft mixed": pm, "vlora mixed (bmm)": vm}
+        models = {"base": bare, "peft mixed": pm, **vms}
         clocks = {}
         for m, model in models.items():
             with setup(model, m, names):
@@ -172,11 +179,10 @@ def main(argv=None) -> dict:
                 if rnd:
                     times[m]["prefill"].append(pre)
                     times[m]["step"].extend(steps)
-        tokens = {"peft mixed": generate(pm, inputs, args.new_tokens,
-                                         adapter_names=[peft_name(t) for t in names])[1],
-                  "vlora mixed (bmm)": generate(vm, inputs, args.new_tokens, task_ids=names)[1]}
-        equal[count] = [bool(torch.equal(a, b))
-                        for a, b in zip(tokens["vlora mixed (bmm)"], tokens["peft mixed"])]
+        peft = generate(pm, inputs, args.new_tokens, adapter_names=[peft_name(t) for t in names])[1]
+        for m, vm in vms.items():
+            ours = generate(vm, inputs, args.new_tokens, task_ids=names)[1]
+            equal.setdefault(m, {})[count] = [bool(torch.equal(a, b)) for a, b in zip(ours, peft)]
         prompt_tokens = int(inputs["input_ids"].numel())
         for m, x in times.items():
             pre, step = statistics.median(x["prefill"]), statistics.median(x["step"])
@@ -190,12 +196,14 @@ def main(argv=None) -> dict:
     out = {"config": {"rows": args.rows, "new_tokens": args.new_tokens, "repeats": args.repeats,
                       "steps": args.steps,
                       "threads": args.threads, "prompt_width": int(inputs["input_ids"].shape[1]),
-                      "subspace": str(args.subspace), "fit_report": sub.fit_report},
+                      "subspace": str(args.subspace), "fit_report": sub.fit_report,
+                      "path": args.path},
+           "factored_modules": factored,
            "k_out_mean": statistics.mean(k[0] for k in ks),
            "k_in_mean": statistics.mean(k[1] for k in ks),
            "k_max": max(max(k) for k in ks), "modules": len(ks),
            "private_rank_sum_mean": statistics.mean(private), "results": results,
-           "rows_equal_to_peft": {str(c): sum(e) for c, e in equal.items()},
+           "rows_equal_to_peft": {m: {str(c): sum(e) for c, e in by.items()} for m, by in equal.items()},
            "load_average": __import__("os").getloadavg()[0],
            "commit": commit()}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -218,15 +226,20 @@ def report(out: dict) -> str:
              f"{out.get('load_average', 0):.1f} at the end. The subspace: {c['subspace'].rsplit('/', 1)[-1]} "
              f"of the one-seed bed ({out['modules']} modules, mean k "
              f"{out['k_out_mean']:.1f} out / {out['k_in_mean']:.1f} in, largest {out['k_max']}; "
-             f"private ranks summed over modules, mean per task {out['private_rank_sum_mean']:.0f}). "
+             f"private ranks summed over modules, mean per task {out['private_rank_sum_mean']:.0f}; "
+             f"VLoRAModel path {c.get('path', 'shared')!r}: {out.get('factored_modules', 0)} of "
+             f"{out['modules']} modules served as per-row factors). "
              "Targets: vlora mixed >= 0.9x the bare model in prefill and >= 0.8x in decode at every "
              "task count; every row's tokens equal to PEFT's.", "",
              "| tasks | method | prefill tok/s | x base | decode tok/s | x base | rows = PEFT |",
              "|---|---|---|---|---|---|---|"]
     for r in out["results"]:
         b = base[r["tasks"]]
-        same = out["rows_equal_to_peft"][str(r["tasks"])]
-        eq = f"{same}/{c['rows']}" if r["method"].startswith("vlora") else ""
+        eq = ""
+        if r["method"].startswith("vlora"):
+            by = out["rows_equal_to_peft"]
+            by = by.get(r["method"], by) if isinstance(next(iter(by.values())), dict) else by
+            eq = f"{by[str(r['tasks'])]}/{c['rows']}"
         lines.append(f"| {r['tasks']} | {r['method']} | {r['prefill_tok_s']:.0f} | "
                      f"{r['prefill_tok_s'] / b['prefill_tok_s']:.2f} | {r['decode_tok_s']:.1f} | "
                      f"{r['decode_tok_s'] / b['decode_tok_s']:.2f} | {eq} |")

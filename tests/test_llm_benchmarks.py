@@ -40,6 +40,16 @@ def test_reports_render_their_results():
              "results": [{"tasks": 1, "method": m, "prefill_tok_s": 100.0, "decode_tok_s": 10.0}
                          for m in ("base", "vlora mixed (bmm)")]}
     assert "| 1 | vlora mixed (bmm) | 100 | 1.00 | 10.0 | 1.00 | 2/2 |" in llm_serving.report(serve)
+    methods = ("base", "vlora mixed (bmm)", "vlora, shared path only")  # factored, both timed
+    serve.update(factored_modules=150, results=[
+        {"tasks": 1, "method": m, "prefill_tok_s": 100.0, "decode_tok_s": 10.0 * (i + 1)}
+        for i, m in enumerate(methods)],
+        rows_equal_to_peft={"vlora mixed (bmm)": {"1": 2}, "vlora, shared path only": {"1": 1}})
+    serve["config"]["path"] = "auto"
+    text = llm_serving.report(serve)
+    assert "150 of 210 modules served as per-row factors" in text
+    assert "| 1 | vlora mixed (bmm) | 100 | 1.00 | 20.0 | 2.00 | 2/2 |" in text
+    assert "| 1 | vlora, shared path only | 100 | 1.00 | 30.0 | 3.00 | 1/2 |" in text
     share = {"commit": "abc", "k": 48, "p": 8, "base_tasks": ["a"], "runs": [{"rows": [{
         "phi": 2, "task": "n", "lora_drop": 1.0, "kept": 0.91, "kept_after_write_back": 0.9, "trainable": 100,
         "fewer": 20.0, "max_forgetting": 0.004, "train_seconds": 3.0}]}]}

@@ -284,15 +284,17 @@ class Toy(nn.Module):
         return sum(layer[n](x) for layer in self.layer for n in ("q", "v"))
 
 
+@pytest.mark.parametrize("path", ["shared", "factors"])
 @pytest.mark.parametrize(("conv1d_at", "bits"), [(None, None), ("layer.1.q", None), (None, 4)])
-def test_toy_forward_and_merge_match_dense_reconstruction(conv1d_at, bits):
+def test_toy_forward_and_merge_match_dense_reconstruction(conv1d_at, bits, path):
     sub = SharedSubspace.from_adapters(planted(3, noise=0.1), task_ids=["x", "y", "z"],
                                        num_components=4)
     if bits:  # quantized bases are not orthonormal: nothing here may assume they are
         sub.quantize(bits, coordinates=True)
     model = Toy(conv1d_at)
     x = torch.randn(5, 7, 32)
-    vm = VLoRAModel(model, sub)
+    vm = VLoRAModel(model, sub, path=path)
+    assert vm.factored_modules == (list(sub.modules) if path == "factors" else [])
     rec = sub.reconstruct("y")
     for m, layer in vm._layers.items():
         vm.clear_task()
@@ -310,8 +312,9 @@ def test_toy_forward_and_merge_match_dense_reconstruction(conv1d_at, bits):
                 torch.testing.assert_close(layer(x)[2], base[2], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("path", ["shared", "factors"])
 @pytest.mark.parametrize(("mixed", "bits"), [("bmm", None), ("grouped", None), ("bmm", 6)])
-def test_private_parts_serve_per_row_blend_and_merge_like_their_dense_reconstruction(mixed, bits):
+def test_private_parts_serve_per_row_blend_and_merge_like_their_dense_reconstruction(mixed, bits, path):
     ads = planted(3, noise=0.3)
     sub = SharedSubspace.from_adapters(ads, task_ids=["x", "y", "z"], num_components=2)
     if bits:
@@ -320,7 +323,7 @@ def test_private_parts_serve_per_row_blend_and_merge_like_their_dense_reconstruc
     sub.set_private("y", ads[1], dict.fromkeys(sub.modules, 3))
     sub.set_private("z", ads[2], {next(iter(sub.modules)): 1})  # one module only, rank 1
     assert sub.get_task("y").error < before and sub.get_task("y").private_ranks()
-    vm = VLoRAModel(Toy(None), sub, mixed=mixed)
+    vm = VLoRAModel(Toy(None), sub, mixed=mixed, path=path)
     x = torch.randn(5, 7, 32)
     rec = {t: sub.reconstruct(t) for t in sub.tasks}
     ids = ["y", "x", None, "z", "y"]
@@ -342,6 +345,30 @@ def test_private_parts_serve_per_row_blend_and_merge_like_their_dense_reconstruc
             vm.merge("y")
             torch.testing.assert_close(layer(x), dense["y"], atol=1e-5, rtol=1e-5)
             vm.unmerge()
+
+
+def test_auto_path_factors_wide_bases_only_and_serves_the_same_rows():
+    """Factors where the bases are wide against the tasks' rank (the gathered factors
+    cost less than the shared products), the shared path where they are narrow."""
+    from vlora.layer import factored_is_cheaper
+    assert factored_is_cheaper(576, 576, 70, 212, 16)  # SmolLM2 q_proj, a 10x 6-bit fit
+    assert not factored_is_cheaper(576, 576, 32, 32, 16)
+    assert not factored_is_cheaper(384, 384, 6, 6, 8)  # MiniLM, k = 6
+    ads = planted(3, noise=0.3)
+    narrow = SharedSubspace.from_adapters(ads, task_ids=["x", "y", "z"], num_components=1)
+    wide = SharedSubspace.from_adapters(ads, task_ids=["x", "y", "z"], num_components=24)
+    assert VLoRAModel(Toy(None), narrow).factored_modules == []
+    assert VLoRAModel(Toy(None), copy_of(wide)).factored_modules == list(wide.modules)
+    assert VLoRAModel(Toy(None), copy_of(wide), path="shared").factored_modules == []
+    with pytest.raises(ValueError, match="path must be"):
+        VLoRAModel(Toy(None), wide, path="fast")
+    x, ids = torch.randn(4, 3, 32), ["z", None, "x", "z"]
+    outs = []
+    for path in ("auto", "shared"):
+        vm = VLoRAModel(Toy(None), copy_of(wide), path=path)
+        with torch.no_grad(), vm.tasks(ids):
+            outs.append(vm(x))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
 def test_merging_into_a_tied_weight_is_refused_and_changes_nothing():
@@ -442,11 +469,12 @@ def peft_adapters(make_base, task_type, targets, tmp_path, n=3, **options):
     return paths
 
 
-def test_causal_lm_mixed_generate_and_export(tmp_path):
+@pytest.mark.parametrize("path", ["shared", "factors"])
+def test_causal_lm_mixed_generate_and_export(tmp_path, path):
     from peft import PeftModel
     paths = peft_adapters(tiny_llama, "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], tmp_path)
     sub = SharedSubspace.from_adapters(paths, task_ids=["a", "b", "c"])
-    vm = VLoRAModel(tiny_llama(), sub)
+    vm = VLoRAModel(tiny_llama(), sub, path=path)
     ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     ids[0, :2], mask[0, :2] = 0, 0  # left padding

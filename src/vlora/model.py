@@ -43,9 +43,9 @@ from torch import nn
 from vlora.adapter import DEFAULT_KEY_PREFIX
 from vlora.errors import IncompatibleAdaptersError, SubspaceError, VLoRAError
 from vlora.io import save_adapter
-from vlora.layer import Route, Router, RowHead, SubspaceLinear
+from vlora.layer import Route, Router, RowHead, SubspaceLinear, factored_is_cheaper
 from vlora.subspace import SharedSubspace
-from vlora.task import TaskProjection
+from vlora.task import ModuleBasis, TaskProjection
 
 _TRAINING = object()  # stands for a trainer's heads where a task id names a task's tensors
 
@@ -77,14 +77,33 @@ def _linear_shape(name: str, module: nn.Module) -> tuple[int, int]:
         f"module {name} is a {type(module).__name__}; vlora adapts nn.Linear and Conv1D only")
 
 
-def _private(task: TaskProjection, module: str, layer: SubspaceLinear
+def _private(task: TaskProjection, module: str, layer: SubspaceLinear, basis: ModuleBasis
              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``([Q], [P^T])`` of a task's private part of ``module`` (width 0 if it has none)."""
-    if module not in task.private:
-        return ([layer.p_in.new_zeros(layer.p_in.shape[1], 0)],
-                [layer.p_out.new_zeros(0, layer.p_out.shape[2])])
-    p, q = task.private[module]
-    return [q], [p.T]
+    """``([Q], [P^T])`` of a task's private part of ``module`` (width 0 if it has none);
+    for a factored layer its whole update, ``([V L_A, Q], [U L_B, P]^T)`` in float64."""
+    ins = [layer.p_in.new_zeros(layer.p_in.shape[1], 0)]
+    outs = [layer.p_out.new_zeros(0, layer.p_out.shape[2])]
+    if layer.factored:
+        ins = [basis.V.double() @ task.coords_a[module].double()]
+        outs = [(basis.U.double() @ task.coords_b[module].double()).T]
+    if module in task.private:
+        p, q = task.private[module]
+        ins.append(q.to(ins[0]))
+        outs.append(p.T.to(outs[0]))
+    return [torch.cat(ins, 1)], [torch.cat(outs, 0)]
+
+
+def _factored(subspace: SharedSubspace, path: str) -> dict[str, bool]:
+    """Which modules serve through per-task factors (:class:`SubspaceLinear`), by ``path``."""
+    if path not in ("auto", "shared", "factors"):
+        raise ValueError(f"path must be 'auto', 'shared' or 'factors', not {path!r}")
+    out = {}
+    for m, b in subspace.modules.items():
+        ranks = [t.coords_b[m].shape[1] for t in map(subspace.get_task, subspace.tasks)
+                 if m in t.coords_b]
+        out[m] = path == "factors" or path == "auto" and bool(ranks) and \
+            factored_is_cheaper(b.d_in, b.d_out, b.k_in, b.k_out, max(ranks))
+    return out
 
 
 def _core(task: TaskProjection, module: str) -> torch.Tensor:
@@ -116,13 +135,18 @@ class VLoRAModel(Delegating):
         compute_dtype: dtype of the adapter path (default: each layer's weight dtype).
         mixed: how per-row cores are applied, ``"bmm"`` (gather a core per row, one
             batched matmul) or ``"grouped"`` (one matmul per distinct task).
+        path: per module, ``"shared"`` (``x V``, the task's core, ``U^T``), ``"factors"``
+            (each task's update as factors ``V L_A``, ``U L_B`` of width r, the shared
+            bases unused) or ``"auto"``: factors where they cost less per row
+            (:func:`vlora.layer.factored_is_cheaper`; wide bases, small ranks). The same
+            ``dW`` either way; ``factored_modules`` lists the factored ones.
 
     After ``subspace.absorb*`` or ``quantize`` moved the bases, build a new VLoRAModel (``unwrap()``
     this one): its cached bases and cores describe the old ones, and it says so.
     """
 
     def __init__(self, base_model: nn.Module, subspace: SharedSubspace,
-                 compute_dtype: torch.dtype | None = None, mixed: str = "bmm"):
+                 compute_dtype: torch.dtype | None = None, mixed: str = "bmm", path: str = "auto"):
         super().__init__()
         self.model = base_model
         self.subspace = subspace
@@ -151,12 +175,13 @@ class VLoRAModel(Delegating):
             for key in subspace.get_task(t).extra:
                 self._target(key, t)
         self._layers: dict[str, SubspaceLinear] = {}
+        factored = _factored(subspace, path)
         for m, basis in subspace.modules.items():
             parent, attr, module = self._named[m]
             w = module.weight
             cd = compute_dtype or w.dtype
             layer = SubspaceLinear(module, basis.U.to(w.device, cd), basis.V.to(w.device, cd),
-                                   self._router, m)
+                                   self._router, m, factored[m])
             setattr(parent, attr, layer)
             self._layers[m] = layer
         self._heads: dict[str, RowHead] = {}
@@ -190,6 +215,11 @@ class VLoRAModel(Delegating):
     @mixed.setter
     def mixed(self, value: str) -> None:
         self._router.mixed = Router(value).mixed  # validated
+
+    @property
+    def factored_modules(self) -> list[str]:
+        """The modules whose tasks are served as per-task factors (``path``)."""
+        return [m for m, layer in self._layers.items() if layer.factored]
 
     @property
     def active_task(self) -> str | None:
@@ -478,7 +508,8 @@ class VLoRAModel(Delegating):
         for t in [t for t in ids if t in self._slots and self._cached[t] is not current[t]]:
             for name, layer in self._layers.items():
                 layer.store_cores(self._slots[t], _core(current[t], name)[None])
-                layer.store_private(self._slots[t], *_private(current[t], name, layer))
+                layer.store_private(self._slots[t], *_private(current[t], name, layer,
+                                                              self.subspace.modules[name]))
             self._cached[t] = current[t]
             applied = self._applied == t
             if applied:
@@ -491,7 +522,7 @@ class VLoRAModel(Delegating):
             start = 1 + len(self._slots)
             for name, layer in self._layers.items():
                 layer.store_cores(start, torch.stack([_core(current[t], name) for t in new]))
-                parts = [_private(current[t], name, layer) for t in new]
+                parts = [_private(current[t], name, layer, self.subspace.modules[name]) for t in new]
                 layer.store_private(start, [p[0][0] for p in parts], [p[1][0] for p in parts])
             self._slots.update({t: start + i for i, t in enumerate(new)})
             self._cached.update({t: current[t] for t in new})
