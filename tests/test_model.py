@@ -338,6 +338,12 @@ def test_private_parts_serve_per_row_blend_and_merge_like_their_dense_reconstruc
             for i, t in enumerate(ids):
                 torch.testing.assert_close(out[i], base[i] if t is None else dense[t][i],
                                            atol=1e-5, rtol=1e-5)
+            one = x[:, :1]  # rows of one token (decode): a few tasks blend one-hot
+            with vm.tasks(ids):
+                out = layer(one)
+            for i, t in enumerate(ids):
+                torch.testing.assert_close(out[i], base[i, :1] if t is None else dense[t][i, :1],
+                                           atol=1e-5, rtol=1e-5)
             with vm.tasks(task_weights=weights, task_order=["y", "z"]):
                 blend = base + weights[:, 0, None, None] * (dense["y"] - base) \
                     + weights[:, 1, None, None] * (dense["z"] - base)

@@ -41,7 +41,8 @@ class Route:
         slot: the core's slot in each layer's ``cores`` (``"single"``; 0: the bare base).
         index: ``(rows,)`` slot of every row (``"rows"``; slot 0 is the zero core).
         groups: ``[(slot, row indices)]``, rows grouped by slot (``"rows"``).
-        weights: ``(rows, n)`` blend weights over ``slots`` ``(n,)`` (``"blend"``).
+        weights: ``(rows, n)`` blend weights over ``slots`` ``(n,)`` (``"blend"``; for
+            ``"rows"``, one-hot over the distinct tasks' slots: row i's own is 1).
         heads: head name -> ``[(row indices, weight, bias)]`` for mixed-task heads
             (weights may differ in output width; see :class:`RowHead`).
         deltas: module name -> ``f(x) = x dW^T``, ``(..., d_in) -> (..., d_out)`` (``"train"``).
@@ -174,9 +175,13 @@ class SubspaceLinear(nn.Module):
         """``y + (x Q) P^T`` with each row's own private part (zero for rows without)."""
         xc = x.to(self.u.dtype)
         if route.kind == "single":
-            return y + ((xc @ self.p_in[route.slot]) @ self.p_out[route.slot]).to(y.dtype)
+            return self._add_up(y, xc @ self.p_in[route.slot], self.p_out[route.slot].T)
         x3 = xc.reshape(xc.shape[0], -1, xc.shape[-1])
-        if route.kind == "blend":
+        if route.kind == "blend" or (route.kind == "rows" and self.router.mixed == "bmm"
+                                     and (route.slots.numel() - 1) * x3.shape[1] < GATHER_COST):
+            # a few tasks over rows of one token (decode): their factors side by side in one
+            # matmul each way, each row keeping its own task's block (one-hot weights),
+            # cost less than gathering factors for every row
             n, q = route.slots.numel(), self.p_in.shape[2]
             p_in = self.p_in.index_select(0, route.slots).permute(1, 0, 2).reshape(x3.shape[-1], n * q)
             h = (x3 @ p_in).reshape(*x3.shape[:2], n, q) * route.weights.to(x3.dtype)[:, None, :, None]
@@ -188,6 +193,9 @@ class SubspaceLinear(nn.Module):
                     out.index_copy_(0, rows, (x3.index_select(0, rows) @ self.p_in[slot]) @ self.p_out[slot])
         else:
             h = torch.bmm(x3, self.p_in.index_select(0, route.index))
+            if self._in_place(y):
+                y.view(h.shape[0], h.shape[1], -1).baddbmm_(h, self.p_out.index_select(0, route.index))
+                return y
             out = torch.bmm(h, self.p_out.index_select(0, route.index))
         return y + out.reshape(*x.shape[:-1], -1).to(y.dtype)
 
@@ -206,13 +214,20 @@ class SubspaceLinear(nn.Module):
         z = z @ self.cores[route.slot] if route.kind == "single" else self._per_row(z, route)
         return self._add_up(y, z)
 
-    def _add_up(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``y + z U^T``; in place when nothing records ``y`` for autograd, which saves two
-        passes over the output (the adapter's cost is memory traffic, not flops)."""
-        if (y.dtype != self.u.dtype or not y.is_contiguous()
-                or (torch.is_grad_enabled() and y.requires_grad)):
-            return y + F.linear(z, self.u).to(y.dtype)
-        y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), self.u.T)
+    def _in_place(self, y: torch.Tensor) -> bool:
+        """Whether the adapter's output may be added into ``y`` in place (nothing records
+        ``y`` for autograd), which saves two passes over the output: the adapter's cost
+        is memory traffic, not flops."""
+        return y.dtype == self.u.dtype and y.is_contiguous() and not (
+            torch.is_grad_enabled() and y.requires_grad)
+
+    def _add_up(self, y: torch.Tensor, z: torch.Tensor, up: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``y + z up^T`` (``up``: U by default)."""
+        up = self.u if up is None else up
+        if not self._in_place(y):
+            return y + F.linear(z, up).to(y.dtype)
+        y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), up.T)
         return y
 
     def _per_row(self, z: torch.Tensor, route: Route) -> torch.Tensor:

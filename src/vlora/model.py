@@ -553,12 +553,15 @@ class VLoRAModel(Delegating):
         slot_of = [0 if t is None else self._slots[t] for t in ids]
         rows_of = {t: [i for i, u in enumerate(ids) if u == t] for t in dict.fromkeys(ids)}
         # every index vector in one host-to-device copy (one per task was a sync each on CUDA)
-        flat = torch.tensor(slot_of + [i for rows in rows_of.values() for i in rows]).to(device)
-        index, grouped = flat[:len(ids)], flat[len(ids):]
+        distinct = sorted(set(slot_of))
+        flat = torch.tensor(slot_of + [i for rows in rows_of.values() for i in rows] + distinct).to(device)
+        index, grouped = flat[:len(ids)], flat[len(ids):len(flat) - len(distinct)]
         groups = dict(zip(rows_of, grouped.split([len(rows) for rows in rows_of.values()])))
         route = Route("rows", rows=len(ids), index=index,
                       groups=[(0 if t is None else self._slots[t], rows)
                               for t, rows in groups.items()])
+        route.slots = flat[len(flat) - len(distinct):]  # what few-task batches blend
+        route.weights = (index[:, None] == route.slots[None, :]).float()
         route.heads = self._mixed_heads(groups)
         return route, None
 
