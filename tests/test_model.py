@@ -368,13 +368,15 @@ def test_auto_path_factors_wide_bases_only_and_serves_the_same_rows():
     assert VLoRAModel(Toy(None), copy_of(wide), path="shared").factored_modules == []
     with pytest.raises(ValueError, match="path must be"):
         VLoRAModel(Toy(None), wide, path="fast")
-    x, ids = torch.randn(4, 3, 32), ["z", None, "x", "z"]
-    outs = []
-    for path in ("auto", "shared"):
+    x, ids = torch.randn(4, 3, 32, requires_grad=True), ["z", None, "x", "z"]
+    outs, grads = [], []
+    for path in ("auto", "shared"):  # with autograd on: the adds are not in place
         vm = VLoRAModel(Toy(None), copy_of(wide), path=path)
-        with torch.no_grad(), vm.tasks(ids):
+        with vm.tasks(ids):
             outs.append(vm(x))
+        grads.append(torch.autograd.grad(outs[-1].square().sum(), x)[0])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
 
 
 def test_merging_into_a_tied_weight_is_refused_and_changes_nothing():
@@ -584,9 +586,10 @@ def test_a_task_whose_tensors_fail_changes_nothing(minilm_sub, minilm_dir, batch
     assert torch.equal(logits(vm, batch), good)
 
 
-def test_a_replaced_or_removed_task_is_not_served_from_the_cache(minilm_sub, minilm_dir, batch):
+@pytest.mark.parametrize("path", ["shared", "factors"])
+def test_a_replaced_or_removed_task_is_not_served_from_the_cache(minilm_sub, minilm_dir, batch, path):
     sub = copy_of(minilm_sub)
-    vm = VLoRAModel(base_classifier(minilm_dir, seed=9), sub)
+    vm = VLoRAModel(base_classifier(minilm_dir, seed=9), sub, path=path)
     vm.set_task("a")
     served_a, served_b = logits(vm, batch), logits(vm, batch, task_ids=["b"] * batch["input_ids"].shape[0])
     # replace a by b's coordinates and head: the active task and per-call ids follow at once

@@ -111,6 +111,10 @@ class SubspaceLinear(nn.Module):
     row then costs ``(r + q)(d_in + d_out)`` multiply-adds instead of
     ``d_in k_in + k_in k_out + k_out d_out`` (+ the private part): the cheaper form
     where the bases are wide. The cores are still cached, unused.
+
+    Where nothing records it for autograd, the adapter's output is added in place into
+    ``base_layer``'s output (a forward hook on ``base_layer`` that keeps that tensor sees
+    the sum).
     """
 
     def __init__(self, base_layer: nn.Module, u: torch.Tensor, v: torch.Tensor,
@@ -184,7 +188,11 @@ class SubspaceLinear(nn.Module):
             # cost less than gathering factors for every row
             n, q = route.slots.numel(), self.p_in.shape[2]
             p_in = self.p_in.index_select(0, route.slots).permute(1, 0, 2).reshape(x3.shape[-1], n * q)
-            h = (x3 @ p_in).reshape(*x3.shape[:2], n, q) * route.weights.to(x3.dtype)[:, None, :, None]
+            h = (x3 @ p_in).reshape(*x3.shape[:2], n, q)
+            w = route.weights.to(x3.dtype)[:, None, :, None]
+            # one-hot: other tasks' blocks are dropped, not multiplied by 0 (an inf there,
+            # possible in float16, would make the row NaN)
+            h = h * w if route.kind == "blend" else torch.where(w > 0, h, 0)
             out = h.reshape(*x3.shape[:2], n * q) @ self.p_out.index_select(0, route.slots).reshape(n * q, -1)
         elif self.router.mixed == "grouped":
             out = x3.new_zeros(*x3.shape[:2], self.p_out.shape[2])

@@ -2,7 +2,8 @@
 
 DESIGN.md section 4. Each adapted module of the base model is replaced (in place, no
 copy of the model) by a :class:`~vlora.layer.SubspaceLinear` holding the module, the
-shared bases and a cache of per-task cores ``M_t = L_A L_B^T`` ``(k_in, k_out)``::
+shared bases and a cache of per-task cores ``M_t = L_A L_B^T`` ``(k_in, k_out)`` (or, in
+a module served factored, per-task factors: ``path``)::
 
     vm = VLoRAModel(model, sub)
     vm.set_task("sst2"); vm(**batch)                      # one task, switched in microseconds
