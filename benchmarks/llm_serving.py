@@ -101,7 +101,7 @@ def timers(model, inputs: dict, **kw) -> tuple:
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                     **kw)
-    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
     mask2 = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
     pos2 = mask2.sum(1, keepdim=True) - 1
 
@@ -113,7 +113,7 @@ def timers(model, inputs: dict, **kw) -> tuple:
 
     def step() -> float:
         return timed(input_ids=nxt, attention_mask=mask2, position_ids=pos2,
-                     past_key_values=copy.deepcopy(cache))
+                     cache=copy.deepcopy(cache))
     return (lambda: timed(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)), step
 
 

@@ -84,8 +84,8 @@ def _peft(base: Path, folder: Path, prompts: list[list[int]]) -> dict:
         for ids in prompts:
             x, past, toks, lps, gaps = torch.tensor([ids]), None, [], [], []
             for _ in range(N_TOKENS):
-                step = model(input_ids=x, past_key_values=past, use_cache=True)
-                past, logp = step.past_key_values, torch.log_softmax(step.logits[0, -1].double(), -1)
+                step = model(input_ids=x, cache=past, use_cache=True)
+                past, logp = step.cache, torch.log_softmax(step.logits[0, -1].double(), -1)
                 top = logp.topk(2)
                 toks.append(int(top.indices[0]))
                 lps.append(float(top.values[0]))

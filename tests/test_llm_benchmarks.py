@@ -68,8 +68,8 @@ def test_serving_timers_time_the_prompt_and_one_step_on_a_copy_of_its_cache():
     mask[0, :3] = 0  # a left-padded row
     calls = []
     model.register_forward_hook(lambda m, args, kwargs, out: calls.append(
-        (kwargs["input_ids"].shape, kwargs["past_key_values"].get_seq_length()
-         if kwargs.get("past_key_values") is not None else 0)), with_kwargs=True)
+        (kwargs["input_ids"].shape, kwargs["cache"].get_seq_length()
+         if kwargs.get("cache") is not None else 0)), with_kwargs=True)
     model.register_forward_hook(lambda m, args, kwargs, out: logits.append(out.logits.shape), with_kwargs=True)
     logits = []
     prefill, step = llm_serving.timers(model, {"input_ids": ids, "attention_mask": mask})

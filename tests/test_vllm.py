@@ -96,8 +96,8 @@ def peft_greedy(base: Path, adapter: Path | None, prompt_ids) -> dict:
         for ids in prompt_ids:
             x, past, toks, lps = torch.tensor([ids]), None, [], []
             for _ in range(N_TOKENS):
-                step = model(input_ids=x, past_key_values=past, use_cache=True)
-                past, logp = step.past_key_values, torch.log_softmax(step.logits[0, -1].double(), -1)
+                step = model(input_ids=x, cache=past, use_cache=True)
+                past, logp = step.cache, torch.log_softmax(step.logits[0, -1].double(), -1)
                 toks.append(int(logp.argmax()))
                 lps.append(float(logp[toks[-1]]))
                 x = torch.tensor([[toks[-1]]])
