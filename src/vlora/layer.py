@@ -110,7 +110,7 @@ class SubspaceLinear(nn.Module):
     ``[V L_A, Q]`` and ``[U L_B, P]^T`` (width r + q), and the shared path is skipped. A
     row then costs ``(r + q)(d_in + d_out)`` multiply-adds instead of
     ``d_in k_in + k_in k_out + k_out d_out`` (+ the private part): the cheaper form
-    where the bases are wide. The cores are still cached, unused.
+    where the bases are wide. Its cores are not cached.
 
     Where nothing records it for autograd, the adapter's output is added in place into
     ``base_layer``'s output (a forward hook on ``base_layer`` that keeps that tensor sees

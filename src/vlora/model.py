@@ -46,7 +46,7 @@ from vlora.errors import IncompatibleAdaptersError, SubspaceError, VLoRAError
 from vlora.io import save_adapter
 from vlora.layer import Route, Router, RowHead, SubspaceLinear, factored_is_cheaper
 from vlora.subspace import SharedSubspace
-from vlora.task import ModuleBasis, TaskProjection
+from vlora.task import ModuleBasis, TaskProjection, shared_factors
 
 _TRAINING = object()  # stands for a trainer's heads where a task id names a task's tensors
 
@@ -85,8 +85,8 @@ def _private(task: TaskProjection, module: str, layer: SubspaceLinear, basis: Mo
     ins = [layer.p_in.new_zeros(layer.p_in.shape[1], 0)]
     outs = [layer.p_out.new_zeros(0, layer.p_out.shape[2])]
     if layer.factored:
-        ins = [basis.V.double() @ task.coords_a[module].double()]
-        outs = [(basis.U.double() @ task.coords_b[module].double()).T]
+        shared_b, shared_a = shared_factors(task, basis, module)
+        ins, outs = [shared_a], [shared_b.T]
     if module in task.private:
         p, q = task.private[module]
         ins.append(q.to(ins[0]))
@@ -508,7 +508,8 @@ class VLoRAModel(Delegating):
         current = {t: self.subspace.get_task(t) for t in ids}
         for t in [t for t in ids if t in self._slots and self._cached[t] is not current[t]]:
             for name, layer in self._layers.items():
-                layer.store_cores(self._slots[t], _core(current[t], name)[None])
+                if not layer.factored:  # a factored layer never reads cores
+                    layer.store_cores(self._slots[t], _core(current[t], name)[None])
                 layer.store_private(self._slots[t], *_private(current[t], name, layer,
                                                               self.subspace.modules[name]))
             self._cached[t] = current[t]
@@ -522,7 +523,8 @@ class VLoRAModel(Delegating):
         if new:
             start = 1 + len(self._slots)
             for name, layer in self._layers.items():
-                layer.store_cores(start, torch.stack([_core(current[t], name) for t in new]))
+                if not layer.factored:
+                    layer.store_cores(start, torch.stack([_core(current[t], name) for t in new]))
                 parts = [_private(current[t], name, layer, self.subspace.modules[name]) for t in new]
                 layer.store_private(start, [p[0][0] for p in parts], [p[1][0] for p in parts])
             self._slots.update({t: start + i for i, t in enumerate(new)})

@@ -263,7 +263,7 @@ def project_adapter(adapter: LoRAWeights, task_id: str, bases: dict[str, ModuleB
                           adapter.sha256, quant or None, dropped_sq=dropped)
 
 
-def _shared_factors(t: TaskProjection, basis: ModuleBasis, m: str) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_factors(t: TaskProjection, basis: ModuleBasis, m: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U L_B, V L_A)``: the stored shared part of module ``m`` as factors, float64."""
     return basis.U.to(F64) @ t.coords_b[m].to(F64), basis.V.to(F64) @ t.coords_a[m].to(F64)
 
@@ -276,7 +276,7 @@ def residual_spectra(t: TaskProjection, adapter: LoRAWeights, bases: dict[str, M
     for m, basis in bases.items():
         if m in adapter.lora_a:
             ut, st, vt = linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], adapter.scales[m])
-            out[m] = private.residual(ut * st, vt, *_shared_factors(t, basis, m))[1]
+            out[m] = private.residual(ut * st, vt, *shared_factors(t, basis, m))[1]
     return out
 
 
@@ -293,7 +293,7 @@ def with_private(t: TaskProjection, adapter: LoRAWeights, bases: dict[str, Modul
         if m not in adapter.lora_a:
             continue
         ut, st, vt = linalg.canonical(adapter.lora_b[m], adapter.lora_a[m], adapter.scales[m])
-        sb, sa = _shared_factors(t, basis, m)
+        sb, sa = shared_factors(t, basis, m)
         p, q, qp, qq = private.fit(ut * st, vt, sb, sa, ranks.get(m, 0), coord_quant)
         if p.shape[1]:
             own[m] = (p, q)
